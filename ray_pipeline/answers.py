@@ -1,0 +1,153 @@
+"""Answer extraction, normalization and equivalence checking for MATH-style outputs.
+
+Extraction and normalization are plain string code. Equivalence goes through math-verify (LaTeX -> SymPy).
+math-verify enforces its timeouts with ``signal.alarm``, which only works in the main thread, so outside
+the main thread (e.g. in Ray actor threads) the timeouts are switched off.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from functools import lru_cache
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+# Per-call limit in the main thread, where signal.alarm is usable.
+MAIN_THREAD_TIMEOUT_S = 5
+
+# Without a timeout (any non-main thread), SymPy could hang on a huge input; no real answer gets near this
+# length, so longer strings are refused before SymPy sees them.
+MAX_SYMPY_CHARS = 1000
+
+# Accept `\boxed` and `\fbox`; a letter right after the name would make it a different command (e.g. `\boxedx`).
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# `\boxed 5`: one whitespace-delimited token; a `$` closes the math, so it ends the token as well.
+_BOX_TOKEN_RE = re.compile(r"\s*([^\s${}]+)")
+
+
+def _braced_content(text: str, start: int) -> str | None:
+    """The content of the `{...}` group opening at `text[start]`, or None when it never closes."""
+    depth = 0
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            # Skip the escaped char, so `\{` / `\}` (set braces) and `\\` do not count as grouping braces.
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Return the stripped content of the last `\\boxed{...}` / `\\fbox{...}` / `\\boxed X` in `text`.
+
+    None when there is no box, when the last box is unclosed, or when it is empty.
+    """
+    if not text:
+        return None
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return None
+    # Only the last box counts: models often box intermediate results before the final one. If that box is
+    # broken we return None rather than fall back to an earlier one, which would likely be a wrong answer.
+    end = matches[-1].end()
+    rest = text[end:]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        content = _braced_content(text, end + len(rest) - len(stripped))
+    else:
+        token = _BOX_TOKEN_RE.match(rest)
+        content = token.group(1) if token else None
+    if content is None:
+        return None
+    content = content.strip()
+    return content or None
+
+
+_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
+_DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])")
+_THIN_SPACE_RE = re.compile(r"\\[!,;:]")
+_FRAC_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
+
+
+def normalize_answer(ans: str) -> str:
+    """Light string normalization for display and grouping (not for grading: that is `grade`'s job).
+
+    Steps: strip; remove surrounding `$`; drop `\\left`/`\\right`; drop degree marks `^\\circ` / `^{\\circ}`;
+    drop the spacing commands `\\!`, `\\,`, `\\;`, `\\:`; `\\dfrac`/`\\tfrac` -> `\\frac`; unwrap
+    `\\text{...}` (also `\\textbf`, `\\mathrm`, `\\mbox`) to its content; collapse whitespace.
+    """
+    s = ans.strip()
+    # `$$...$$` and `$...$` both show up around extracted answers.
+    while len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+        s = s[1:-1].strip()
+    s = _LEFT_RIGHT_RE.sub("", s)
+    s = _DEGREE_RE.sub("", s)
+    s = _THIN_SPACE_RE.sub("", s)
+    s = _FRAC_RE.sub(r"\\frac", s)
+    # Keep the content, so `5\text{ cm}` -> `5 cm` and `\text{(C)}` -> `(C)`.
+    s = _TEXT_RE.sub(r"\1", s)
+    return " ".join(s.split())
+
+
+def _timeout() -> int | None:
+    # signal.alarm raises ValueError outside the main thread, so no timeout there.
+    return MAIN_THREAD_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=4096)
+def _parse(ans: str, timeout: int | None) -> list:
+    """math-verify parse of a bare answer; cached because best-of-N grouping parses the same strings often."""
+    # Wrapping in \boxed{} makes math-verify's LaTeX extractor take the whole answer as one expression.
+    return parse("\\boxed{" + ans + "}", parsing_timeout=timeout)
+
+
+def _verify(gold: str, pred: str) -> bool:
+    """math-verify equivalence of `pred` against `gold`; any failure counts as not equivalent."""
+    if len(gold) > MAX_SYMPY_CHARS or len(pred) > MAX_SYMPY_CHARS:
+        return False
+    timeout = _timeout()
+    try:
+        gold_parsed = _parse(gold, timeout)
+        pred_parsed = _parse(pred, timeout)
+        if not gold_parsed or not pred_parsed:
+            return False
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+    # Grading must never take down the caller: a SymPy/latex2sympy failure just means "not equivalent".
+    # TimeoutException derives from BaseException, so `Exception` alone would let it through.
+    except (Exception, TimeoutException):  # noqa: BLE001
+        return False
+
+
+def _same_normalized(a: str, b: str) -> bool:
+    na = normalize_answer(a)
+    return bool(na) and na == normalize_answer(b)
+
+
+def grade(pred: str | None, gold: str) -> bool:
+    """True when `pred` is mathematically equivalent to `gold` (both bare answers, no `\\boxed`). Never raises."""
+    if pred is None or gold is None:
+        return False
+    if _same_normalized(pred, gold):
+        return True
+    return _verify(gold, pred)
+
+
+def answers_equivalent(a: str, b: str) -> bool:
+    """True when two predicted answers are equivalent; symmetric, for grouping votes. Never raises."""
+    if a is None or b is None:
+        return False
+    if _same_normalized(a, b):
+        return True
+    # math-verify's verify(gold, pred) is not symmetric (e.g. assignments like `x=2`), so try both orders.
+    return _verify(a, b) or _verify(b, a)

