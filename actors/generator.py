@@ -1,0 +1,118 @@
+"""Generator actor: owns a model and returns N sampled candidates per problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ray_pipeline.config import RunConfig
+from ray_pipeline.model import resolve_model
+from ray_pipeline.prompts import build_prompt
+from ray_pipeline.sampling import resolve_backend, stable_seed
+from ray_pipeline.shards import CANDIDATE_SCHEMA
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float]
+
+
+class HFGenerator:
+    """transformers `generate`, batched over problems (CPU or GPU)."""
+
+    name = "hf"
+
+    def __init__(self, path: str, config: RunConfig):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+
+    def generate(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> list[list[Sample]]:
+        torch, cfg = self.torch, self.config
+        width = max(len(p) for p in prompts)
+        # Left padding keeps every prompt's last token at the same position.
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        # One seed per call from the problem ids: the same batch samples the same candidates on rerun.
+        torch.manual_seed(stable_seed(cfg.seed, *keys))
+        sampling = (
+            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+            if cfg.temperature > 0
+            else {"do_sample": False}
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=cfg.max_tokens,
+                num_return_sequences=cfg.num_return_sequences,
+                pad_token_id=pad_id,
+                top_k=None,
+                **sampling,
+            )
+        responses = out[:, width:].tolist()
+        n = cfg.num_return_sequences
+        return [[self._trim(responses[i * n + k]) for k in range(n)] for i in range(len(prompts))]
+
+    def _trim(self, tokens: list[int]) -> Sample:
+        for pos, tok in enumerate(tokens):
+            if tok in self.eos:
+                return Sample(tokens[: pos + 1], "stop", [])
+        return Sample(tokens, "length", [])
+
+
+class GeneratorActor:
+    """Ray Data callable class: problems in, one row per (problem, candidate) out."""
+
+    def __init__(self, config: RunConfig):
+        import torch
+        from transformers import AutoTokenizer
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(config.cpus_per_actor)))
+        self.config = config
+        path = resolve_model(config.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.backend_name = resolve_backend(config.backend, torch.cuda.is_available())
+        if self.backend_name == "vllm":
+            from actors.vllm_backend import VLLMGenerator
+
+            self.backend = VLLMGenerator(path, config)
+        else:
+            self.backend = HFGenerator(path, config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        problems = batch.to_pylist()
+        prompts = [
+            self.tokenizer(build_prompt(p["problem"], self.config.prompt, self.tokenizer))["input_ids"]
+            for p in problems
+        ]
+        samples = self.backend.generate(prompts, [p["problem_id"] for p in problems], self.pad_id)
+        rows = []
+        for problem, prompt_ids, candidates in zip(problems, prompts, samples):
+            for index, sample in enumerate(candidates):
+                rows.append(
+                    {
+                        **problem,
+                        "candidate_index": index,
+                        "prompt_token_ids": prompt_ids,
+                        "token_ids": sample.token_ids,
+                        "text": self.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+                        "finish_reason": sample.finish_reason,
+                        "generator_logprobs": sample.logprobs,
+                        "backend": self.backend_name,
+                    }
+                )
+        return pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
