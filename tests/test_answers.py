@@ -1,0 +1,199 @@
+"""Tests for ray_pipeline.answers: box extraction, normalization and math-verify grading."""
+
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from ray_pipeline.answers import (
+    answers_equivalent,
+    extract_boxed,
+    grade,
+    normalize_answer,
+)
+
+MATH500 = Path(__file__).resolve().parents[2] / "shared/data/math500.jsonl"
+
+
+# --- extract_boxed ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so the answer is $\boxed{42}$.", "42"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\text{(A)}}", r"\text{(A)}"),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{\sqrt{\frac{a^{2}}{b_{1}}}} done", r"\sqrt{\frac{a^{2}}{b_{1}}}"),
+        (r"\boxed{90^\circ}", r"90^\circ"),
+        (r"\boxed{  7  }", "7"),
+        (r"\fbox{12}", "12"),
+        (r"the answer is $\boxed 5$", "5"),
+        (r"\boxed {8}", "8"),
+        # Escaped (set) braces are content, not grouping, even when unbalanced.
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"\boxed{\left\{ x \right.}", r"\left\{ x \right."),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_boxed_takes_last_box():
+    assert extract_boxed(r"first \boxed{1}, then \boxed{2}, finally \boxed{\frac{3}{4}}.") == r"\frac{3}{4}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no box here, the answer is 5",
+        "",
+        r"\boxed{\frac{1}{2}",  # unclosed
+        r"\boxed{1} and then \boxed{2",  # last box unclosed: no fallback to the earlier one
+        r"\boxed{}",  # empty
+        r"\boxed",  # nothing after it
+    ],
+)
+def test_extract_boxed_none(text):
+    assert extract_boxed(text) is None
+
+
+# --- normalize_answer ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  $42$ ", "42"),
+        ("$$x+1$$", "x+1"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"( 3, \frac{\pi}{2} )"),
+        (r"x \rightarrow y", r"x \rightarrow y"),  # \right must not eat \rightarrow
+        (r"90^\circ", "90"),
+        (r"90^{\circ}", "90"),
+        (r"32,\!348", "32,348"),
+        (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+        (r"5.4 \text{ cents}", "5.4 cents"),
+        (r"\text{(C)}", "(C)"),
+        ("a   +\n b", "a + b"),
+    ],
+)
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+# --- grade -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        (r"90^\circ", "90"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\frac{1}{2}", "0.5"),
+        ("0.5", r"\frac{1}{2}"),
+        (r"\dfrac{14}{3}", r"\frac{14}{3}"),
+        ("32348", r"\$32,\!348"),
+        ("5.4", r"5.4 \text{ cents}"),
+        (r"\{2, 1\}", r"\{1, 2\}"),
+    ],
+)
+def test_grade_equivalent(pred, gold):
+    assert grade(pred, gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        (r"\frac{14}{3}", r"\frac{13}{3}"),
+        ("[1, 2)", "[1, 2]"),
+        (r"\text{(D)}", r"\text{(C)}"),
+        (r"\text{west}", r"\text{east}"),
+        ("", "0"),
+    ],
+)
+def test_grade_not_equivalent(pred, gold):
+    assert not grade(pred, gold)
+
+
+def test_grade_end_to_end_with_extraction():
+    assert grade(extract_boxed(r"Thus $\theta = \boxed{90^\circ}$."), "90")
+    assert grade(extract_boxed(r"\boxed{\left( 3, \frac{\pi}{2} \right)}"), r"\left( 3, \frac{\pi}{2} \right)")
+
+
+def test_grade_no_box_is_false():
+    assert extract_boxed("The answer is 5.") is None
+    assert grade(extract_boxed("The answer is 5."), "5") is False
+    assert grade(None, "5") is False
+
+
+@pytest.mark.parametrize("pred", [r"\text{(C)}", "C", "(C)", "c", r"\textbf{(C)}"])
+def test_grade_multiple_choice_letter(pred):
+    # Chosen behaviour (math-verify's): `\text{(C)}`, `(C)`, `C` and `c` all parse to the symbol `c`, so a bare
+    # letter matches a `\text{(C)}` gold. A different letter does not.
+    assert grade(pred, r"\text{(C)}")
+    assert grade(r"\text{(C)}", pred)
+
+
+def test_grade_never_raises_on_garbage():
+    for pred in [r"\frac{", "}}}{{{", r"\boxed{", "\\", "a" * 5000, "1/0"]:
+        assert grade(pred, "1") in (True, False)
+
+
+def test_grade_in_non_main_thread():
+    # signal.alarm (math-verify's timeout) raises ValueError outside the main thread; grade must avoid it.
+    results: dict[str, object] = {}
+
+    def worker():
+        try:
+            results["eq"] = grade(r"\frac{1}{2}", "0.5")
+            results["deg"] = grade(extract_boxed(r"\boxed{90^\circ}"), "90")
+            results["ne"] = grade(r"\frac{14}{3}", r"\frac{13}{3}")
+            results["pair"] = answers_equivalent(r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)")
+        except BaseException as e:  # noqa: BLE001 - the test wants to see any failure, whatever its type
+            results["error"] = e
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert "error" not in results, results.get("error")
+    assert results == {"eq": True, "deg": True, "ne": False, "pair": True}
+
+
+# --- answers_equivalent ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        (r"\frac{1}{2}", "0.5", True),
+        ("x=2", "2", True),  # math-verify treats an assignment as its value
+        (r"\frac{14}{3}", r"\frac{13}{3}", False),
+        (r"\text{(C)}", "C", True),
+    ],
+)
+def test_answers_equivalent_symmetric(a, b, expected):
+    assert answers_equivalent(a, b) is expected
+    assert answers_equivalent(b, a) is expected
+
+
+# --- MATH-500 golds --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} not found")
+def test_math500_gold_graded_against_itself():
+    with MATH500.open() as f:
+        rows = [json.loads(line) for line in itertools.islice(f, 100)]
+    assert len(rows) == 100
+    failures = []
+    for row in rows:
+        gold = row["answer"]
+        # Bare box, and a box inside inline math as models usually write it.
+        for text in ("... \\boxed{" + gold + "}", "The final answer is $\\boxed{" + gold + "}$."):
+            if extract_boxed(text) != gold.strip() or not grade(extract_boxed(text), gold):
+                failures.append(text)
+    assert failures == []

@@ -1,0 +1,58 @@
+"""The config: defaults, flag mapping, validation messages."""
+
+import dataclasses
+
+import pytest
+
+from ray_pipeline.config import RunConfig, build_parser, config_from_args
+from ray_pipeline.errors import ConfigError
+
+
+def test_original_defaults():
+    cfg = RunConfig().validate()
+    assert (cfg.num_return_sequences, cfg.temperature, cfg.max_tokens, cfg.alpha) == (4, 0.1, 1024, 0.4)
+    assert cfg.dataset == "HuggingFaceH4/MATH-500"
+    assert cfg.output_dir == "results"
+
+
+def test_every_field_is_a_documented_flag():
+    help_text = build_parser("x").format_help()
+    for f in dataclasses.fields(RunConfig):
+        assert f"--{f.name}" in help_text
+        assert f.metadata["help"]
+
+
+def test_flags_map_onto_fields():
+    args = build_parser("x").parse_args(
+        ["--num_return_sequences", "8", "--temperature", "0.7", "--alpha", "1", "--enforce_eager", "--limit", "3"]
+    )
+    cfg = config_from_args(args)
+    got = (cfg.num_return_sequences, cfg.temperature, cfg.alpha, cfg.enforce_eager, cfg.limit)
+    assert got == (8, 0.7, 1.0, True, 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_return_sequences": 0}, "num_return_sequences must be in [1, 1024], got 0"),
+        ({"temperature": -0.5}, "temperature must be in [0.0, 10.0], got -0.5"),
+        ({"alpha": 1.5}, "alpha must be in [0.0, 1.0], got 1.5"),
+        ({"max_tokens": 0}, "max_tokens must be in [1, 1000000], got 0"),
+        ({"backend": "tpu"}, "backend must be one of auto, vllm, hf, got 'tpu'"),
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+        ({"limit": 0}, "limit must be in [1, inf), got 0"),
+        ({"model_path": " "}, "model_path must not be empty"),
+    ],
+)
+def test_validation_names_field_range_and_value(change, message):
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(RunConfig(), **change).validate()
+    assert str(err.value) == message
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = RunConfig(limit=5, seed=3)
+    cfg.save(tmp_path / "config.json")
+    import json
+
+    assert RunConfig(**json.loads((tmp_path / "config.json").read_text())) == cfg

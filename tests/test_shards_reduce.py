@@ -1,0 +1,77 @@
+"""Shard commits and the reducer, on small fake score rows (no model)."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.reduce import reduce_run
+from ray_pipeline.selection import SelectionParams
+from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards, shard_path
+
+
+def fake_rows(problem_index, shard_id, n, correct_index, best_index):
+    rows = []
+    for k in range(n):
+        row = {name: None for name in SHARD_SCHEMA.names}
+        row.update(
+            problem_id=f"p{problem_index}",
+            problem_index=problem_index,
+            shard_id=shard_id,
+            problem=f"question {problem_index}",
+            gold="1",
+            candidate_index=k,
+            text=f"answer {k}",
+            token_count=3,
+            pred=str(int(k == correct_index)),
+            correct=k == correct_index,
+            mean_entropy=1.0,
+            mean_self_certainty=2.0 + (k == best_index),
+            step_min_self_certainty=2.0 + (k == best_index),
+            vocab_size=100,
+            backend="fake",
+        )
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+
+
+def test_shard_is_committed_only_when_complete(tmp_path):
+    commits = []
+    writer = ShardWriter(tmp_path, {0: 4, 1: 2}, on_commit=lambda s, p: commits.append(s))
+    writer.add(fake_rows(0, 0, 2, 0, 0))
+    assert not shard_path(tmp_path, 0).exists() and writer.missing() == [0, 1]
+    writer.add(pa.concat_tables([fake_rows(2, 1, 2, 0, 0), fake_rows(1, 0, 2, 0, 0)]))
+    assert commits == [0, 1] and writer.missing() == []
+    assert pq.read_table(shard_path(tmp_path, 0)).num_rows == 4
+    assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(PipelineError, match="not in the plan"):
+        writer.add(fake_rows(9, 7, 1, 0, 0))
+
+
+def test_reducer_picks_by_method_and_reports(tmp_path):
+    shards = tmp_path / "shards"
+    writer = ShardWriter(shards, {0: 6, 1: 3})
+    # p0: the confident candidate (1) is right; p1: confident (2) wrong, 0 right; p2: none right.
+    writer.add(pa.concat_tables([fake_rows(0, 0, 3, 1, 1), fake_rows(1, 0, 3, 0, 2), fake_rows(2, 1, 3, -1, 0)]))
+    out = tmp_path / "best.jsonl"
+    summary = reduce_run(shards, out, method="self-certainty", params=SelectionParams(0.4), expected_shards=[0, 1])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [list(line)[:2] for line in lines] == [["question", "answer"]] * 3
+    assert [line["candidate_index"] for line in lines] == [1, 2, 0]
+    assert summary.accuracy == pytest.approx(1 / 3) and summary.pass_at_n == pytest.approx(2 / 3)
+    assert (summary.problems, summary.candidates) == (3, 9)
+    baseline = reduce_run(shards, out, method="baseline")
+    assert baseline.accuracy == pytest.approx(1 / 3) and math.isnan(baseline.alpha) is False
+
+
+def test_reducer_refuses_missing_shards(tmp_path):
+    shards = tmp_path / "shards"
+    ShardWriter(shards, {0: 3, 1: 3}).add(fake_rows(0, 0, 3, 0, 0))
+    with pytest.raises(PipelineError, match="shards 1 are missing"):
+        reduce_run(shards, tmp_path / "best.jsonl", expected_shards=[0, 1])
+    partial = reduce_run(shards, tmp_path / "best.jsonl", expected_shards=[0, 1], allow_partial=True)
+    assert partial.partial and partial.missing_shards == [1]
+    assert read_shards(shards).num_rows == 3
