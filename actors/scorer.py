@@ -27,7 +27,7 @@ class ScorerActor:
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         path = resolve_model(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=config.dtype).to(self.device).eval()
         head = self.model.get_output_embeddings()
         self.weight, self.bias = head.weight, head.bias
         self.vocab_size = self.weight.shape[0]
@@ -72,7 +72,8 @@ class ScorerActor:
 
     def _aggregate(self, row: dict, scores) -> dict:
         entropy, certainty, logprob = (t.cpu() for t in (scores.entropy, scores.self_certainty, scores.logprob))
-        pieces = self.tokenizer.batch_decode([[t] for t in row["token_ids"]])
+        # batch_decode([]) returns [""], not [].
+        pieces = self.tokenizer.batch_decode([[t] for t in row["token_ids"]]) if row["token_ids"] else []
         steps = step_index(pieces)
         per_step = step_means(certainty, steps)
         pred = extract_boxed(row["text"])

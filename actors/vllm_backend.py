@@ -18,6 +18,7 @@ class VLLMGenerator:
         engine = {
             "model": path,
             "seed": config.seed,
+            "dtype": config.dtype,
             "tensor_parallel_size": config.tensor_parallel_size,
             "gpu_memory_utilization": config.resolved_gpu_memory_utilization(gpu=not self.cpu),
             "enforce_eager": config.enforce_eager,

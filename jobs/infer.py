@@ -22,12 +22,13 @@ from ray_pipeline.selection import SelectionParams, get_method
 def run(config: RunConfig) -> dict:
     """The whole job: plan, generate and score into shards, then reduce."""
     get_method(config.method)
-    resolved = resolve_model(config.model_path)
-    if resolved == config.model_path and not Path(resolved).exists():
-        check_hub_model(resolved)
     problems = load_problems(
         config.dataset, split=config.dataset_split, limit=config.limit, shard_size=config.shard_size
     )
+    # Resolving here fails fast on a bad path and materializes a GGUF once before actors start.
+    resolved = resolve_model(config.model_path)
+    if resolved == config.model_path and not Path(resolved).exists():
+        check_hub_model(resolved)
     name = model_name(config.model_path)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     output_dir = Path(config.output_dir)

@@ -21,6 +21,7 @@ from ray_pipeline.model import EMBEDDED_MODEL
 HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _opt(default, help, *, low=None, high=None, choices=None, **kw):
@@ -42,6 +43,7 @@ class RunConfig:
     dataset: str = _opt(HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column")
     dataset_split: str = _opt("test", "split of a Hub data set")
     limit: int | None = _opt(None, "only the first K problems", low=1)
+    dtype: str = _opt("auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES)
     prompt: str = _opt(
         "original",
         "prompt style: the original 'Q: ... A:' template or the model's chat template",
