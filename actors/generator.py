@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -36,7 +37,8 @@ class HFGenerator:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
-    def generate(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> list[list[Sample]]:
+    def stream(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> Iterator[tuple[int, list[Sample]]]:
+        """All problems are generated in one padded batch, then yielded in order."""
         torch, cfg = self.torch, self.config
         width = max(len(p) for p in prompts)
         # Left padding keeps every prompt's last token at the same position.
@@ -61,7 +63,8 @@ class HFGenerator:
             )
         responses = out[:, width:].tolist()
         n = cfg.num_return_sequences
-        return [[self._trim(responses[i * n + k]) for k in range(n)] for i in range(len(prompts))]
+        for i in range(len(prompts)):
+            yield i, [self._trim(responses[i * n + k]) for k in range(n)]
 
     def _trim(self, tokens: list[int]) -> Sample:
         for pos, tok in enumerate(tokens):
@@ -71,7 +74,11 @@ class HFGenerator:
 
 
 class GeneratorActor:
-    """Ray Data callable class: problems in, one row per (problem, candidate) out."""
+    """Ray Data callable class: problems in, one row per (problem, candidate) out.
+
+    `__call__` yields its output in pieces as problems finish, so the scorer pool starts on
+    the first candidates while the generator still works on the rest of a large batch.
+    """
 
     def __init__(self, config: RunConfig):
         import torch
@@ -93,26 +100,31 @@ class GeneratorActor:
         else:
             self.backend = HFGenerator(path, config)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         problems = batch.to_pylist()
         prompts = [
             self.tokenizer(build_prompt(p["problem"], self.config.prompt, self.tokenizer))["input_ids"]
             for p in problems
         ]
-        samples = self.backend.generate(prompts, [p["problem_id"] for p in problems], self.pad_id)
+        keys = [p["problem_id"] for p in problems]
         rows = []
-        for problem, prompt_ids, candidates in zip(problems, prompts, samples):
-            for index, sample in enumerate(candidates):
-                rows.append(
-                    {
-                        **problem,
-                        "candidate_index": index,
-                        "prompt_token_ids": prompt_ids,
-                        "token_ids": sample.token_ids,
-                        "text": self.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
-                        "finish_reason": sample.finish_reason,
-                        "generator_logprobs": sample.logprobs,
-                        "backend": self.backend_name,
-                    }
-                )
-        return pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+        for done, (i, candidates) in enumerate(self.backend.stream(prompts, keys, self.pad_id), 1):
+            rows += self._rows(problems[i], prompts[i], candidates)
+            if done % self.config.stream_problems == 0 or done == len(problems):
+                yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+                rows = []
+
+    def _rows(self, problem: dict, prompt_ids: list[int], candidates: list[Sample]) -> list[dict]:
+        return [
+            {
+                **problem,
+                "candidate_index": index,
+                "prompt_token_ids": prompt_ids,
+                "token_ids": sample.token_ids,
+                "text": self.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+                "finish_reason": sample.finish_reason,
+                "generator_logprobs": sample.logprobs,
+                "backend": self.backend_name,
+            }
+            for index, sample in enumerate(candidates)
+        ]

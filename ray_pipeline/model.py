@@ -145,3 +145,52 @@ def _write_hf_folder(gguf: Path, out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("quantization_config", None)
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+# Qwen2.5-Math-1.5B's architecture (config.json of the released model), for benchmarks with random weights.
+QWEN25_MATH_15B_SHAPE = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "bos_token_id": 1,
+    "eos_token_id": 1,
+}
+
+
+def write_random_model(shape: dict, out: Path) -> Path:
+    """A Hugging Face folder with `shape`'s architecture, random bf16 weights and a word-level tokenizer.
+
+    vLLM's load_format="dummy" would only cover the generator; saved random weights let the
+    transformers scorer load the very same model. The tokenizer covers the whole vocabulary
+    (ids map to words "w<id>"), so any sampled id detokenizes; prompts tokenize to one id per word.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if (out / "config.json").is_file():
+        return out
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, shape["vocab_size"])}
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", eos_token="<eos>")
+    config = AutoConfig.for_model(**shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out

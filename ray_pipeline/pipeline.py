@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,7 @@ import pyarrow.compute as pc
 
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.sampling import resolve_backend
 from ray_pipeline.shards import ShardWriter, expected_rows
 
 
@@ -34,12 +37,25 @@ def init_ray(config: RunConfig) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
 
 
-def actor_gpus(config: RunConfig) -> tuple[float, float]:
-    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default."""
+def cluster_has_gpu() -> bool:
     import ray
 
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    default = 0.5 if has_gpu else 0.0
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
+    """The config with 'auto' settings made concrete for this cluster: backend and batch size."""
+    backend = resolve_backend(config.backend, cluster_has_gpu())
+    batch = config.generate_batch_size
+    if batch is None:
+        # vLLM schedules best when it sees every request at once; transformers pads a batch to its longest.
+        batch = math.ceil(num_problems / config.num_generators) if backend == "vllm" else 8
+    return dataclasses.replace(config, backend=backend, generate_batch_size=batch)
+
+
+def actor_gpus(config: RunConfig) -> tuple[float, float]:
+    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default."""
+    default = 0.5 if cluster_has_gpu() else 0.0
     gen = config.gpus_per_generator if config.gpus_per_generator is not None else default
     score = config.gpus_per_scorer if config.gpus_per_scorer is not None else default
     return gen, score
@@ -59,7 +75,10 @@ def run_stages(
     scorer_cls: type,
     on_commit: Callable[[int, Path], None] | None = None,
 ) -> ShardWriter:
-    """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`."""
+    """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`.
+
+    `config` is the resolved one (see `resolve_execution`).
+    """
     import ray.data
 
     gen_gpus, score_gpus = actor_gpus(config)

