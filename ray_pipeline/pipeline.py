@@ -16,6 +16,11 @@ from ray_pipeline.errors import PipelineError
 from ray_pipeline.sampling import resolve_backend
 from ray_pipeline.shards import ShardWriter, expected_rows
 
+# Ray Data packs a UDF's outputs into blocks of up to DataContext.target_max_block_size (128 MiB by
+# default) before handing them on, which would hold back a streaming generator's candidates until its
+# whole batch is done. Small blocks let the scorer pool start while generation goes on.
+STREAMING_BLOCK_BYTES = 1 << 20
+
 
 def init_ray(config: RunConfig) -> None:
     """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray."""
@@ -82,6 +87,7 @@ def run_stages(
     import ray.data
 
     gen_gpus, score_gpus = actor_gpus(config)
+    ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
     ds = ray.data.from_arrow(shard_blocks(problems))
     ds = ds.map_batches(
         generator_cls,
