@@ -1,4 +1,8 @@
-"""The reducer: shards in, the best-answer JSONL and an accuracy summary out."""
+"""The reducer: shards in, the best-answer JSONL and an accuracy summary out.
+
+Every input of every method is a shard column, so the reducer re-selects with any method, alpha
+or number of candidates N' <= N (each question's first N') without a model.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,41 @@ from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.selection import SelectionParams, get_method
+from ray_pipeline.selection import Choice, SelectionParams, get_method, key_step
 from ray_pipeline.shards import read_shards, shard_path
+
+# What the methods, the records and the report read: every column but the per-token lists of
+# token ids, log-probabilities, entropies and self-certainties, which are already aggregated.
+SELECTION_COLUMNS = [
+    "problem_id",
+    "problem_index",
+    "problem",
+    "gold",
+    "subject",
+    "level",
+    "candidate_index",
+    "text",
+    "token_count",
+    "pred",
+    "correct",
+    "token_confidence",
+    "step_self_certainty",
+    "step_entropy",
+    "step_texts",
+    "step_self_eval",
+    "coe_magnitude",
+    "coe_angle",
+    "coe_span_magnitude",
+    "coe_span_angle",
+    "mean_entropy",
+    "mean_self_certainty",
+    "vocab_size",
+]
 
 
 @dataclass
@@ -19,6 +55,7 @@ class Summary:
     alpha: float
     problems: int
     candidates: int
+    candidates_per_problem: int
     accuracy: float
     pass_at_n: float
     partial: bool
@@ -31,6 +68,60 @@ def group_by_problem(rows: list[dict]) -> list[list[dict]]:
     return [list(group) for _, group in groupby(rows, key=lambda r: r["problem_index"])]
 
 
+def _rows(table: pa.Table) -> list[dict]:
+    """Table rows as dicts, with `token_confidence` as float32 tensors (the one long per-token list)."""
+    confidence = table.column("token_confidence").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(confidence), 0).to_numpy()
+    values = torch.from_numpy(pc.list_flatten(confidence).to_numpy(zero_copy_only=False).astype("float32"))
+    per_row = values.split(lengths.tolist())
+    rows = table.drop_columns(["token_confidence"]).to_pylist()
+    for row, tensor in zip(rows, per_row):
+        row["token_confidence"] = tensor
+    return rows
+
+
+def load_questions(
+    shards_dir: Path,
+    *,
+    expected_shards: list[int] | None = None,
+    allow_partial: bool = False,
+    num_candidates: int | None = None,
+) -> tuple[list[list[dict]], list[int]]:
+    """Each question's candidates (its first `num_candidates` when given) and the missing shard ids."""
+    missing = [s for s in expected_shards or [] if not shard_path(shards_dir, s).is_file()]
+    if missing and not allow_partial:
+        raise PipelineError(
+            f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
+            "rerun the job to finish them, or pass --allow_partial"
+        )
+    questions = group_by_problem(_rows(read_shards(shards_dir, SELECTION_COLUMNS)))
+    if num_candidates is not None:
+        fewest = min(len(q) for q in questions)
+        if not 1 <= num_candidates <= fewest:
+            raise PipelineError(
+                f"num_return_sequences must be in [1, {fewest}] (the run's candidates per problem), "
+                f"got {num_candidates}"
+            )
+        questions = [q[:num_candidates] for q in questions]
+    return questions, missing
+
+
+def best_record(question: list[dict], choice: Choice, params: SelectionParams) -> dict:
+    """The best-answer line of one question: the original's keys first, then its key step."""
+    best = question[choice.index]
+    return {
+        "question": best["problem"],
+        "answer": best["text"],
+        "unique_id": best["problem_id"],
+        "pred": best["pred"],
+        "gold": best["gold"],
+        "correct": best["correct"],
+        "score": None if math.isnan(choice.score) else choice.score,
+        "candidate_index": best["candidate_index"],
+        "key_step": key_step(best, params.lambda_weight),
+    }
+
+
 def reduce_run(
     shards_dir: Path,
     output: Path,
@@ -39,45 +130,31 @@ def reduce_run(
     params: SelectionParams | None = None,
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
+    num_candidates: int | None = None,
 ) -> Summary:
     """Pick one candidate per problem with `method` and write `{"question", "answer", ...}` lines."""
     select = get_method(method)
     params = params or SelectionParams()
-    missing = [s for s in expected_shards or [] if not shard_path(shards_dir, s).is_file()]
-    if missing and not allow_partial:
-        raise PipelineError(
-            f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
-            "rerun the job to finish them, or pass --allow_partial"
-        )
-    problems = group_by_problem(read_shards(shards_dir).to_pylist())
+    questions, missing = load_questions(
+        shards_dir, expected_shards=expected_shards, allow_partial=allow_partial, num_candidates=num_candidates
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
-    correct = any_correct = candidates = 0
+    correct = any_correct = 0
     tmp = output.with_name(output.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as out:
-        for group in problems:
-            choice = select(group, params)
-            best = group[choice.index]
-            correct += bool(best["correct"])
+        for group in questions:
+            record = best_record(group, select(group, params), params)
+            correct += bool(record["correct"])
             any_correct += any(c["correct"] for c in group)
-            candidates += len(group)
-            record = {
-                "question": best["problem"],
-                "answer": best["text"],
-                "unique_id": best["problem_id"],
-                "pred": best["pred"],
-                "gold": best["gold"],
-                "correct": best["correct"],
-                "score": None if math.isnan(choice.score) else choice.score,
-                "candidate_index": best["candidate_index"],
-            }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(output)
-    n = len(problems)
+    n = len(questions)
     return Summary(
         method=method,
         alpha=params.alpha,
         problems=n,
-        candidates=candidates,
+        candidates=sum(len(q) for q in questions),
+        candidates_per_problem=max(len(q) for q in questions),
         accuracy=correct / n,
         pass_at_n=any_correct / n,
         partial=bool(missing),

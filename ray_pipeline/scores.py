@@ -6,11 +6,15 @@ temperature 1) gives:
 - entropy            H_t  = -sum_j p_j log p_j
 - self-certainty     SC_t = KL(U || p) = -log V - (1/V) sum_j log p_j     (U uniform over V)
 - log-probability    LP_t = log p_{y_t} of the token that was sampled
+- confidence         C_t  = -(1/k) sum_{j in top-k} log p_j   (DeepConf's token confidence)
 
-All three follow from four per-position reductions over the vocabulary: log Z, E_p[z],
-mean_j z_j and z_{y_t}. `token_scores` computes them chunk by chunk over positions and over the
-vocabulary (an online log-sum-exp), so at most `[token_chunk, vocab_chunk]` float32 logits
-exist at once, never `[batch, tokens, vocab]`.
+All four follow from per-position reductions over the vocabulary: log Z, E_p[z], mean_j z_j,
+z_{y_t} and the k largest z_j. `token_scores` computes them chunk by chunk over positions and
+over the vocabulary (an online log-sum-exp and an online top-k merge), so at most
+`[token_chunk, vocab_chunk]` float32 logits exist at once, never `[batch, tokens, vocab]`.
+
+The rest of the module aggregates those per-token scores (steps, the certainty mix, DeepConf's
+window confidences) and turns per-layer hidden states into Chain-of-Embedding features.
 """
 
 from __future__ import annotations
@@ -28,16 +32,22 @@ class TokenScores:
     entropy: torch.Tensor
     self_certainty: torch.Tensor
     logprob: torch.Tensor
+    confidence: torch.Tensor
 
 
-def logit_statistics(logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
+SCORE_NAMES = ("entropy", "self_certainty", "logprob", "confidence")
+DEEPCONF_TOP_K = 20
+
+
+def logit_statistics(logits: torch.Tensor, targets: torch.Tensor, top_k: int = DEEPCONF_TOP_K) -> TokenScores:
     """Scores from full logits `[T, V]` (the unchunked definition, used for small inputs and tests)."""
     logp = torch.log_softmax(logits, dim=-1)
     vocab = logits.shape[-1]
     entropy = -(logp.exp() * logp).sum(-1)
     self_certainty = -math.log(vocab) - logp.mean(-1)
     logprob = logp.gather(-1, targets[:, None]).squeeze(-1)
-    return TokenScores(entropy, self_certainty, logprob)
+    confidence = -logp.topk(min(top_k, vocab), dim=-1).values.mean(-1)
+    return TokenScores(entropy, self_certainty, logprob, confidence)
 
 
 def token_scores(
@@ -48,26 +58,27 @@ def token_scores(
     bias: torch.Tensor | None = None,
     token_chunk: int = 256,
     vocab_chunk: int = 16384,
+    top_k: int = DEEPCONF_TOP_K,
 ) -> TokenScores:
     """Scores of logits `hidden @ weight.T (+ bias)` for `hidden [T, D]`, `weight [V, D]`, `targets [T]`.
 
-    Logits are formed in float32 one `[token_chunk, vocab_chunk]` tile at a time.
+    Logits are formed in float32 one `[token_chunk, vocab_chunk]` tile at a time; `top_k` is
+    DeepConf's k (capped at V).
     """
     parts = [
-        _chunk_scores(hidden[s : s + token_chunk], weight, bias, targets[s : s + token_chunk], vocab_chunk)
+        _chunk_scores(hidden[s : s + token_chunk], weight, bias, targets[s : s + token_chunk], vocab_chunk, top_k)
         for s in range(0, hidden.shape[0], token_chunk)
     ]
     if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return TokenScores(empty, empty.clone(), empty.clone())
-    return TokenScores(*(torch.cat([getattr(p, n) for p in parts]) for n in ("entropy", "self_certainty", "logprob")))
+        return TokenScores(*(hidden.new_zeros(0, dtype=torch.float32) for _ in SCORE_NAMES))
+    return TokenScores(*(torch.cat([getattr(p, n) for p in parts]) for n in SCORE_NAMES))
 
 
-def _chunk_scores(h, weight, bias, targets, vocab_chunk) -> TokenScores:
+def _chunk_scores(h, weight, bias, targets, vocab_chunk, top_k) -> TokenScores:
     h = h.float()
     vocab = weight.shape[0]
     # Running max m, s = sum exp(z - m), a = sum exp(z - m) (z - m): H = log s - a / s.
-    m = s = a = None
+    m = s = a = top = None
     sum_z = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
     target_z = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for v0 in range(0, vocab, vocab_chunk):
@@ -79,6 +90,12 @@ def _chunk_scores(h, weight, bias, targets, vocab_chunk) -> TokenScores:
         if in_chunk.any():
             rows = in_chunk.nonzero().squeeze(-1)
             target_z[rows] = z[rows, targets[rows] - v0]
+        # The k largest logits so far: this chunk's top k merged with the running top k.
+        chunk_top = z.topk(min(top_k, z.shape[1]), dim=-1).values
+        if top is not None:
+            chunk_top = torch.cat([top, chunk_top], dim=-1)
+            chunk_top = chunk_top.topk(min(top_k, chunk_top.shape[1]), dim=-1).values
+        top = chunk_top
         z_max = z.max(-1).values
         if m is None:
             m = z_max
@@ -97,7 +114,9 @@ def _chunk_scores(h, weight, bias, targets, vocab_chunk) -> TokenScores:
     entropy = torch.log(s) - a / s
     self_certainty = (log_z.double() - sum_z / vocab - math.log(vocab)).float()
     logprob = target_z - log_z
-    return TokenScores(entropy.clamp_min(0.0), self_certainty.clamp_min(0.0), logprob)
+    # -mean_j (z_j - log Z) over the top k.
+    confidence = log_z - top.mean(-1)
+    return TokenScores(entropy.clamp_min(0.0), self_certainty.clamp_min(0.0), logprob, confidence.clamp_min(0.0))
 
 
 def masked_token_scores(
@@ -109,6 +128,7 @@ def masked_token_scores(
     bias: torch.Tensor | None = None,
     token_chunk: int = 256,
     vocab_chunk: int = 16384,
+    top_k: int = DEEPCONF_TOP_K,
 ) -> list[TokenScores]:
     """Per-row scores of a padded batch: `hidden [B, L, D]`, `targets`/`mask [B, L]`.
 
@@ -116,10 +136,10 @@ def masked_token_scores(
     reaches the vocabulary reduction.
     """
     flat = token_scores(
-        hidden[mask], weight, targets[mask], bias=bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+        hidden[mask], weight, targets[mask], bias=bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk, top_k=top_k
     )
     counts = mask.sum(-1).tolist()
-    split = [t.split(counts) for t in (flat.entropy, flat.self_certainty, flat.logprob)]
+    split = [getattr(flat, n).split(counts) for n in SCORE_NAMES]
     return [TokenScores(*(part[i] for part in split)) for i in range(len(counts))]
 
 
@@ -153,13 +173,125 @@ def step_means(values: torch.Tensor, steps: list[int]) -> torch.Tensor:
     return (sums / sizes).float()
 
 
-def combined_self_certainty(token_mean: float, step_min: float, alpha: float, vocab_size: int) -> float:
-    """alpha * token level + (1 - alpha) * step level, both in units of log V.
+def step_texts(pieces: list[str], steps: list[int]) -> list[str]:
+    """The text of each step, from the decoded tokens and their step numbers (`step_index`)."""
+    texts = [""] * (max(steps) + 1 if steps else 0)
+    for piece, step in zip(pieces, steps):
+        texts[step] += piece
+    return texts
 
-    Token level is the mean self-certainty over the response's tokens; step level is the
-    self-certainty of its least certain step (the weakest link of the reasoning, the original's
-    "key step"). Dividing by log V, the entropy of the uniform distribution, makes the score a
-    dimensionless number comparable across vocabularies; within one model it is a constant
-    factor and changes no ranking.
+
+def mixed_certainty(self_certainty, entropy, lambda_weight: float, vocab_size: int):
+    """Per-token certainty in [0, 1]: lambda * SC / log V + (1 - lambda) * (1 - H / log V).
+
+    Both terms are 0 for the uniform distribution and reach 1 for a one-hot one, so
+    `lambda_weight` mixes two certainties on one scale: 1 is pure self-certainty, 0 pure
+    negative entropy. The map is affine, so it commutes with means over tokens or steps and
+    applies equally to floats and tensors.
     """
-    return (alpha * token_mean + (1.0 - alpha) * step_min) / math.log(vocab_size)
+    log_v = math.log(vocab_size)
+    return lambda_weight * self_certainty / log_v + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
+
+
+def combined_self_certainty(token_level: float, step_min: float, alpha: float) -> float:
+    """alpha * token level + (1 - alpha) * step level.
+
+    Token level is the mean certainty over the response's tokens; step level is the certainty
+    of its least certain step (the weakest link of the reasoning, the original's "key step").
+    """
+    return alpha * token_level + (1.0 - alpha) * step_min
+
+
+def sliding_window_means(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Means of every run of `min(window, T)` consecutive values of `values [T]`, float64 `[T - w + 1]`."""
+    width = min(window, values.numel())
+    if width == 0:
+        return values.new_zeros(0, dtype=torch.float64)
+    sums = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+    return (sums[width:] - sums[:-width]) / width
+
+
+def lowest_group_confidence(confidence: torch.Tensor, window: int) -> float:
+    """DeepConf's lowest group confidence: the smallest mean token confidence over a sliding window.
+
+    The window is clipped to the response length; an empty response has none (NaN).
+    """
+    means = sliding_window_means(confidence, window)
+    return means.min().item() if means.numel() else math.nan
+
+
+def tail_confidence(confidence: torch.Tensor, window: int) -> float:
+    """DeepConf's tail confidence: the mean token confidence of the last `window` tokens (NaN when empty)."""
+    if confidence.numel() == 0:
+        return math.nan
+    return confidence[-window:].double().mean().item()
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden [B, L, D]` over the positions where `mask [B, L]` is true: float32 `[B, D]`.
+
+    A row without any position gets NaN.
+    """
+    weights = mask.to(torch.float32)
+    sums = torch.einsum("bld,bl->bd", hidden.float(), weights)
+    return sums / weights.sum(-1, keepdim=True)
+
+
+@dataclass
+class CoeTransitions:
+    """Chain-of-Embedding features of one response, float64.
+
+    `magnitude[l] = ||h_{l+1} - h_l||` and `angle[l] = arccos(cos(h_{l+1}, h_l))` for each of
+    the L layer transitions of the response-mean hidden states `h_0..h_L`; `span_magnitude` and
+    `span_angle` are the same two quantities from the first layer to the last, which normalize them.
+    """
+
+    magnitude: torch.Tensor
+    angle: torch.Tensor
+    span_magnitude: float
+    span_angle: float
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.arccos(cos.clamp(-1.0, 1.0))
+
+
+def coe_transitions(layer_means: torch.Tensor) -> CoeTransitions:
+    """Per-transition magnitude and angle changes of `layer_means [L + 1, D]` (h_0 = the embeddings)."""
+    h = layer_means.double()
+    return CoeTransitions(
+        magnitude=(h[1:] - h[:-1]).norm(dim=-1),
+        angle=_angle(h[1:], h[:-1]),
+        span_magnitude=(h[-1] - h[0]).norm().item(),
+        span_angle=_angle(h[-1], h[0]).item(),
+    )
+
+
+def coe_scores(magnitude, angle, span_magnitude: float, span_angle: float) -> tuple[float, float]:
+    """CoE-R and CoE-C ("Latent Space Chain-of-Embedding Enables Output-free LLM Self-Evaluation", ICLR 2025).
+
+    With M_l = magnitude_l / span_magnitude and A_l = angle_l / span_angle:
+    CoE-R = mean(M) - mean(A) and CoE-C = |mean_l M_l e^{i A_l}|. Higher means more confident.
+    NaN when there are no transitions or a span is zero.
+    """
+    m = torch.as_tensor(magnitude, dtype=torch.float64)
+    a = torch.as_tensor(angle, dtype=torch.float64)
+    if m.numel() == 0 or not span_magnitude or not span_angle:
+        return math.nan, math.nan
+    m, a = m / span_magnitude, a / span_angle
+    coe_r = (m.mean() - a.mean()).item()
+    coe_c = torch.hypot((m * torch.cos(a)).mean(), (m * torch.sin(a)).mean()).item()
+    return coe_r, coe_c
+
+
+def option_probability(hidden: torch.Tensor, option_weight: torch.Tensor, option_bias: torch.Tensor | None = None):
+    """Probability of the first of two answer options, normalized over the two: float32 `[P]`.
+
+    `hidden [P, D]` is the final hidden state before the answer, `option_weight [2, D]` (and
+    `option_bias [2]`) the output-head rows of the two option tokens, so only two logits are formed.
+    """
+    z = hidden.float() @ option_weight.float().T
+    if option_bias is not None:
+        z = z + option_bias.float()
+    return torch.sigmoid(z[:, 0] - z[:, 1])

@@ -21,6 +21,7 @@ from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
 
 _floats = pa.list_(pa.float32())
+_doubles = pa.list_(pa.float64())
 _ints = pa.list_(pa.int32())
 
 CANDIDATE_FIELDS = [
@@ -41,7 +42,18 @@ SCORE_FIELDS = [
     ("token_entropy", _floats),
     ("token_self_certainty", _floats),
     ("token_logprob", _floats),
+    ("token_confidence", _floats),
     ("step_self_certainty", _floats),
+    ("step_entropy", _floats),
+    ("step_texts", pa.list_(pa.string())),
+    # One probability per step from the self-evaluation passes; null when the run had no --self_eval.
+    ("step_self_eval", _doubles),
+    # Chain-of-Embedding: per layer transition of the response-mean hidden states, and the
+    # first-to-last-layer change that normalizes them (scores.CoeTransitions).
+    ("coe_magnitude", _doubles),
+    ("coe_angle", _doubles),
+    ("coe_span_magnitude", pa.float64()),
+    ("coe_span_angle", pa.float64()),
     ("mean_entropy", pa.float64()),
     ("mean_self_certainty", pa.float64()),
     ("mean_logprob", pa.float64()),
@@ -113,10 +125,13 @@ class ShardWriter:
         return sorted(set(self.expected) - set(self.committed))
 
 
-def read_shards(shards_dir: Path) -> pa.Table:
-    """All committed shards as one table, ordered by problem and candidate."""
+def read_shards(shards_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All committed shards as one table (or just `columns` of it), ordered by problem and candidate."""
     files = sorted(shards_dir.glob("shard-*.parquet"))
     if not files:
         raise PipelineError(f"no shards in {shards_dir}: run the generation stage first")
-    table = pa.concat_tables(pq.read_table(f, schema=SHARD_SCHEMA) for f in files)
+    if columns is not None:
+        columns = list(dict.fromkeys(["problem_index", "candidate_index", *columns]))
+    # Reading with the schema fills columns that older shards lack with nulls.
+    table = pa.concat_tables(pq.read_table(f, schema=SHARD_SCHEMA, columns=columns) for f in files)
     return table.sort_by([("problem_index", "ascending"), ("candidate_index", "ascending")])

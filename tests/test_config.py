@@ -56,3 +56,25 @@ def test_config_round_trips_through_json(tmp_path):
     import json
 
     assert RunConfig(**json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_original_main_flags_and_selection_defaults():
+    args = build_parser("x").parse_args(["--n_repetitive_sampling", "8", "--lambda_weight", "0.3"])
+    cfg = config_from_args(args)
+    assert (cfg.num_return_sequences, cfg.lambda_weight) == (8, 0.3)
+    defaults = RunConfig()
+    assert (defaults.method, defaults.lambda_weight, defaults.borda_power) == ("self-certainty", 1.0, 0.5)
+    assert (defaults.deepconf_window, defaults.deepconf_top_k, defaults.self_eval) == (2048, 20, False)
+
+
+def test_self_eval_method_needs_the_self_eval_passes():
+    with pytest.raises(ConfigError, match="method self-eval needs self_eval"):
+        RunConfig(method="self-eval").validate()
+    assert RunConfig(method="self-eval", self_eval=True).validate().self_eval
+
+
+def test_parser_without_defaults_only_returns_given_flags(tmp_path):
+    parser = build_parser("x", ["alpha", "method", "num_return_sequences"], with_defaults=False)
+    assert vars(parser.parse_args(["--alpha", "0.7"])) == {"alpha": 0.7}
+    RunConfig(alpha=0.2, limit=3).save(tmp_path / "config.json")
+    assert RunConfig.load(tmp_path / "config.json") == RunConfig(alpha=0.2, limit=3)

@@ -6,16 +6,25 @@ import pytest
 import torch
 
 from ray_pipeline.scores import (
+    coe_scores,
+    coe_transitions,
     combined_self_certainty,
     logit_statistics,
+    lowest_group_confidence,
+    masked_mean,
     masked_token_scores,
+    mixed_certainty,
+    option_probability,
+    sliding_window_means,
     step_index,
     step_means,
+    step_texts,
+    tail_confidence,
     token_scores,
 )
 
 
-def reference(hidden, weight, targets, bias=None):
+def reference(hidden, weight, targets, bias=None, top_k=20):
     """Float64, unchunked, straight from the definitions."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
@@ -25,32 +34,37 @@ def reference(hidden, weight, targets, bias=None):
     vocab = z.shape[-1]
     entropy = -(p * logp).sum(-1)
     kl_uniform = (torch.full_like(p, 1 / vocab) * (math.log(1 / vocab) - logp)).sum(-1)
-    return entropy, kl_uniform, logp.gather(-1, targets[:, None]).squeeze(-1)
+    confidence = -torch.sort(logp, dim=-1, descending=True).values[:, : min(top_k, vocab)].mean(-1)
+    return entropy, kl_uniform, logp.gather(-1, targets[:, None]).squeeze(-1), confidence
 
 
 @pytest.mark.parametrize(
-    ("tokens", "vocab", "token_chunk", "vocab_chunk", "scale"),
+    ("tokens", "vocab", "token_chunk", "vocab_chunk", "scale", "top_k"),
     [
-        (7, 50, 256, 16384, 1.0),  # one chunk
-        (33, 1000, 8, 128, 3.0),  # vocabulary larger than one chunk, uneven last chunk
-        (65, 5003, 16, 1024, 10.0),  # peaked distributions (large logits)
-        (5, 300, 2, 7, 0.01),  # nearly uniform
+        (7, 50, 256, 16384, 1.0, 20),  # one chunk
+        (33, 1000, 8, 128, 3.0, 20),  # vocabulary larger than one chunk, uneven last chunk
+        (65, 5003, 16, 1024, 10.0, 20),  # peaked distributions (large logits)
+        (5, 300, 2, 7, 0.01, 20),  # nearly uniform; vocabulary chunks smaller than k
+        (9, 40, 4, 16, 2.0, 64),  # k larger than the vocabulary
     ],
 )
-def test_token_scores_match_float64_reference(tokens, vocab, token_chunk, vocab_chunk, scale):
+def test_token_scores_match_float64_reference(tokens, vocab, token_chunk, vocab_chunk, scale, top_k):
     gen = torch.Generator().manual_seed(tokens * vocab)
     hidden = torch.randn(tokens, 16, generator=gen) * scale
     weight = torch.randn(vocab, 16, generator=gen)
     bias = torch.randn(vocab, generator=gen)
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
-    got = token_scores(hidden, weight, targets, bias=bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
-    want_h, want_sc, want_lp = reference(hidden, weight, targets, bias)
+    got = token_scores(
+        hidden, weight, targets, bias=bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk, top_k=top_k
+    )
+    want_h, want_sc, want_lp, want_conf = reference(hidden, weight, targets, bias, top_k)
     tol = dict(rtol=1e-4, atol=2e-4 * max(1.0, scale))
     torch.testing.assert_close(got.entropy.double(), want_h, **tol)
     torch.testing.assert_close(got.self_certainty.double(), want_sc, **tol)
     torch.testing.assert_close(got.logprob.double(), want_lp, **tol)
-    assert (got.entropy >= 0).all() and (got.self_certainty >= 0).all()
-    assert got.entropy.dtype == torch.float32
+    torch.testing.assert_close(got.confidence.double(), want_conf, **tol)
+    assert (got.entropy >= 0).all() and (got.self_certainty >= 0).all() and (got.confidence >= 0).all()
+    assert got.entropy.dtype == torch.float32 and got.confidence.dtype == torch.float32
 
 
 def test_logit_statistics_is_the_unchunked_definition():
@@ -59,7 +73,7 @@ def test_logit_statistics_is_the_unchunked_definition():
     targets = torch.randint(0, 77, (9,), generator=gen)
     full = logit_statistics(hidden @ weight.T, targets)
     chunked = token_scores(hidden, weight, targets, token_chunk=4, vocab_chunk=10)
-    for name in ("entropy", "self_certainty", "logprob"):
+    for name in ("entropy", "self_certainty", "logprob", "confidence"):
         torch.testing.assert_close(getattr(full, name), getattr(chunked, name), rtol=1e-4, atol=1e-4)
 
 
@@ -70,6 +84,7 @@ def test_uniform_and_one_hot_limits():
     assert uniform.entropy.item() == pytest.approx(math.log(vocab), abs=1e-5)
     assert uniform.self_certainty.item() == pytest.approx(0.0, abs=1e-5)
     assert uniform.logprob.item() == pytest.approx(-math.log(vocab), abs=1e-5)
+    assert uniform.confidence.item() == pytest.approx(math.log(vocab), abs=1e-5)
     peaked = token_scores(40.0 * torch.eye(vocab)[:1], weight, torch.tensor([0]), vocab_chunk=10)
     assert peaked.entropy.item() == pytest.approx(0.0, abs=1e-4)
     assert peaked.self_certainty.item() == pytest.approx(40.0 * (vocab - 1) / vocab - math.log(vocab), rel=1e-4)
@@ -90,10 +105,11 @@ def test_padded_batch_equals_rows_scored_alone():
     rows = masked_token_scores(hidden, weight, targets, mask, token_chunk=4, vocab_chunk=64)
     assert [r.entropy.numel() for r in rows] == lengths
     for row, (n, off) in enumerate(zip(lengths, offsets)):
-        h, sc, lp = reference(hidden[row, off : off + n], weight, targets[row, off : off + n])
+        h, sc, lp, conf = reference(hidden[row, off : off + n], weight, targets[row, off : off + n])
         torch.testing.assert_close(rows[row].entropy.double(), h, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rows[row].self_certainty.double(), sc, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rows[row].logprob.double(), lp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rows[row].confidence.double(), conf, rtol=1e-4, atol=1e-4)
 
 
 def test_step_index_splits_at_blank_lines_then_single_newlines():
@@ -104,10 +120,98 @@ def test_step_index_splits_at_blank_lines_then_single_newlines():
     assert step_index([]) == []
 
 
-def test_step_means_and_combined_score():
+def test_step_means_texts_and_combined_score():
     values = torch.tensor([1.0, 3.0, 10.0, 2.0, 4.0])
     means = step_means(values, [0, 0, 1, 2, 2])
     torch.testing.assert_close(means, torch.tensor([2.0, 10.0, 3.0]))
-    score = combined_self_certainty(token_mean=4.0, step_min=2.0, alpha=0.25, vocab_size=100)
-    assert score == pytest.approx((0.25 * 4.0 + 0.75 * 2.0) / math.log(100))
     assert step_means(torch.zeros(0), []).numel() == 0
+    pieces = ["First", ".\n\n", "Then", "\n\n", "5"]
+    assert step_texts(pieces, step_index(pieces)) == ["First.\n\n", "Then\n\n", "5"]
+    assert step_texts([], []) == []
+    assert combined_self_certainty(token_level=0.8, step_min=0.2, alpha=0.25) == pytest.approx(0.25 * 0.8 + 0.75 * 0.2)
+
+
+def test_mixed_certainty_spans_uniform_to_one_hot():
+    vocab = 50
+    log_v = math.log(vocab)
+    # Uniform: SC = 0, H = log V -> 0 for every lambda. One-hot: SC = log V, H = 0 -> 1.
+    for lam in (0.0, 0.3, 1.0):
+        assert mixed_certainty(0.0, log_v, lam, vocab) == pytest.approx(0.0)
+        assert mixed_certainty(log_v, 0.0, lam, vocab) == pytest.approx(1.0)
+    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == pytest.approx(2.0 / log_v)
+    assert mixed_certainty(2.0, 1.0, 0.0, vocab) == pytest.approx(1.0 - 1.0 / log_v)
+    assert mixed_certainty(2.0, 1.0, 0.25, vocab) == pytest.approx(0.25 * 2.0 / log_v + 0.75 * (1 - 1.0 / log_v))
+    # Affine, so the mean of the mix is the mix of the means.
+    sc, h = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64), torch.tensor([3.0, 1.0, 0.2], dtype=torch.float64)
+    mixed = mixed_certainty(sc, h, 0.6, vocab)
+    assert mixed.mean().item() == pytest.approx(mixed_certainty(sc.mean().item(), h.mean().item(), 0.6, vocab))
+
+
+def test_deepconf_window_confidences_match_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    confidence = torch.rand(50, generator=gen) * 5
+    values = confidence.double().tolist()
+    for window in (1, 7, 50, 2048):
+        width = min(window, len(values))
+        naive = [sum(values[i : i + width]) / width for i in range(len(values) - width + 1)]
+        torch.testing.assert_close(sliding_window_means(confidence, window), torch.tensor(naive, dtype=torch.float64))
+        assert lowest_group_confidence(confidence, window) == pytest.approx(min(naive), rel=1e-12)
+        assert tail_confidence(confidence, window) == pytest.approx(sum(values[-width:]) / width, rel=1e-6)
+    # A dip in the middle: the lowest window finds it, the tail does not.
+    dip = torch.tensor([5.0] * 10 + [1.0] * 3 + [5.0] * 10)
+    assert lowest_group_confidence(dip, 3) == pytest.approx(1.0)
+    assert tail_confidence(dip, 3) == pytest.approx(5.0)
+    assert math.isnan(lowest_group_confidence(torch.zeros(0), 4)) and math.isnan(tail_confidence(torch.zeros(0), 4))
+
+
+def coe_reference(layers):
+    """CoE features and scores with plain float64 Python loops, as the paper defines them."""
+    import numpy as np
+
+    h = [np.asarray(x, dtype=np.float64) for x in layers]
+
+    def angle(a, b):
+        return math.acos(max(-1.0, min(1.0, float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b)))))
+
+    mags = [float(np.linalg.norm(h[i + 1] - h[i])) for i in range(len(h) - 1)]
+    angs = [angle(h[i + 1], h[i]) for i in range(len(h) - 1)]
+    span_m, span_a = float(np.linalg.norm(h[-1] - h[0])), angle(h[-1], h[0])
+    m = [x / span_m for x in mags]
+    a = [x / span_a for x in angs]
+    coe_r = sum(m) / len(m) - sum(a) / len(a)
+    x = sum(mi * math.cos(ai) for mi, ai in zip(m, a)) / len(m)
+    y = sum(mi * math.sin(ai) for mi, ai in zip(m, a)) / len(m)
+    return mags, angs, span_m, span_a, coe_r, math.hypot(x, y)
+
+
+def test_coe_matches_float64_reference():
+    gen = torch.Generator().manual_seed(5)
+    layers = torch.randn(13, 32, generator=gen).cumsum(0)  # a drifting chain of 12 transitions
+    got = coe_transitions(layers)
+    mags, angs, span_m, span_a, coe_r, coe_c = coe_reference(layers.double().numpy())
+    torch.testing.assert_close(got.magnitude, torch.tensor(mags, dtype=torch.float64))
+    torch.testing.assert_close(got.angle, torch.tensor(angs, dtype=torch.float64))
+    assert (got.span_magnitude, got.span_angle) == (pytest.approx(span_m), pytest.approx(span_a))
+    r, c = coe_scores(got.magnitude.tolist(), got.angle.tolist(), got.span_magnitude, got.span_angle)
+    assert (r, c) == (pytest.approx(coe_r, rel=1e-9), pytest.approx(coe_c, rel=1e-9))
+    # Points on one ray from the origin: every angle, so the angle span too, is 0 and CoE is undefined.
+    line = torch.arange(1.0, 5.0)[:, None] * torch.ones(1, 4)
+    assert all(math.isnan(v) for v in coe_scores(*vars(coe_transitions(line)).values()))
+    assert all(math.isnan(v) for v in coe_scores([], [], 1.0, 1.0))
+
+
+def test_masked_mean_ignores_padding():
+    hidden = torch.arange(24.0).reshape(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    got = masked_mean(hidden, mask)
+    torch.testing.assert_close(got[0], (hidden[0, 0] + hidden[0, 2]) / 2)
+    assert got[1].isnan().all()
+
+
+def test_option_probability_matches_float64_softmax_over_two_logits():
+    gen = torch.Generator().manual_seed(9)
+    hidden, weight, bias = torch.randn(6, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(2)
+    z = hidden.double() @ weight.double().T + bias.double()
+    want = torch.softmax(z, -1)[:, 0]
+    torch.testing.assert_close(option_probability(hidden, weight, bias).double(), want, rtol=1e-5, atol=1e-6)
+    assert option_probability(torch.ones(1, 2), torch.eye(2)).item() == pytest.approx(0.5)

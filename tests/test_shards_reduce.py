@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import reduce_run
+from ray_pipeline.reduce import load_questions, reduce_run
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards, shard_path
 
@@ -31,6 +31,10 @@ def fake_rows(problem_index, shard_id, n, correct_index, best_index):
             mean_entropy=1.0,
             mean_self_certainty=2.0 + (k == best_index),
             step_min_self_certainty=2.0 + (k == best_index),
+            step_self_certainty=[3.5, 2.0 + (k == best_index)],
+            step_entropy=[1.0, 1.0],
+            step_texts=[f"step one of {k}", f"weak step of {k}"],
+            token_confidence=[1.0, 2.0, 3.0 + k],
             vocab_size=100,
             backend="fake",
         )
@@ -61,10 +65,26 @@ def test_reducer_picks_by_method_and_reports(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(line)[:2] for line in lines] == [["question", "answer"]] * 3
     assert [line["candidate_index"] for line in lines] == [1, 2, 0]
+    assert lines[0]["key_step"] == {"index": 1, "text": "weak step of 1", "score": pytest.approx(3.0 / math.log(100))}
     assert summary.accuracy == pytest.approx(1 / 3) and summary.pass_at_n == pytest.approx(2 / 3)
-    assert (summary.problems, summary.candidates) == (3, 9)
+    assert (summary.problems, summary.candidates, summary.candidates_per_problem) == (3, 9, 3)
     baseline = reduce_run(shards, out, method="baseline")
     assert baseline.accuracy == pytest.approx(1 / 3) and math.isnan(baseline.alpha) is False
+    # The first two candidates only: p1 loses its confident pick (2), p0 keeps 1.
+    first_two = reduce_run(shards, out, method="self-certainty", num_candidates=2)
+    assert [json.loads(line)["candidate_index"] for line in out.read_text().splitlines()] == [1, 0, 0]
+    assert (first_two.candidates, first_two.accuracy) == (6, pytest.approx(2 / 3))
+    with pytest.raises(PipelineError, match=r"num_return_sequences must be in \[1, 3\]"):
+        reduce_run(shards, out, num_candidates=4)
+
+
+def test_token_confidence_is_read_back_per_candidate(tmp_path):
+    ShardWriter(tmp_path, {0: 3}).add(fake_rows(0, 0, 3, 0, 0))
+    questions, missing = load_questions(tmp_path)
+    assert missing == [] and len(questions) == 1
+    for k, row in enumerate(questions[0]):
+        assert row["token_confidence"].tolist() == [1.0, 2.0, 3.0 + k]
+        assert "token_ids" not in row and row["step_texts"][1] == f"weak step of {k}"
 
 
 def test_reducer_refuses_missing_shards(tmp_path):
