@@ -1,0 +1,48 @@
+"""The original main.py: sample N candidates per problem, score them, and select; --method all compares every method.
+
+python -m jobs.main --dataset ../shared/data/math500.jsonl --limit 20 --n_repetitive_sampling 4 --method all
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from jobs import infer
+from jobs.reduce import print_comparison
+from ray_pipeline.config import RunConfig, build_parser, config_from_args
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.report import compare_run
+from ray_pipeline.selection import SelectionParams
+
+DEFAULT_METHOD = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "method")
+
+
+def run(config: RunConfig) -> dict:
+    """The infer job with `config.method`; with 'all' it selects with the default method, then compares all."""
+    compare_all = config.method == "all"
+    report = infer.run(dataclasses.replace(config, method=DEFAULT_METHOD) if compare_all else config)
+    if compare_all:
+        run_dir = Path(report["run_dir"])
+        print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
+        comparison = compare_run(run_dir, SelectionParams.from_config(config))
+        print_comparison(comparison)
+        print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
+        report["comparison"] = comparison
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__.strip().splitlines()[0])
+    args = parser.parse_args(argv)
+    try:
+        run(config_from_args(args))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Re-select from an existing run's shards, without a model: one method's best answers, or every method's comparison.
+
+python -m jobs.reduce results/<run_id> --method all --alpha 0.5 --num_return_sequences 2
+
+Flags not given keep the run's values (its config.json); --num_return_sequences K takes each
+question's first K candidates (K <= the run's N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from ray_pipeline.config import RunConfig, build_parser
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.reduce import reduce_run, summary_json
+from ray_pipeline.report import compare_run
+from ray_pipeline.selection import SelectionParams, get_method
+
+REDUCE_FIELDS = ("method", "alpha", "lambda_weight", "borda_power", "deepconf_window", "num_return_sequences")
+
+
+def reduce_config(run_dir: Path, overrides: dict) -> RunConfig:
+    """The run's saved configuration with the given flags replacing its values, validated."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise PipelineError(f"{run_dir} has no config.json: pass a run folder written by jobs.infer or jobs.main")
+    config = dataclasses.replace(RunConfig.load(saved), **overrides).validate()
+    if config.method != "all":
+        get_method(config.method)
+    return config
+
+
+def run(run_dir: Path, overrides: dict) -> dict:
+    """Write `best_<method>.jsonl` into the run folder, or with method 'all' the comparison report."""
+    config = reduce_config(run_dir, overrides)
+    params = SelectionParams.from_config(config)
+    num_candidates = overrides.get("num_return_sequences")
+    started = time.monotonic()
+    if config.method == "all":
+        comparison = compare_run(run_dir, params, num_candidates=num_candidates)
+        print_comparison(comparison)
+        print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'} ({time.monotonic() - started:.1f} s)", flush=True)
+        return comparison
+    output = run_dir / f"best_{config.method}.jsonl"
+    summary = reduce_run(run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates)
+    print(summary_json(summary), flush=True)
+    print(f"✅ Done! Final results saved to: {output} ({time.monotonic() - started:.1f} s)", flush=True)
+    return dataclasses.asdict(summary)
+
+
+def print_comparison(comparison: dict) -> None:
+    n = comparison["candidates_per_problem"]
+    print(f"{comparison['problems']} problems x {n} candidates, pass@{n} {comparison['pass_at_n']:.3f}", flush=True)
+    for name, m in comparison["methods"].items():
+        auroc = "—" if m["auroc"] is None else f"{m['auroc']:.3f}"
+        low, high = m["ci95"]
+        print(f"  {name:<22} accuracy {m['accuracy']:.3f} [{low:.3f}, {high:.3f}]  AUROC {auroc}", flush=True)
+    for name, reason in comparison["unavailable"].items():
+        print(f"  {name:<22} not available: {reason}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Only the flags given on the command line replace the run's values.
+    parser = build_parser(__doc__.strip().splitlines()[0], REDUCE_FIELDS, with_defaults=False)
+    parser.add_argument("run_dir", type=Path, help="a run folder (holds config.json and shards/)")
+    args = vars(parser.parse_args(argv))
+    run_dir = args.pop("run_dir")
+    try:
+        run(run_dir, args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""End to end: jobs.main --method all through local Ray with the real SmolLM2 weights, then jobs.reduce."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from conftest import require_math500, run_job
+from ray_pipeline.report import PLOTS
+from ray_pipeline.selection import METHODS
+
+
+def test_one_run_every_method_then_reselect(tmp_path):
+    out = tmp_path / "results"
+    args = ["--dataset", str(require_math500()), "--limit", "4", "--n_repetitive_sampling", "4"]
+    args += ["--max_tokens", "48", "--temperature", "0.7", "--shard_size", "2", "--backend", "hf"]
+    args += ["--self_eval", "--method", "all", "--output_dir", str(out), "--run_id", "run"]
+    proc = run_job("jobs.main", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "✅ Done! Final results saved to: " in proc.stdout and "Comparison saved to" in proc.stdout
+    run_dir = out / "run"
+
+    rows = [r for shard in sorted((run_dir / "shards").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    assert len(rows) == 16
+    for r in rows:
+        n, steps = r["token_count"], len(r["step_texts"])
+        assert n == len(r["token_confidence"]) > 0 and min(r["token_confidence"]) > 0
+        assert steps == len(r["step_self_eval"]) == len(r["step_entropy"]) >= 1
+        assert all(0 < p < 1 for p in r["step_self_eval"])
+        assert len(r["coe_magnitude"]) == len(r["coe_angle"]) == 30 and r["coe_span_magnitude"] > 0
+
+    comparison = json.loads((run_dir / "summary.json").read_text())["comparison"]
+    assert set(comparison["methods"]) == set(METHODS) and comparison["unavailable"] == {}
+    assert (comparison["problems"], comparison["candidates_per_problem"]) == (4, 4)
+    for m in comparison["methods"].values():
+        assert 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1] <= 1
+        assert m["accuracy"] <= comparison["pass_at_n"]
+        assert sum(v["n"] for v in m["by_level"].values()) == sum(v["n"] for v in m["by_subject"].values()) == 4
+    report = (run_dir / "report.md").read_text()
+    for name in METHODS:
+        assert f"\n| {name} | " in report
+    assert all((run_dir / file).stat().st_size > 1000 for file in PLOTS.values())
+    debug = [json.loads(line) for line in (run_dir / "debug.jsonl").read_text().splitlines()]
+    assert len(debug) == 4
+    for record in debug:
+        for choice in record["methods"].values():
+            assert choice["key_step"]["text"] and choice["key_step"]["index"] >= 0
+
+    reselect = run_job("jobs.reduce", str(run_dir), "--method", "all", "--num_return_sequences", "2")
+    assert reselect.returncode == 0, reselect.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["comparison"]["candidates_per_problem"] == 2
+    single = run_job("jobs.reduce", str(run_dir), "--method", "self-eval", "--num_return_sequences", "1")
+    assert single.returncode == 0, single.stderr[-3000:]
+    best = [json.loads(line) for line in (run_dir / "best_self-eval.jsonl").read_text().splitlines()]
+    assert [b["candidate_index"] for b in best] == [0, 0, 0, 0]

@@ -1,0 +1,155 @@
+"""The comparison report and the reduce job, on small hand-made shards (no model)."""
+
+import json
+import math
+from itertools import product
+
+import pyarrow as pa
+import pytest
+
+from conftest import run_job
+from jobs.reduce import main as reduce_main
+from ray_pipeline.config import RunConfig
+from ray_pipeline.report import ALPHA_GRID, PLOTS, auroc, compare_run, wilson_interval
+from ray_pipeline.selection import METHODS, SelectionParams
+from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def question_rows(index, preds, gold, certainty, level, subject):
+    """One question's candidates: answer `preds[k]` with self-certainty `certainty[k]`."""
+    rows = []
+    for k, (pred, sc) in enumerate(zip(preds, certainty)):
+        row = {name: None for name in SHARD_SCHEMA.names}
+        row.update(
+            problem_id=f"p{index}",
+            problem_index=index,
+            shard_id=0,
+            problem=f"question {index}",
+            gold=gold,
+            subject=subject,
+            level=level,
+            candidate_index=k,
+            text=f"... \\boxed{{{pred}}}",
+            token_count=4,
+            pred=pred,
+            correct=pred == gold,
+            mean_entropy=1.0,
+            mean_self_certainty=sc,
+            step_self_certainty=[sc + 1.0, sc],
+            step_entropy=[1.0, 1.0],
+            step_texts=["setup", f"so {pred}"],
+            token_confidence=[sc, sc, sc, sc],
+            coe_magnitude=[sc, 1.0],
+            coe_angle=[0.5, 0.5],
+            coe_span_magnitude=2.0,
+            coe_span_angle=1.0,
+            vocab_size=100,
+        )
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Three questions x 4 candidates. q0: the most certain is right; q1: the majority is right, the most
+    certain wrong; q2: nobody is right."""
+    rows = (
+        question_rows(0, ["1", "2", "3", "2"], "1", [3.0, 1.0, 1.5, 1.2], 1, "Algebra")
+        + question_rows(1, ["5", "4", "4", "4"], "4", [3.0, 1.0, 1.1, 1.2], 2, "Geometry")
+        + question_rows(2, ["8", "8", "9", "7"], "6", [1.0, 2.0, 1.5, 1.2], 2, "Algebra")
+    )
+    ShardWriter(tmp_path / "shards", {0: 12}).add(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+    RunConfig(num_return_sequences=4).save(tmp_path / "config.json")
+    (tmp_path / "summary.json").write_text(json.dumps({"backend": "hf", "accuracy": 0.5}))
+    return tmp_path
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(8, 10) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    low, high = wilson_interval(0, 4)
+    assert low == 0.0 and high == pytest.approx(0.4899, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_auroc_equals_the_pairwise_definition():
+    scores = [0.1, 0.4, 0.4, 0.8, 0.3, 0.9, 0.4, math.nan]
+    labels = [False, True, False, True, False, True, True, True]
+    pairs = [(s, y) for s, y in zip(scores, labels) if not math.isnan(s)]
+    pos = [s for s, y in pairs if y]
+    neg = [s for s, y in pairs if not y]
+    want = sum((p > n) + 0.5 * (p == n) for p, n in product(pos, neg)) / (len(pos) * len(neg))
+    assert auroc(scores, labels) == pytest.approx(want)
+    assert auroc([1, 2, 3], [False, True, True]) == 1.0 and auroc([3, 2, 1], [False, True, True]) == 0.0
+    assert math.isnan(auroc([1, 2], [True, True]))
+
+
+def test_comparison_writes_report_summary_debug_and_plots(run_dir):
+    comparison = compare_run(run_dir, SelectionParams())
+    methods = comparison["methods"]
+    assert set(methods) == set(METHODS) - {"self-eval"}
+    assert "--self_eval" in comparison["unavailable"]["self-eval"]
+    assert comparison["pass_at_n"] == pytest.approx(2 / 3)
+    # Certainty picks q0 right, q1 wrong; the majority gets q1 but not q0 (2 is the majority there).
+    assert methods["self-certainty"]["accuracy"] == pytest.approx(1 / 3)
+    assert methods["self-consistency"]["accuracy"] == pytest.approx(1 / 3)
+    assert methods["baseline"]["accuracy"] == pytest.approx(1 / 3) and methods["baseline"]["auroc"] is None
+    assert methods["self-certainty"]["by_level"] == {"1": {"accuracy": 1.0, "n": 1}, "2": {"accuracy": 0.0, "n": 2}}
+    assert methods["self-consistency"]["by_subject"]["Geometry"] == {"accuracy": 1.0, "n": 1}
+    # N' = 1 is the first candidate for every method.
+    assert {m["accuracy_by_n"][1] for m in methods.values()} == {1 / 3}
+    assert comparison["pass_at_n_by_n"] == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3, 4: 2 / 3}
+    assert set(comparison["accuracy_by_alpha"]) == {"self-certainty", "borda", "weighted-vote"}
+    assert list(comparison["accuracy_by_alpha"]["borda"]) == [str(a) for a in ALPHA_GRID]
+    # Token certainty is SC / log V. Right: 3.0, 1.0, 1.1, 1.2; wrong: 1.0, 1.5, 1.2, 3.0, 1.0, 2.0, 1.5, 1.2.
+    # Wins (ties half) over the 32 pairs: 7.5 + 1 + 2 + 3.
+    assert methods["self-certainty-token"]["auroc"] == pytest.approx(13.5 / 32)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "hf" and summary["comparison"]["problems"] == 3
+    report = (run_dir / "report.md").read_text()
+    assert "| self-certainty | 33.3 |" in report and "| pass@4 (oracle) | 66.7 |" in report
+    assert "self-eval: not available" in report and "## Accuracy by level" in report
+    for file in PLOTS.values():
+        assert (run_dir / file).read_bytes()[:8] == PNG_MAGIC
+    debug = [json.loads(line) for line in (run_dir / "debug.jsonl").read_text().splitlines()]
+    assert [d["unique_id"] for d in debug] == ["p0", "p1", "p2"]
+    chosen = debug[0]["methods"]["self-certainty"]
+    assert chosen["candidate_index"] == 0 and chosen["correct"] is True
+    assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(3.0 / math.log(100))}
+
+
+def test_reduce_job_reselects_with_fewer_candidates_and_other_flags(run_dir):
+    proc = run_job("jobs.reduce", str(run_dir), "--method", "self-consistency", "--num_return_sequences", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in (run_dir / "best_self-consistency.jsonl").read_text().splitlines()]
+    # q0 and q1: two different answers tie and the first wins; q2: both answers agree.
+    assert [line["candidate_index"] for line in lines] == [0, 0, 0]
+    proc = run_job("jobs.reduce", str(run_dir), "--method", "all", "--alpha", "1.0", "--n_repetitive_sampling", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    comparison = json.loads((run_dir / "summary.json").read_text())["comparison"]
+    assert comparison["candidates_per_problem"] == 3 and comparison["params"]["alpha"] == 1.0
+    assert "self-consistency" in proc.stdout and "Comparison saved to" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num_return_sequences", "5"], "num_return_sequences must be in [1, 4] (the run's candidates per problem)"),
+        (["--method", "magic"], "method must be one of"),
+        (["--method", "self-eval"], "method self-eval needs self_eval"),
+        (["--alpha", "2"], "alpha must be in [0.0, 1.0], got 2.0"),
+    ],
+)
+def test_reduce_job_bad_flags_are_one_line_errors(run_dir, args, message, capsys):
+    assert reduce_main([str(run_dir), *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_reduce_job_needs_a_run_folder(tmp_path, capsys):
+    assert reduce_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path} has no config.json: " + (
+        "pass a run folder written by jobs.infer or jobs.main"
+    )
