@@ -163,28 +163,31 @@ QWEN25_MATH_15B_SHAPE = {
     "hidden_act": "silu",
     "tie_word_embeddings": True,
     "use_sliding_window": False,
-    "bos_token_id": 1,
-    "eos_token_id": 1,
 }
 
 
 def write_random_model(shape: dict, out: Path) -> Path:
-    """A Hugging Face folder with `shape`'s architecture, random bf16 weights and a word-level tokenizer.
+    """A Hugging Face folder with `shape`'s architecture, random bf16 weights and a byte-level tokenizer.
 
     vLLM's load_format="dummy" would only cover the generator; saved random weights let the
-    transformers scorer load the very same model. The tokenizer covers the whole vocabulary
-    (ids map to words "w<id>"), so any sampled id detokenizes; prompts tokenize to one id per word.
+    transformers scorer load the very same model. The tokenizer covers the whole vocabulary, so
+    any sampled id detokenizes; prompts tokenize to one id per byte (longer than a trained BPE).
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if (out / "config.json").is_file():
         return out
-    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, shape["vocab_size"])}
-    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", eos_token="<eos>")
+    # A byte-level BPE without merges: any text encodes (one token per byte), every id decodes.
+    base = list(pre_tokenizers.ByteLevel.alphabet())
+    size = shape["vocab_size"]
+    names = sorted(base) + [f"w{i}" for i in range(len(base), size - 1)] + ["<|endoftext|>"]
+    byte_level = Tokenizer(models.BPE(vocab={name: i for i, name in enumerate(names)}, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|endoftext|>")
+    shape = shape | {"bos_token_id": size - 1, "eos_token_id": size - 1}
     config = AutoConfig.for_model(**shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
