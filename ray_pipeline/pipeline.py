@@ -66,6 +66,10 @@ def actor_gpus(config: RunConfig) -> tuple[float, float]:
     return gen, score
 
 
+def _resources(name: str | None) -> dict[str, float] | None:
+    return {name: 1.0} if name else None
+
+
 def shard_blocks(problems: pa.Table) -> list[pa.Table]:
     """One input block per shard, so a generator batch rarely mixes shards."""
     ids = problems.column("shard_id")
@@ -97,6 +101,7 @@ def run_stages(
         compute=ray.data.ActorPoolStrategy(size=config.num_generators),
         num_cpus=config.cpus_per_actor,
         num_gpus=gen_gpus,
+        resources=_resources(config.generator_resource),
     )
     ds = ds.map_batches(
         scorer_cls,
@@ -106,6 +111,7 @@ def run_stages(
         compute=ray.data.ActorPoolStrategy(size=config.num_scorers),
         num_cpus=config.cpus_per_actor,
         num_gpus=score_gpus,
+        resources=_resources(config.scorer_resource),
         udf_modifying_row_count=False,
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit)
