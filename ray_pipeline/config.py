@@ -90,6 +90,10 @@ class RunConfig:
     )
     gpus_per_scorer: float | None = _opt(None, "GPUs per scorer actor (default: 0.5 on a GPU node, else 0)", low=0.0)
     cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
+    generator_resource: str | None = _opt(
+        None, "custom Ray resource each generator actor needs one unit of (places the pool on nodes that have it)"
+    )
+    scorer_resource: str | None = _opt(None, "custom Ray resource each scorer actor needs one unit of")
     generate_batch_size: int | None = _opt(
         None,
         "problems per generator call (default: 8 with transformers; with vLLM all problems split evenly over "
