@@ -8,12 +8,14 @@ defaults.yaml) followed by `validate_config` (jsonschema check against the insta
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from ray._private.authentication.authentication_token_setup import _get_default_token_path
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -216,3 +218,14 @@ def test_start_commands_use_token_auth(config):
     # The token file the start commands point at must be shipped to every node.
     assert "~/ray_auth_token" in config["file_mounts"]
     assert "RAY_AUTH_MODE=token" in _all_setup_commands(config)
+
+
+def test_every_token_path_names_the_token_ray_generates_and_the_mount_ships(config):
+    """A node whose RAY_AUTH_TOKEN_PATH cannot be read aborts, so each command must name the shipped file."""
+    generated = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+    shipped = [remote for remote, local in config["file_mounts"].items() if local == generated]
+    assert shipped == ["~/ray_auth_token"], config["file_mounts"]
+    commands = config["setup_commands"] + config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    paths = re.findall(r"RAY_AUTH_TOKEN_PATH=([^\s;\\]+)", "\n".join(commands))
+    assert len(paths) == 3, paths
+    assert {p.replace("$HOME", "~") for p in paths} == {shipped[0]}

@@ -1,0 +1,286 @@
+"""Cluster mode on one machine: two Ray nodes joined with `ray start`, token authentication on, and
+`ray job submit` of jobs.infer with the generator pool on the head and the scorer pool on the worker.
+
+Each node is a `ray start --block` process: stopping it (SIGTERM) stops exactly that node's Ray
+processes, whereas `ray stop` kills every Ray process on the machine by name, including another
+test's or another checkout's local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from test_e2e import check_outputs
+
+from conftest import ROOT, require_math500
+
+RAY_CLI = Path(sys.executable).with_name("ray")
+SUBMISSION_ID = "bestofn-cluster"
+NODE_STARTED = "Ray runtime started."
+# Refused submissions carry this in their entrypoint, so the job list shows whether one got through.
+REFUSED_MARKER = "refused-submission"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free now; held open together so that no two are the same."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class LocalCluster:
+    """A head and a worker node on this machine, in their own temp dir, on ports picked here."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.token_path = root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        self.temp_dir = root / "ray"
+        self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
+        gcs, dashboard, *self.spare_ports = free_ports(11)
+        self.gcs_address = f"127.0.0.1:{gcs}"
+        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+        self.dashboard_port = dashboard
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        self.env = inherited | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            # The job's entrypoint `python` must be this environment's, as on a cluster node.
+            "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            # A SIGTERMed node otherwise waits 30 s for a drain that only Ray Serve needs.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
+
+    def _port(self) -> str:
+        return str(self.spare_ports.pop())
+
+    def start_head(self, resource: str) -> None:
+        self._start_node(
+            "head",
+            "--head",
+            f"--port={self.gcs_address.rsplit(':', 1)[1]}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self._port()}",
+            "--disable-usage-stats",
+            resource=resource,
+        )
+
+    def add_worker(self, resource: str) -> None:
+        self._start_node("worker", f"--address={self.gcs_address}", resource=resource)
+
+    def _start_node(self, name: str, *args: str, resource: str) -> None:
+        log = self.root / f"{name}.log"
+        # Every node pins its agents' ports: the dashboard agent's default (52365) would collide
+        # between the two nodes and with any other Ray on the machine.
+        command = [
+            str(RAY_CLI),
+            "start",
+            "--block",
+            *args,
+            f"--temp-dir={self.temp_dir}",
+            "--num-cpus=2",
+            "--object-store-memory=300000000",
+            f"--resources={json.dumps({resource: 1})}",
+            f"--dashboard-agent-listen-port={self._port()}",
+            f"--dashboard-agent-grpc-port={self._port()}",
+            f"--runtime-env-agent-port={self._port()}",
+            f"--metrics-export-port={self._port()}",
+        ]
+        with log.open("w") as out:
+            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.nodes.append((name, process, log))
+        deadline = time.monotonic() + 300
+        while NODE_STARTED not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start ({name}) did not come up; its output:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def ray(self, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+        """The `ray` CLI from the project root, with the cluster's token unless `env` replaces the environment."""
+        return subprocess.run(
+            [str(RAY_CLI), *args],
+            cwd=ROOT,
+            env=self.env if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def list_state(self, kind: str, *args: str) -> list[dict]:
+        proc = self.ray("list", kind, "--address", self.dashboard_url, "--format", "json", "--limit", "10000", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    def stop(self) -> list[str]:
+        """Stop the worker, then the head; returns the processes that outlived it and had to be killed."""
+        processes = []
+        for _, process, _ in self.nodes:
+            try:
+                processes += psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for _, process, _ in reversed(self.nodes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.nodes.clear()
+        # Ray processes name their temp dir on their command line; workers were among the children.
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(self.temp_dir) in " ".join(proc.info["cmdline"] or []):
+                processes.append(proc)
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        leftovers = []
+        for proc in alive:
+            try:
+                leftovers.append(" ".join(proc.cmdline())[:200])
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return leftovers
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Unix socket paths under the temp dir must stay short (108 bytes), so not under pytest's tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="bestofn-cluster-"))
+    local = LocalCluster(root)
+    try:
+        local.start_head("generator_node")
+        local.add_worker("scorer_node")
+        yield local
+    finally:
+        local.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_job(cluster, tmp_path_factory):
+    """jobs.infer submitted to the cluster once; its output folder and the driver's log."""
+    out = tmp_path_factory.mktemp("cluster") / "results"
+    submit = cluster.ray(
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        SUBMISSION_ID,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "jobs.infer",
+        "--dataset",
+        str(require_math500()),
+        "--limit",
+        "4",
+        "--num_return_sequences",
+        "2",
+        "--max_tokens",
+        "32",
+        "--shard_size",
+        "2",
+        "--backend",
+        "hf",
+        "--generator_resource",
+        "generator_node",
+        "--scorer_resource",
+        "scorer_node",
+        "--output_dir",
+        str(out),
+        # check_outputs reads the run folder "run".
+        "--run_id",
+        "run",
+        timeout=900,
+    )
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard_url, SUBMISSION_ID)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    return SimpleNamespace(out=out, submit=submit, logs=logs.stdout)
+
+
+def test_cluster_has_both_nodes_with_their_resources(cluster):
+    nodes = [n for n in cluster.list_state("nodes") if n["state"] == "ALIVE"]
+    assert len(nodes) == 2, nodes
+    head = next(n for n in nodes if n["is_head_node"])
+    worker = next(n for n in nodes if not n["is_head_node"])
+    assert head["resources_total"].get("generator_node") == 1 and "scorer_node" not in head["resources_total"]
+    assert worker["resources_total"].get("scorer_node") == 1 and "generator_node" not in worker["resources_total"]
+
+
+def test_submitted_job_writes_complete_outputs(cluster, cluster_job):
+    jobs = {j["submission_id"]: j for j in cluster.list_state("jobs")}
+    assert jobs[SUBMISSION_ID]["status"] == "SUCCEEDED", cluster_job.logs[-3000:] + cluster_job.submit.stderr[-2000:]
+    assert cluster_job.submit.returncode == 0, cluster_job.submit.stderr[-3000:]
+    check_outputs(cluster_job.out, SimpleNamespace(stdout=cluster_job.logs), "hf")
+
+
+def test_generator_pool_ran_on_the_head_and_scorer_pool_on_the_worker(cluster, cluster_job):
+    nodes = {n["node_id"]: n for n in cluster.list_state("nodes")}
+    actors = cluster.list_state("actors", "--detail")
+    generators = [a for a in actors if "GeneratorActor" in a["class_name"]]
+    scorers = [a for a in actors if "ScorerActor" in a["class_name"]]
+    assert generators and scorers, [a["class_name"] for a in actors]
+    generator_nodes = {a["node_id"] for a in generators}
+    scorer_nodes = {a["node_id"] for a in scorers}
+    assert len(generator_nodes) == len(scorer_nodes) == 1 and generator_nodes != scorer_nodes
+    generator_node, scorer_node = nodes[generator_nodes.pop()], nodes[scorer_nodes.pop()]
+    assert generator_node["is_head_node"] and "generator_node" in generator_node["resources_total"]
+    assert not scorer_node["is_head_node"] and "scorer_node" in scorer_node["resources_total"]
+    assert all(a["required_resources"].get("generator_node") == 1 for a in generators)
+    assert all(a["required_resources"].get("scorer_node") == 1 for a in scorers)
+
+
+@pytest.mark.parametrize(
+    ("client_auth", "refusal"),
+    [
+        # A token of the right form that is not the cluster's: the job server answers 403.
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+            "Forbidden: Invalid authentication token",
+        ),
+        # No token anywhere (HOME without ~/.ray/auth_token): the request goes out bare and gets 401.
+        ({}, "Unauthorized: Missing authentication token"),
+    ],
+    ids=["wrong_token", "no_token"],
+)
+def test_submission_without_the_clusters_token_is_refused(cluster, tmp_path, client_auth, refusal):
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH_")}
+    env |= {"HOME": str(tmp_path)} | client_auth
+    proc = cluster.ray(
+        "job", "submit", "--address", cluster.dashboard_url, "--", "echo", REFUSED_MARKER, env=env, timeout=60
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "AuthenticationError" in proc.stderr and refusal in proc.stderr, proc.stderr[-3000:]
+    assert not [j for j in cluster.list_state("jobs") if REFUSED_MARKER in j["entrypoint"]]
+
+
+def test_stopping_the_cluster_leaves_no_ray_process_behind(cluster):
+    """Runs last: it stops the module's cluster (the fixture's own stop is then a no-op)."""
+    assert cluster.stop() == []
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(cluster.temp_dir) in " ".join(p.info["cmdline"] or [])
+    ]
