@@ -261,9 +261,11 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
 
     n = comparison["candidates_per_problem"]
     sizes = list(range(1, n + 1))
+    # A colour of its own for each of the (more than ten) methods.
+    colors = dict(zip(comparison["methods"], plt.get_cmap("tab20").colors))
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, m in comparison["methods"].items():
-        ax.plot(sizes, [m["accuracy_by_n"][k] for k in sizes], marker="o", label=name)
+        ax.plot(sizes, [m["accuracy_by_n"][k] for k in sizes], marker="o", color=colors[name], label=name)
     ax.plot(sizes, [comparison["pass_at_n_by_n"][k] for k in sizes], "k--", label="pass@N'")
     ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'", xticks=sizes)
     ax.legend(fontsize=7, ncol=2)
@@ -273,7 +275,7 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in comparison["accuracy_by_alpha"].items():
-        ax.plot(ALPHA_GRID, [row[str(a)] for a in ALPHA_GRID], marker="o", label=name)
+        ax.plot(ALPHA_GRID, [row[str(a)] for a in ALPHA_GRID], marker="o", color=colors[name], label=name)
     ax.set(xlabel="alpha (1 = token level, 0 = step level)", ylabel="accuracy", title="Accuracy vs alpha")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -287,9 +289,16 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
     labels = [cand["correct"] for q in questions for cand in q]
     for ax, (name, r) in zip(axes.flat, scored.items()):
         scores = [s for c in r.choices for s in c.scores]
+        finite = [s for s in scores if not math.isnan(s)]
+        low, high = min(finite), max(finite)
+        # Shared bins, so the two histograms line up (a single value gets numpy's default range).
+        bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 20
+        # Densities: correct candidates are usually far fewer than wrong ones.
         for want, color in ((True, "tab:green"), (False, "tab:red")):
             values = [s for s, y in zip(scores, labels) if bool(y) == want and not math.isnan(s)]
-            ax.hist(values, bins=20, alpha=0.6, color=color, label="correct" if want else "wrong")
+            if values:
+                label = f"{'correct' if want else 'wrong'} ({len(values)})"
+                ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.5, color=color, label=label)
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(scored) :]:

@@ -84,13 +84,16 @@ def best_of(scores: list[float]) -> Choice:
     return Choice(index, scores[index], tuple(scores))
 
 
-def certainty_levels(candidate: dict, lambda_weight: float) -> tuple[float, torch.Tensor]:
+def certainty_levels(candidate: dict, lambda_weight: float) -> tuple[float, list[float]]:
     """Token-level certainty and the certainty of each step (`scores.mixed_certainty`) of one candidate."""
     vocab = candidate["vocab_size"]
     token = mixed_certainty(candidate["mean_self_certainty"], candidate["mean_entropy"], lambda_weight, vocab)
-    step_sc = torch.as_tensor(candidate["step_self_certainty"], dtype=torch.float64)
-    step_h = torch.as_tensor(candidate["step_entropy"], dtype=torch.float64)
-    return token, mixed_certainty(step_sc, step_h, lambda_weight, vocab)
+    # Plain floats: a few dozen steps, and the reducer calls this for every candidate, N' and alpha.
+    steps = [
+        mixed_certainty(sc, h, lambda_weight, vocab)
+        for sc, h in zip(candidate["step_self_certainty"], candidate["step_entropy"])
+    ]
+    return token, steps
 
 
 def self_certainty_score(candidate: dict, alpha: float, lambda_weight: float = 1.0) -> float:
@@ -98,7 +101,7 @@ def self_certainty_score(candidate: dict, alpha: float, lambda_weight: float = 1
     if candidate["token_count"] == 0:
         return math.nan
     token, steps = certainty_levels(candidate, lambda_weight)
-    return combined_self_certainty(token, steps.min().item(), alpha)
+    return combined_self_certainty(token, min(steps), alpha)
 
 
 def key_step(candidate: dict, lambda_weight: float = 1.0) -> dict | None:
@@ -106,9 +109,9 @@ def key_step(candidate: dict, lambda_weight: float = 1.0) -> dict | None:
     if candidate["token_count"] == 0:
         return None
     _, steps = certainty_levels(candidate, lambda_weight)
-    index = int(steps.argmin())
+    index = min(range(len(steps)), key=steps.__getitem__)
     texts = candidate.get("step_texts") or []
-    return {"index": index, "text": texts[index] if index < len(texts) else None, "score": steps[index].item()}
+    return {"index": index, "text": texts[index] if index < len(texts) else None, "score": steps[index]}
 
 
 @method("baseline")
