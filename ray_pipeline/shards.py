@@ -3,7 +3,12 @@
 Ray Data's `write_parquet` names files by block and task and gives no way to know that a file
 holds all candidates of a planned shard, so shards are written here: rows stream back from
 the actor pools, are grouped by `shard_id`, and a shard's file is committed (temporary name,
-then rename) only when all its `problems x N` rows have arrived.
+then rename) only when all its `problems x N` rows have arrived. A retried task may deliver a
+row twice; the writer keeps the first copy of each (problem_id, candidate_index).
+
+Ray Data's CheckpointConfig (beta) was not used: it checkpoints by row id into a filesystem that
+the whole cluster shares, and knows nothing of a shard being complete, which is what resuming
+here needs; an atomic rename gives that on a local disk or a shared mount.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_pipeline.data import PROBLEM_SCHEMA
@@ -32,6 +36,8 @@ CANDIDATE_FIELDS = [
     ("finish_reason", pa.string()),
     ("generator_logprobs", _floats),
     ("backend", pa.string()),
+    # Why this candidate has no text (e.g. a prompt longer than --max_model_len); null when it has.
+    ("error", pa.string()),
 ]
 CANDIDATE_SCHEMA = pa.schema(list(PROBLEM_SCHEMA) + CANDIDATE_FIELDS)
 
@@ -79,35 +85,48 @@ def expected_rows(problems: pa.Table, num_candidates: int) -> dict[int, int]:
     return dict(counts)
 
 
+FINGERPRINT_KEY = b"bestofn.fingerprint"
+
+
 class ShardWriter:
-    """Buffers scored rows per shard and commits each shard once it is complete."""
+    """Buffers scored rows per shard and commits each shard once it is complete.
+
+    `fingerprint` (the run's configuration hash) is stored in each file's metadata, so a shard
+    copied from another run is recognised.
+    """
 
     def __init__(
-        self, shards_dir: Path, expected: dict[int, int], on_commit: Callable[[int, Path], None] | None = None
+        self,
+        shards_dir: Path,
+        expected: dict[int, int],
+        on_commit: Callable[[int, Path], None] | None = None,
+        fingerprint: str = "",
     ):
         self.shards_dir = shards_dir
         self.expected = expected
         self.on_commit = on_commit
+        self.schema = SHARD_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
         self.pending: dict[int, list[pa.Table]] = defaultdict(list)
-        self.received: dict[int, int] = defaultdict(int)
+        self.seen: dict[int, set[tuple[str, int]]] = defaultdict(set)
         self.committed: list[int] = []
         shards_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, batch: pa.Table) -> None:
         batch = batch.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-        ids = batch.column("shard_id")
-        for shard_id in sorted(set(ids.to_pylist())):
-            if shard_id not in self.expected:
-                raise PipelineError(f"a row arrived for shard {shard_id}, which is not in the plan")
-            part = batch.filter(pc.equal(ids, shard_id))
-            self.pending[shard_id].append(part)
-            self.received[shard_id] += part.num_rows
-            if self.received[shard_id] == self.expected[shard_id]:
+        keys = list(zip(batch.column("problem_id").to_pylist(), batch.column("candidate_index").to_pylist()))
+        shard_ids = batch.column("shard_id").to_pylist()
+        for shard_id in sorted(set(shard_ids)):
+            if shard_id not in self.expected or shard_id in self.committed:
+                raise PipelineError(f"a row arrived for shard {shard_id}, which is not pending in the plan")
+            seen = self.seen[shard_id]
+            fresh = []
+            for i, (s, key) in enumerate(zip(shard_ids, keys)):
+                if s == shard_id and key not in seen:
+                    seen.add(key)
+                    fresh.append(i)
+            self.pending[shard_id].append(batch.take(pa.array(fresh, pa.int64())))
+            if len(seen) == self.expected[shard_id]:
                 self._commit(shard_id)
-            elif self.received[shard_id] > self.expected[shard_id]:
-                raise PipelineError(
-                    f"shard {shard_id} received {self.received[shard_id]} rows, expected {self.expected[shard_id]}"
-                )
 
     def _commit(self, shard_id: int) -> None:
         table = pa.concat_tables(self.pending.pop(shard_id)).sort_by(
@@ -115,7 +134,7 @@ class ShardWriter:
         )
         final = shard_path(self.shards_dir, shard_id)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
+        pq.write_table(table.replace_schema_metadata(self.schema.metadata), tmp)
         os.replace(tmp, final)
         self.committed.append(shard_id)
         if self.on_commit:
@@ -123,6 +142,35 @@ class ShardWriter:
 
     def missing(self) -> list[int]:
         return sorted(set(self.expected) - set(self.committed))
+
+
+def check_shard(path: Path, expected_rows: int, fingerprint: str) -> str | None:
+    """Why the committed shard at `path` cannot be trusted, or None when it can.
+
+    Trusted means: its footer reads, its schema is the shard schema, it holds exactly the
+    planned rows, and it was written by this run's configuration.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = pq.read_metadata(path)
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if not schema.remove_metadata().equals(SHARD_SCHEMA):
+        return "schema differs from the shard schema"
+    if meta.num_rows != expected_rows:
+        return f"{meta.num_rows} rows, expected {expected_rows}"
+    written_by = (schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+    if written_by != fingerprint:
+        return f"written by another configuration ({written_by or 'unknown'}, this run is {fingerprint})"
+    return None
+
+
+def remove_stale_temporaries(shards_dir: Path) -> None:
+    """Partial files left by a killed writer never become shards; clear them."""
+    for tmp in shards_dir.glob(".shard-*.tmp-*"):
+        tmp.unlink(missing_ok=True)
 
 
 def read_shards(shards_dir: Path, columns: list[str] | None = None) -> pa.Table:
@@ -133,5 +181,13 @@ def read_shards(shards_dir: Path, columns: list[str] | None = None) -> pa.Table:
     if columns is not None:
         columns = list(dict.fromkeys(["problem_index", "candidate_index", *columns]))
     # Reading with the schema fills columns that older shards lack with nulls.
-    table = pa.concat_tables(pq.read_table(f, schema=SHARD_SCHEMA, columns=columns) for f in files)
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=SHARD_SCHEMA, columns=columns))
+        except (OSError, pa.ArrowException) as exc:
+            raise PipelineError(
+                f"shard {f} cannot be read ({type(exc).__name__}): run jobs.infer with the same flags to redo it"
+            ) from None
+    table = pa.concat_tables(tables)
     return table.sort_by([("problem_index", "ascending"), ("candidate_index", "ascending")])
