@@ -6,21 +6,30 @@ python -m jobs.infer --dataset ../shared/data/math500.jsonl --limit 20
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.manifest import COMMITTED, FAILED, PENDING, Manifest, fingerprint, shards_to_run
+from ray_pipeline.manifest import fingerprint_hash as fp_hash
 from ray_pipeline.model import check_hub_model, model_name, resolve_model
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.selection import SelectionParams, get_method
+from ray_pipeline.shards import expected_rows, remove_stale_temporaries
 
 
 def run(config: RunConfig) -> dict:
-    """The whole job: plan, generate and score into shards, then reduce."""
+    """The whole job: plan, generate and score the shards not yet done, then reduce."""
     get_method(config.method)
     problems = load_problems(
         config.dataset, split=config.dataset_split, limit=config.limit, shard_size=config.shard_size
@@ -30,38 +39,64 @@ def run(config: RunConfig) -> dict:
     if resolved == config.model_path and not Path(resolved).exists():
         check_hub_model(resolved)
     name = model_name(config.model_path)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     output_dir = Path(config.output_dir)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     run_dir = output_dir / (config.run_id or f"math500_candidates_{name}_{stamp}")
-    best = output_dir / f"math500_best_{name}_{stamp}.jsonl"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot create the run folder {run_dir}: {exc.strerror}; pass a writable --output_dir"
-        ) from None
+    shards_dir = run_dir / "shards"
+    manifest = Manifest.load(run_dir)
+    if manifest is None and shards_dir.is_dir() and any(shards_dir.iterdir()) and not config.overwrite:
+        raise PipelineError(f"{run_dir} holds shards but no manifest: pass --overwrite or a new --run_id")
+    if manifest is not None and not config.resume and not config.overwrite:
+        raise PipelineError(f"run folder {run_dir} exists: drop --no-resume to resume it, or pass --overwrite")
+    if manifest is not None and not config.overwrite:
+        # Before Ray starts: everything but the backend, which needs the cluster to resolve 'auto'.
+        manifest.check_same_run(fingerprint(config, problems, resolved), run_dir, ignore=("backend",))
+    _make_folder(run_dir)
+
     from actors.generator import GeneratorActor
     from actors.scorer import ScorerActor
     from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
     init_ray(config)
     config = resolve_execution(config, problems.num_rows)
-    config.save(run_dir / "config.json")
-    shards_dir = run_dir / "shards"
-    num_shards = len(set(problems.column("shard_id").to_pylist()))
+    fp = fingerprint(config, problems, resolved)
     n = config.num_return_sequences
+    if manifest is not None and config.overwrite:
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        manifest = None
+    if manifest is None:
+        manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
+    else:
+        manifest.check_same_run(fp, run_dir)
+    best = output_dir / f"math500_best_{manifest.model_name}_{manifest.stamp}.jsonl"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(shards_dir)
+    todo, notes = shards_to_run(manifest, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
+    for shard_id in todo:
+        manifest.set_status(shard_id, PENDING)
+    manifest.save(run_dir)
+    config.save(run_dir / "config.json")
 
+    num_shards = len(manifest.shards)
     print(
-        f"[1/2] Generating candidates -> {run_dir}/ "
-        f"({problems.num_rows} problems x {n} candidates in {num_shards} shards, backend {config.backend})",
+        f"[1/2] Generating candidates -> {run_dir}/ ({problems.num_rows} problems x {n} candidates, "
+        f"{len(todo)} of {num_shards} shards to do, backend {config.backend})",
         flush=True,
     )
+    for note in notes:
+        print(f"  {note}", flush=True)
     started = time.monotonic()
 
     def committed(shard_id: int, path: Path) -> None:
-        print(f"  shard {shard_id} committed -> {path} ({time.monotonic() - started:.0f} s)", flush=True)
+        errors = sum(e is not None for e in pq.read_table(path, columns=["error"]).column("error").to_pylist())
+        manifest.set_status(shard_id, FAILED if errors else COMMITTED)
+        manifest.save(run_dir)
+        failed = f", {errors} error rows" if errors else ""
+        print(f"  shard {shard_id} committed -> {path} ({time.monotonic() - started:.0f} s{failed})", flush=True)
 
-    run_stages(config, problems, shards_dir, GeneratorActor, ScorerActor, on_commit=committed)
+    if todo:
+        wanted = pc.is_in(problems.column("shard_id"), pa.array(todo, pa.int32()))
+        run_stages(config, problems.filter(wanted), shards_dir, GeneratorActor, ScorerActor, committed, fp_hash(fp))
     generate_s = time.monotonic() - started
 
     print(f"[2/2] Evaluating and selecting best answers -> {best}", flush=True)
@@ -71,6 +106,7 @@ def run(config: RunConfig) -> dict:
         method=config.method,
         params=SelectionParams.from_config(config),
         expected_shards=list(range(num_shards)),
+        allow_partial=config.allow_partial,
     )
     backends = sorted(set(_read_backends(shards_dir)))
     report = json.loads(summary_json(summary)) | {
@@ -79,14 +115,27 @@ def run(config: RunConfig) -> dict:
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    partial = f" PARTIAL: shards {summary.missing_shards} missing," if summary.partial else ""
     print(
-        f"  backend {report['backend']}: {summary.problems} problems, {summary.candidates} candidates, "
+        f"  backend {report['backend']}:{partial} {summary.problems} problems, {summary.candidates} candidates, "
         f"accuracy ({config.method}) {summary.accuracy:.3f}, pass@{n} {summary.pass_at_n:.3f}, "
         f"generate+score {generate_s:.0f} s",
         flush=True,
     )
     print(f"✅ Done! Final results saved to: {best}", flush=True)
     return report
+
+
+def _make_folder(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot write the run folder {run_dir}: {exc.strerror}; pass a writable --output_dir"
+        ) from None
 
 
 def _read_backends(shards_dir: Path) -> list[str]:

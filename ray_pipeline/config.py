@@ -96,8 +96,8 @@ class RunConfig:
     scorer_resource: str | None = _opt(None, "custom Ray resource each scorer actor needs one unit of")
     generate_batch_size: int | None = _opt(
         None,
-        "problems per generator call (default: 8 with transformers; with vLLM all problems split evenly over "
-        "the generators, so the engine schedules them like one generate call)",
+        "problems per generator call (default with transformers: the largest divisor of shard_size up to 8; "
+        "with vLLM all problems split evenly over the generators, so the engine schedules them like one call)",
         low=1,
     )
     stream_problems: int = _opt(8, "a generator hands finished candidates on every this many problems", low=1)
@@ -118,7 +118,15 @@ class RunConfig:
     ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)")
     # Where
     output_dir: str = _opt("results", "directory for run folders and best-answer files")
-    run_id: str | None = _opt(None, "run folder name (default: math500_candidates_{model}_{timestamp})")
+    run_id: str | None = _opt(
+        None, "run folder name (default: math500_candidates_{model}_{timestamp}); an existing one is resumed"
+    )
+    resume: bool = _opt(True, "on an existing run folder redo only missing or broken shards (--no-resume refuses)")
+    overwrite: bool = _opt(False, "delete an existing run folder's shards and start over")
+    reprocess_shards: str | None = _opt(None, "comma-separated shard ids to redo even if committed, e.g. 3,7")
+    reprocess_failed: bool = _opt(False, "redo shards whose rows hold errors (see the manifest and report)")
+    allow_partial: bool = _opt(False, "write the best-answer file even if shards are missing (it says so)")
+    max_task_retries: int = _opt(3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0)
     ray_address: str | None = _opt(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
     def validate(self) -> RunConfig:
@@ -140,9 +148,23 @@ class RunConfig:
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
+        self.reprocess_shard_ids()
         if self.method == "self-eval" and not self.self_eval:
             raise ConfigError("method self-eval needs self_eval: pass --self_eval so the scorer runs its passes")
         return self
+
+    def reprocess_shard_ids(self) -> list[int]:
+        if not self.reprocess_shards:
+            return []
+        try:
+            ids = sorted({int(part) for part in self.reprocess_shards.split(",") if part.strip()})
+        except ValueError:
+            raise ConfigError(
+                f"reprocess_shards must be comma-separated shard numbers, got {self.reprocess_shards!r}"
+            ) from None
+        if any(i < 0 for i in ids):
+            raise ConfigError(f"reprocess_shards must be shard numbers >= 0, got {self.reprocess_shards!r}")
+        return ids
 
     def resolved_gpu_memory_utilization(self, gpu: bool) -> float:
         if self.gpu_memory_utilization is not None:

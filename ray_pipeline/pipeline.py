@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def init_ray(config: RunConfig) -> None:
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -40,6 +42,21 @@ def init_ray(config: RunConfig) -> None:
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
     wanted = (config.num_generators + config.num_scorers) * config.cpus_per_actor + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an address nothing listens on at once: ray.init would retry it for minutes."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    if host_port in ("auto", "local") or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise PipelineError(
+            f"cannot reach the Ray cluster at {address}: {reason}; check --ray_address / $RAY_ADDRESS"
+        ) from None
 
 
 def cluster_has_gpu() -> bool:
@@ -53,8 +70,13 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
     backend = resolve_backend(config.backend, cluster_has_gpu())
     batch = config.generate_batch_size
     if batch is None:
-        # vLLM schedules best when it sees every request at once; transformers pads a batch to its longest.
-        batch = math.ceil(num_problems / config.num_generators) if backend == "vllm" else 8
+        # vLLM schedules best when it sees every request at once. transformers pads a batch to its
+        # longest, so batches stay small; a size dividing shard_size keeps every batch inside one
+        # shard, so a resumed run samples each shard exactly as an uninterrupted one did.
+        if backend == "vllm":
+            batch = math.ceil(num_problems / config.num_generators)
+        else:
+            batch = max(d for d in range(1, 9) if config.shard_size % d == 0)
     return dataclasses.replace(config, backend=backend, generate_batch_size=batch)
 
 
@@ -83,6 +105,7 @@ def run_stages(
     generator_cls: type,
     scorer_cls: type,
     on_commit: Callable[[int, Path], None] | None = None,
+    fingerprint: str = "",
 ) -> ShardWriter:
     """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`.
 
@@ -102,6 +125,7 @@ def run_stages(
         num_cpus=config.cpus_per_actor,
         num_gpus=gen_gpus,
         resources=_resources(config.generator_resource),
+        **_fault_tolerance(config),
     )
     ds = ds.map_batches(
         scorer_cls,
@@ -113,10 +137,28 @@ def run_stages(
         num_gpus=score_gpus,
         resources=_resources(config.scorer_resource),
         udf_modifying_row_count=False,
+        **_fault_tolerance(config),
     )
-    writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(batch)
+    writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever stopped Ray Data, committed shards stay and the rest is redone
+        cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise PipelineError(
+            f"the pipeline stopped ({type(exc).__name__}: {cause[:300]}); shards {writer.missing()} are not done: "
+            "run the same command again to finish them"
+        ) from None
     if writer.missing():
         raise PipelineError(f"shards {writer.missing()} did not receive all their rows")
     return writer
+
+
+def _fault_tolerance(config: RunConfig) -> dict:
+    """A dead actor (OOM, killed) is restarted and its batch retried, a bounded number of times.
+
+    Ray Data's default retries forever, which would loop on a batch that kills every actor.
+    """
+    return {"max_restarts": -1, "max_task_retries": config.max_task_retries}
