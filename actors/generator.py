@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 import pyarrow as pa
 
@@ -82,13 +83,16 @@ class GeneratorActor:
 
     def __init__(self, config: RunConfig):
         import torch
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         self.config = config
         path = resolve_model(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.context = config.max_model_len or getattr(
+            AutoConfig.from_pretrained(path), "max_position_embeddings", None
+        )
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -106,13 +110,41 @@ class GeneratorActor:
             self.tokenizer(build_prompt(p["problem"], self.config.prompt, self.tokenizer))["input_ids"]
             for p in problems
         ]
-        keys = [p["problem_id"] for p in problems]
+        # A prompt that leaves no room to generate fails the same way on every retry: it becomes
+        # error rows at once instead of failing its batch.
+        fits = [i for i, p in enumerate(prompts) if self.context is None or len(p) < self.context]
+        keys = [problems[i]["problem_id"] for i in fits]
+        results = self.backend.stream([prompts[i] for i in fits], keys, self.pad_id)
+        too_long = (
+            (i, f"prompt has {len(prompts[i])} tokens, no room under the context length {self.context}")
+            for i in sorted(set(range(len(problems))) - set(fits))
+        )
         rows = []
-        for done, (i, candidates) in enumerate(self.backend.stream(prompts, keys, self.pad_id), 1):
-            rows += self._rows(problems[i], prompts[i], candidates)
+        for done, (i, result) in enumerate(chain(too_long, ((fits[j], r) for j, r in results)), 1):
+            if isinstance(result, str):
+                rows += self._error_rows(problems[i], result)
+            else:
+                rows += self._rows(problems[i], prompts[i], result)
             if done % self.config.stream_problems == 0 or done == len(problems):
                 yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
                 rows = []
+
+    def _error_rows(self, problem: dict, error: str) -> list[dict]:
+        """N rows without text that name why: the shard stays complete and the report lists the problem."""
+        return [
+            {
+                **problem,
+                "candidate_index": index,
+                "prompt_token_ids": [],
+                "token_ids": [],
+                "text": "",
+                "finish_reason": "error",
+                "generator_logprobs": [],
+                "backend": self.backend_name,
+                "error": error,
+            }
+            for index in range(self.config.num_return_sequences)
+        ]
 
     def _rows(self, problem: dict, prompt_ids: list[int], candidates: list[Sample]) -> list[dict]:
         return [

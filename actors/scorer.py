@@ -65,6 +65,11 @@ class ScorerActor:
 
     def _score(self, rows: list[dict]) -> None:
         torch = self.torch
+        for r in rows:
+            if r.get("error"):
+                # An error row has neither prompt nor response: one stand-in token makes it an empty
+                # response, scored NaN like any other, without sending its (too long) prompt through.
+                r["prompt_token_ids"] = [self.tokenizer.eos_token_id or 0]
         seqs = [r["prompt_token_ids"] + r["token_ids"] for r in rows]
         width = max(len(s) for s in seqs)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -96,6 +101,8 @@ class ScorerActor:
             means = torch.stack([*layer_means, masked_mean(hidden, predicts)], dim=1).cpu()
         for r, scores, row_means in zip(rows, per_row, means):
             r.update(self._aggregate(r, scores, row_means))
+            if r.get("error"):
+                r["prompt_token_ids"] = []
 
     @contextmanager
     def _layer_means(self, mask):

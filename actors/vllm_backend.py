@@ -32,7 +32,9 @@ class VLLMGenerator:
         self.llm = LLM(**engine)
         self.prefix = 0
 
-    def stream(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> Iterator[tuple[int, list[Sample]]]:
+    def stream(
+        self, prompts: list[list[int]], keys: list[str], pad_id: int
+    ) -> Iterator[tuple[int, list[Sample] | str]]:
         """Submit every problem at once and yield each as soon as all its n samples finish.
 
         This is `LLM.generate`'s own loop (add requests, step the engine) made incremental, so
@@ -46,7 +48,11 @@ class VLLMGenerator:
         for i, (prompt, key) in enumerate(zip(prompts, keys)):
             params = sampling_params(self.config, key, cpu=self.cpu)
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            engine.add_request(f"{self.prefix}-{i}", TokensPrompt(prompt_token_ids=prompt), params)
+            try:
+                engine.add_request(f"{self.prefix}-{i}", TokensPrompt(prompt_token_ids=prompt), params)
+            except ValueError as exc:
+                # The engine refuses this request alone (e.g. too long): it becomes the problem's error rows.
+                yield i, f"vLLM refused the request: {exc}"
         self.prefix += 1
         while engine.has_unfinished_requests():
             for out in engine.step():
