@@ -51,7 +51,7 @@ def test_shard_is_committed_only_when_complete(tmp_path):
     assert commits == [0, 1] and writer.missing() == []
     assert pq.read_table(shard_path(tmp_path, 0)).num_rows == 4
     assert not list(tmp_path.glob(".*tmp*"))
-    with pytest.raises(PipelineError, match="not in the plan"):
+    with pytest.raises(PipelineError, match="not pending in the plan"):
         writer.add(fake_rows(9, 7, 1, 0, 0))
 
 

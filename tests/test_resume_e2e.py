@@ -1,0 +1,239 @@
+"""Resume, kill and bad-input tests end to end: real Ray, real SmolLM2 weights (transformers backend)."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, require_math500, run_job
+from ray_pipeline.shards import FINGERPRINT_KEY, shard_path
+
+RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) ")
+
+
+def job_args(out, run_id, limit=4, max_tokens=24, *extra):
+    return [
+        "--dataset", str(require_math500()), "--limit", str(limit), "--num_return_sequences", "2",
+        "--max_tokens", str(max_tokens), "--shard_size", "2", "--backend", "hf", "--seed", "5",
+        "--score_batch_size", "4", "--output_dir", str(out), "--run_id", run_id, *extra,
+    ]  # fmt: skip
+
+
+def run_ok(*args):
+    proc = run_job("jobs.infer", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def best_file(proc) -> Path:
+    return Path(proc.stdout.split("Final results saved to: ")[1].splitlines()[0].strip())
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def same_answers(a: list[dict], b: list[dict]) -> None:
+    """Equal lines; scores to 1e-5, since a scorer batch's padding may differ between runs."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != "score"} == {k: v for k, v in y.items() if k != "score"}
+        assert x["score"] == pytest.approx(y["score"], rel=1e-5, abs=1e-6)
+
+
+def keys(shards: Path) -> list[tuple[str, int]]:
+    return [
+        (pid, k)
+        for f in sorted(shards.glob("*.parquet"))
+        for pid, k in zip(*pq.read_table(f, columns=["problem_id", "candidate_index"]).to_pydict().values())
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    proc = run_ok(*job_args(out, "run"))
+    return out, proc
+
+
+def test_rerun_redoes_nothing_and_a_lost_shard_only(finished, tmp_path):
+    out, first = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "run", run_dir)
+    before = digests(run_dir / "shards")
+    again = run_ok(*job_args(tmp_path, "run"))
+    assert "0 of 2 shards to do" in again.stdout
+    assert digests(run_dir / "shards") == before
+    same_answers(records(best_file(first)), records(best_file(again)))
+
+    shard_path(run_dir / "shards", 1).unlink()
+    data = shard_path(run_dir / "shards", 0).read_bytes()
+    shard_path(run_dir / "shards", 0).write_bytes(data[: len(data) // 3])  # truncated: footer unreadable
+    redone = run_ok(*job_args(tmp_path, "run"))
+    assert "2 of 2 shards to do" in redone.stdout and "shard 0: unreadable" in redone.stdout
+    assert sorted(keys(run_dir / "shards")) == sorted(set(keys(out / "run" / "shards")))
+    same_answers(records(best_file(first)), records(best_file(redone)))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["shards"].values()} == {"committed"}
+
+    forced = run_ok(*job_args(tmp_path, "run", 4, 24, "--reprocess_shards", "1"))
+    assert "1 of 2 shards to do" in forced.stdout and "shard 1: redo (--reprocess_shards)" in forced.stdout
+
+
+def one_line_error(proc):
+    """The job's own output on stderr is one `error:` line; Ray's start-up log lines are not counted."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not RAY_LOG.match(line)]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def bad_data_files(tmp_path):
+    no_problem = tmp_path / "no_problem.jsonl"
+    no_problem.write_text('{"question": "1+1"}\n')
+    empty = tmp_path / "empty_problem.jsonl"
+    empty.write_text('{"problem": ""}\n')
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"problem": "caf\xe9"}\n')
+    no_tokenizer = tmp_path / "model"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    return {
+        "model": ["--model_path", "/nonexistent/model"],
+        "tokenizer": ["--model_path", str(no_tokenizer)],
+        "data": ["--dataset", str(tmp_path / "missing.jsonl")],
+        "column": ["--dataset", str(no_problem)],
+        "empty": ["--dataset", str(empty)],
+        "utf8": ["--dataset", str(latin1)],
+        "n": ["--num_return_sequences", "0"],
+        "temperature": ["--temperature", "-1"],
+        "alpha": ["--alpha", "1.5"],
+        "max_tokens": ["--max_tokens", "0"],
+        "method": ["--method", "magic"],
+        "ray": ["--ray_address", "127.0.0.1:1"],
+        "config": ["--temperature", "0.7"],
+        "unwritable": ["--output_dir", str(blocker / "sub")],
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("model", "model path /nonexistent/model does not exist"),
+        ("tokenizer", "has no tokenizer"),
+        ("data", "missing.jsonl does not exist"),
+        ("column", "has no 'problem' column"),
+        ("empty", "problem 0 is empty"),
+        ("utf8", "is not UTF-8 text"),
+        ("n", "num_return_sequences must be in [1, 1024], got 0"),
+        ("temperature", "temperature must be in [0.0, 10.0], got -1.0"),
+        ("alpha", "alpha must be in [0.0, 1.0], got 1.5"),
+        ("max_tokens", "max_tokens must be in [1, 1000000], got 0"),
+        ("method", "method must be one of"),
+        ("ray", "cannot reach the Ray cluster at 127.0.0.1:1"),
+        ("config", "was made with another configuration (temperature 0.1 -> 0.7)"),
+        ("unwritable", "cannot write the run folder"),
+    ],
+)
+def test_bad_input_is_refused_and_finished_shards_are_untouched(finished, tmp_path, case, message):
+    out, _ = finished
+    before = digests(out / "run" / "shards")
+    base = job_args(out, "run")
+    override = bad_data_files(tmp_path)[case]
+    args = base + override  # argparse: the last occurrence of a flag wins
+    proc = run_job("jobs.infer", *args, timeout=300)
+    assert message in one_line_error(proc)
+    assert digests(out / "run" / "shards") == before
+
+
+def test_truncated_and_foreign_shards_are_named(finished, tmp_path):
+    out, _ = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "run", run_dir)
+    shard = shard_path(run_dir / "shards", 1)
+    table = pq.read_table(shard)
+    pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: b"0123456789abcdef"}), shard)
+    foreign = run_job("jobs.infer", *job_args(tmp_path, "run"))
+    assert "shard 1 in" in one_line_error(foreign) and "written by another configuration" in foreign.stderr
+    data = shard.read_bytes()
+    shard.write_bytes(data[:100])
+    truncated = run_job("jobs.reduce", str(run_dir), "--method", "baseline")
+    assert "shard-00001.parquet cannot be read" in one_line_error(truncated)
+    assert shard_path(run_dir / "shards", 0).is_file()
+
+
+def wait_for(predicate, timeout=600, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_driver_resumes_to_the_uninterrupted_result(tmp_path):
+    args = job_args(tmp_path, "whole", 8, 24)
+    whole = run_ok(*args)
+    killed_args = job_args(tmp_path, "killed", 8, 24)
+    # Its own session, so SIGKILL takes the driver and the local Ray it started, as a crash would.
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.infer", *killed_args], cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    shards = tmp_path / "killed" / "shards"
+    try:
+        wait_for(lambda: any(shards.glob("shard-*.parquet")) or driver.poll() is not None, what="a first shard")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = len(list(shards.glob("shard-*.parquet")))
+    assert 1 <= done_before < 4, "the driver must die between the first and the last shard"
+    resumed = run_ok(*killed_args)
+    assert f"{4 - done_before} of 4 shards to do" in resumed.stdout
+    assert keys(shards) == keys(tmp_path / "whole" / "shards")
+    assert len(set(keys(shards))) == len(keys(shards)) == 16
+    same_answers(records(best_file(whole)), records(best_file(resumed)))
+
+
+def test_killed_actor_is_restarted_and_the_run_completes(tmp_path):
+    args = job_args(tmp_path, "run", 8, 48)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.infer", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    shards = tmp_path / "run" / "shards"
+    try:
+        wait_for(lambda: any(shards.glob("shard-*.parquet")) or driver.poll() is not None, what="a first shard")
+        victims = subprocess.run(
+            ["pgrep", "-f", r"MapWorker\(MapBatches\(GeneratorActor\)\)"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert victims, "no generator actor process found"
+        for pid in victims:
+            os.kill(int(pid), signal.SIGKILL)
+        stdout, stderr = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, stderr[-3000:]
+    # Ray's own word that the killed actor's batch was retried.
+    assert "so the task will be retried" in stdout + stderr
+    assert len(list(shards.glob("shard-*.parquet"))) == 4
+    assert sorted(keys(shards)) == sorted(set(keys(shards))) and len(keys(shards)) == 16
+    assert len(records(best_file(subprocess.CompletedProcess([], 0, stdout, stderr)))) == 8
