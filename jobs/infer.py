@@ -39,7 +39,7 @@ def run(config: RunConfig) -> dict:
     if resolved == config.model_path and not Path(resolved).exists():
         check_hub_model(resolved)
     name = model_name(config.model_path)
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.output_dir).expanduser()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     run_dir = output_dir / (config.run_id or f"math500_candidates_{name}_{stamp}")
     shards_dir = run_dir / "shards"

@@ -148,6 +148,11 @@ class RunConfig:
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
+        if "://" in self.output_dir:
+            raise ConfigError(
+                "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are "
+                f"not supported yet), got {self.output_dir!r}"
+            )
         self.reprocess_shard_ids()
         if self.method == "self-eval" and not self.self_eval:
             raise ConfigError("method self-eval needs self_eval: pass --self_eval so the scorer runs its passes")

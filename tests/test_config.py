@@ -42,6 +42,12 @@ def test_flags_map_onto_fields():
         ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
         ({"limit": 0}, "limit must be in [1, inf), got 0"),
         ({"model_path": " "}, "model_path must not be empty"),
+        ({"reprocess_shards": "3,x"}, "reprocess_shards must be comma-separated shard numbers, got '3,x'"),
+        (
+            {"output_dir": "s3://bucket/results"},
+            "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are not "
+            "supported yet), got 's3://bucket/results'",
+        ),
     ],
 )
 def test_validation_names_field_range_and_value(change, message):
