@@ -122,6 +122,8 @@ def run(config: RunConfig) -> dict:
         f"generate+score {generate_s:.0f} s",
         flush=True,
     )
+    for problem_id, error in summary.error_problems.items():
+        print(f"  no candidates for {problem_id}: {error}", flush=True)
     print(f"✅ Done! Final results saved to: {best}", flush=True)
     return report
 

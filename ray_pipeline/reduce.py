@@ -46,6 +46,7 @@ SELECTION_COLUMNS = [
     "mean_entropy",
     "mean_self_certainty",
     "vocab_size",
+    "error",
 ]
 
 
@@ -61,6 +62,8 @@ class Summary:
     partial: bool
     missing_shards: list[int]
     output: str
+    # Problems whose candidates could not be generated (their shard rows name why).
+    error_problems: dict[str, str]
 
 
 def group_by_problem(rows: list[dict]) -> list[list[dict]]:
@@ -119,6 +122,7 @@ def best_record(question: list[dict], choice: Choice, params: SelectionParams) -
         "score": None if math.isnan(choice.score) else choice.score,
         "candidate_index": best["candidate_index"],
         "key_step": key_step(best, params.lambda_weight),
+        "error": best["error"],
     }
 
 
@@ -140,6 +144,7 @@ def reduce_run(
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     correct = any_correct = 0
+    errors = {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]}
     tmp = output.with_name(output.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as out:
         for group in questions:
@@ -160,6 +165,7 @@ def reduce_run(
         partial=bool(missing),
         missing_shards=missing,
         output=str(output),
+        error_problems=errors,
     )
 
 

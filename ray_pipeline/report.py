@@ -184,6 +184,7 @@ def compare_run(
         "unavailable": unavailable,
         "partial": bool(missing),
         "missing_shards": missing,
+        "error_problems": {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]},
     }
     with (run_dir / "debug.jsonl").open("w", encoding="utf-8") as out:
         for record in debug_records(questions, results, params):
@@ -225,6 +226,12 @@ def report_markdown(run_id: str, comparison: dict) -> str:
     lines.append(f"| pass@{n} (oracle) | {_pct(comparison['pass_at_n'])} | {_pct(low)}–{_pct(high)} | — |")
     for name, reason in comparison["unavailable"].items():
         lines.append(f"\n{name}: not available ({reason}).")
+    if comparison.get("partial"):
+        missing = comparison["missing_shards"]
+        lines.append(f"\n**Partial**: shards {missing} are missing; their problems are not counted.")
+    if comparison.get("error_problems"):
+        lines += ["", "## Problems without candidates", ""]
+        lines += [f"- `{pid}`: {error}" for pid, error in comparison["error_problems"].items()]
     for title, key in (("level", "by_level"), ("subject", "by_subject")):
         groups = sorted({g for m in methods.values() for g in m[key]})
         first = next(iter(methods.values()))[key]

@@ -237,3 +237,29 @@ def test_killed_actor_is_restarted_and_the_run_completes(tmp_path):
     assert len(list(shards.glob("shard-*.parquet"))) == 4
     assert sorted(keys(shards)) == sorted(set(keys(shards))) and len(keys(shards)) == 16
     assert len(records(best_file(subprocess.CompletedProcess([], 0, stdout, stderr)))) == 8
+
+
+def test_a_problem_that_cannot_be_generated_becomes_error_rows(tmp_path):
+    """Problem 1's prompt (134 tokens) does not fit --max_model_len 100: its rows say so, the run finishes."""
+    first = run_ok(*job_args(tmp_path, "run", 4, 24, "--max_model_len", "100"))
+    long_id = "test/intermediate_algebra/1994.json"
+    assert f"no candidates for {long_id}: prompt has 134 tokens" in first.stdout
+    table = pq.read_table(shard_path(tmp_path / "run" / "shards", 0)).to_pylist()
+    errors = {(r["problem_id"], r["candidate_index"]): r["error"] for r in table if r["error"]}
+    assert sorted(errors) == [(long_id, 0), (long_id, 1)]
+    assert all(r["token_count"] > 0 for r in table if not r["error"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["error_problems"]) == [long_id]
+    lines = {r["unique_id"]: r for r in records(best_file(first))}
+    assert (
+        len(lines) == 4
+        and lines[long_id]["error"].startswith("prompt has 134 tokens")
+        and not lines[long_id]["correct"]
+    )
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [manifest["shards"][s]["status"] for s in ("0", "1")] == ["failed", "committed"]
+    report = run_job("jobs.reduce", str(tmp_path / "run"), "--method", "all")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"- `{long_id}`: prompt has 134 tokens" in (tmp_path / "run" / "report.md").read_text()
+    again = run_ok(*job_args(tmp_path, "run", 4, 24, "--max_model_len", "100", "--reprocess_failed"))
+    assert "1 of 2 shards to do" in again.stdout and "shard 0: redo (--reprocess_failed)" in again.stdout
