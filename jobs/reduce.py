@@ -15,11 +15,20 @@ from pathlib import Path
 
 from ray_pipeline.config import RunConfig, build_parser
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.manifest import Manifest
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import SelectionParams, get_method
 
-REDUCE_FIELDS = ("method", "alpha", "lambda_weight", "borda_power", "deepconf_window", "num_return_sequences")
+REDUCE_FIELDS = (
+    "method",
+    "alpha",
+    "lambda_weight",
+    "borda_power",
+    "deepconf_window",
+    "num_return_sequences",
+    "allow_partial",
+)
 
 
 def reduce_config(run_dir: Path, overrides: dict) -> RunConfig:
@@ -38,14 +47,24 @@ def run(run_dir: Path, overrides: dict) -> dict:
     config = reduce_config(run_dir, overrides)
     params = SelectionParams.from_config(config)
     num_candidates = overrides.get("num_return_sequences")
+    manifest = Manifest.load(run_dir)
+    # The plan says which shards must exist: a missing one is refused unless --allow_partial.
+    shards = {
+        "expected_shards": sorted(manifest.expected_rows()) if manifest else None,
+        "allow_partial": config.allow_partial,
+    }
     started = time.monotonic()
     if config.method == "all":
-        comparison = compare_run(run_dir, params, num_candidates=num_candidates)
+        comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
         print_comparison(comparison)
         print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'} ({time.monotonic() - started:.1f} s)", flush=True)
         return comparison
     output = run_dir / f"best_{config.method}.jsonl"
-    summary = reduce_run(run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates)
+    summary = reduce_run(
+        run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates, **shards
+    )
+    if summary.partial:
+        print(f"PARTIAL: shards {summary.missing_shards} are missing; their problems are not in {output}", flush=True)
     print(summary_json(summary), flush=True)
     print(f"✅ Done! Final results saved to: {output} ({time.monotonic() - started:.1f} s)", flush=True)
     return dataclasses.asdict(summary)

@@ -263,3 +263,16 @@ def test_a_problem_that_cannot_be_generated_becomes_error_rows(tmp_path):
     assert f"- `{long_id}`: prompt has 134 tokens" in (tmp_path / "run" / "report.md").read_text()
     again = run_ok(*job_args(tmp_path, "run", 4, 24, "--max_model_len", "100", "--reprocess_failed"))
     assert "1 of 2 shards to do" in again.stdout and "shard 0: redo (--reprocess_failed)" in again.stdout
+
+
+def test_reducer_refuses_a_silently_partial_answer_file(finished, tmp_path):
+    out, _ = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "run", run_dir)
+    shard_path(run_dir / "shards", 1).unlink()
+    refused = run_job("jobs.reduce", str(run_dir), "--method", "baseline")
+    assert "shards 1 are missing" in one_line_error(refused)
+    partial = run_job("jobs.reduce", str(run_dir), "--method", "baseline", "--allow_partial")
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "PARTIAL: shards [1] are missing" in partial.stdout
+    assert len(records(run_dir / "best_baseline.jsonl")) == 2
