@@ -26,9 +26,15 @@ def problems():
     return load_problems(str(require_math500()), limit=3, shard_size=2)
 
 
+def generate(config, problems):
+    """All candidates of the generator's stream, in problem and candidate order."""
+    table = pa.concat_tables(GeneratorActor(config)(problems))
+    return table.sort_by([("problem_index", "ascending"), ("candidate_index", "ascending")])
+
+
 @pytest.fixture(scope="module")
 def candidates(config, problems):
-    return GeneratorActor(config)(problems)
+    return generate(config, problems)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_generator_returns_n_candidates_per_problem(candidates, problems):
 
 
 def test_generation_is_reproducible_with_the_seed(config, problems, candidates):
-    again = GeneratorActor(config)(problems)
+    again = generate(config, problems)
     assert again.column("token_ids").to_pylist() == candidates.column("token_ids").to_pylist()
 
 
