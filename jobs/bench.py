@@ -25,7 +25,7 @@ from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, exit_status
 from ray_pipeline.model import QWEN25_MATH_15B_SHAPE, resolve_model, write_random_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.reduce import reduce_run
@@ -127,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench_dir", default="/tmp/bestofn-bench", help="scratch folder for models and outputs")
     parser.set_defaults(backend="vllm")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

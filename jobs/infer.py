@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.data import load_problems
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, exit_status
 from ray_pipeline.manifest import COMMITTED, FAILED, PENDING, Manifest, fingerprint, shards_to_run
 from ray_pipeline.manifest import fingerprint_hash as fp_hash
 from ray_pipeline.model import check_hub_model, model_name, resolve_model
@@ -149,12 +149,7 @@ def _read_backends(shards_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
-    try:
-        run(config_from_args(args))
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(config_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from jobs import infer
 from jobs.reduce import print_comparison
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import exit_status
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import SelectionParams
 
@@ -36,12 +36,7 @@ def run(config: RunConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
-    try:
-        run(config_from_args(args))
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(config_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ray_pipeline.config import RunConfig, build_parser
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, exit_status
 from ray_pipeline.manifest import Manifest
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.report import compare_run
@@ -87,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run folder (holds config.json and shards/)")
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
-    try:
-        run(run_dir, args)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(run_dir, args))
 
 
 if __name__ == "__main__":
