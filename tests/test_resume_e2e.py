@@ -91,6 +91,9 @@ def test_rerun_redoes_nothing_and_a_lost_shard_only(finished, tmp_path):
 
     forced = run_ok(*job_args(tmp_path, "run", 4, 24, "--reprocess_shards", "1"))
     assert "1 of 2 shards to do" in forced.stdout and "shard 1: redo (--reprocess_shards)" in forced.stdout
+    other = run_ok(*job_args(tmp_path, "run", 4, 24, "--temperature", "0.5", "--overwrite"))
+    assert "2 of 2 shards to do" in other.stdout
+    assert json.loads((run_dir / "manifest.json").read_text())["fingerprint"]["temperature"] == 0.5
 
 
 def one_line_error(proc):
