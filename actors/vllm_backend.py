@@ -27,6 +27,10 @@ class VLLMGenerator:
             # Report log-probabilities of the raw (temperature 1) distribution, as the scorer computes them.
             "logprobs_mode": "raw_logprobs",
         }
+        if config.tensor_parallel_size > 1:
+            # The actor already holds its tensor_parallel_size GPUs (pipeline.actor_gpus): vLLM's
+            # multiprocessing workers use them, where its Ray backend would ask the cluster for more.
+            engine["distributed_executor_backend"] = "mp"
         if config.max_model_len:
             engine["max_model_len"] = config.max_model_len
         self.llm = LLM(**engine)

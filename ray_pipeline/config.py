@@ -85,8 +85,21 @@ class RunConfig:
     )
     num_generators: int = _opt(1, "generator actors in the pool", low=1, high=4096)
     num_scorers: int = _opt(1, "scorer actors in the pool", low=1, high=4096)
+    max_generators: int | None = _opt(
+        None,
+        "autoscale the generator pool between num_generators and this many actors as work queues up "
+        "(default: a fixed pool of num_generators)",
+        low=1,
+        high=4096,
+    )
+    max_scorers: int | None = _opt(
+        None, "autoscale the scorer pool between num_scorers and this many actors (default: fixed)", low=1, high=4096
+    )
     gpus_per_generator: float | None = _opt(
-        None, "GPUs per generator actor (default: 0.5 on a GPU node, else 0)", low=0.0
+        None,
+        "GPUs per generator actor (default: 0.5 on a GPU node, tensor_parallel_size whole GPUs when that is > 1, "
+        "else 0)",
+        low=0.0,
     )
     gpus_per_scorer: float | None = _opt(None, "GPUs per scorer actor (default: 0.5 on a GPU node, else 0)", low=0.0)
     cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
@@ -112,7 +125,9 @@ class RunConfig:
         low=0.01,
         high=1.0,
     )
-    tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per generator)", low=1)
+    tensor_parallel_size: int = _opt(
+        1, "vLLM tensor parallel size: each generator actor reserves this many whole GPUs", low=1, high=64
+    )
     max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1)
     enforce_eager: bool = _opt(False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)")
     ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)")
@@ -153,6 +168,16 @@ class RunConfig:
                 "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are "
                 f"not supported yet), got {self.output_dir!r}"
             )
+        for pool in ("generators", "scorers"):
+            low, high = getattr(self, f"num_{pool}"), getattr(self, f"max_{pool}")
+            if high is not None and high < low:
+                raise ConfigError(f"max_{pool} must be in [num_{pool}={low}, 4096], got {high}")
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.gpus_per_generator is not None and self.gpus_per_generator != tp:
+            raise ConfigError(
+                f"gpus_per_generator must be {tp} (tensor_parallel_size: one GPU per shard of the model), "
+                f"got {self.gpus_per_generator}"
+            )
         self.reprocess_shard_ids()
         if self.method == "self-eval" and not self.self_eval:
             raise ConfigError("method self-eval needs self_eval: pass --self_eval so the scorer runs its passes")
@@ -170,6 +195,11 @@ class RunConfig:
         if any(i < 0 for i in ids):
             raise ConfigError(f"reprocess_shards must be shard numbers >= 0, got {self.reprocess_shards!r}")
         return ids
+
+    def pool_bounds(self, pool: str) -> tuple[int, int]:
+        """(min, max) actors of the 'generators' or 'scorers' pool; equal for a fixed pool."""
+        low, high = getattr(self, f"num_{pool}"), getattr(self, f"max_{pool}")
+        return low, high if high is not None else low
 
     def resolved_gpu_memory_utilization(self, gpu: bool) -> float:
         if self.gpu_memory_utilization is not None:

@@ -40,7 +40,7 @@ def init_ray(config: RunConfig) -> None:
         return
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
-    wanted = (config.num_generators + config.num_scorers) * config.cpus_per_actor + 1
+    wanted = (config.pool_bounds("generators")[1] + config.pool_bounds("scorers")[1]) * config.cpus_per_actor + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
 
 
@@ -74,18 +74,38 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
         # longest, so batches stay small; a size dividing shard_size keeps every batch inside one
         # shard, so a resumed run samples each shard exactly as an uninterrupted one did.
         if backend == "vllm":
-            batch = math.ceil(num_problems / config.num_generators)
+            # Sized for the largest pool, so actors an autoscaling pool adds have batches to take.
+            batch = math.ceil(num_problems / config.pool_bounds("generators")[1])
         else:
             batch = max(d for d in range(1, 9) if config.shard_size % d == 0)
     return dataclasses.replace(config, backend=backend, generate_batch_size=batch)
 
 
 def actor_gpus(config: RunConfig) -> tuple[float, float]:
-    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default."""
+    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default.
+
+    A tensor-parallel generator holds `tensor_parallel_size` whole GPUs, one per shard of the model.
+    """
     default = 0.5 if cluster_has_gpu() else 0.0
     gen = config.gpus_per_generator if config.gpus_per_generator is not None else default
+    if config.tensor_parallel_size > 1:
+        gen = float(config.tensor_parallel_size)
     score = config.gpus_per_scorer if config.gpus_per_scorer is not None else default
     return gen, score
+
+
+def pool_strategy(config: RunConfig, pool: str):
+    """A fixed actor pool, or an autoscaling one when max_{pool} exceeds num_{pool}.
+
+    Ray Data grows an autoscaling pool while batches queue up and the cluster has room (on a
+    launcher cluster that room can be new nodes) and shrinks it when actors sit idle.
+    """
+    import ray.data
+
+    low, high = config.pool_bounds(pool)
+    if low == high:
+        return ray.data.ActorPoolStrategy(size=low)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def _resources(name: str | None) -> dict[str, float] | None:
@@ -121,7 +141,7 @@ def run_stages(
         fn_constructor_kwargs={"config": config},
         batch_size=config.generate_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.num_generators),
+        compute=pool_strategy(config, "generators"),
         num_cpus=config.cpus_per_actor,
         num_gpus=gen_gpus,
         resources=_resources(config.generator_resource),
@@ -132,7 +152,7 @@ def run_stages(
         fn_constructor_kwargs={"config": config},
         batch_size=config.score_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.num_scorers),
+        compute=pool_strategy(config, "scorers"),
         num_cpus=config.cpus_per_actor,
         num_gpus=score_gpus,
         resources=_resources(config.scorer_resource),

@@ -43,6 +43,11 @@ def test_flags_map_onto_fields():
         ({"limit": 0}, "limit must be in [1, inf), got 0"),
         ({"model_path": " "}, "model_path must not be empty"),
         ({"reprocess_shards": "3,x"}, "reprocess_shards must be comma-separated shard numbers, got '3,x'"),
+        ({"num_scorers": 3, "max_scorers": 2}, "max_scorers must be in [num_scorers=3, 4096], got 2"),
+        (
+            {"tensor_parallel_size": 2, "gpus_per_generator": 0.5},
+            "gpus_per_generator must be 2 (tensor_parallel_size: one GPU per shard of the model), got 0.5",
+        ),
         (
             {"output_dir": "s3://bucket/results"},
             "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are not "
@@ -84,3 +89,8 @@ def test_parser_without_defaults_only_returns_given_flags(tmp_path):
     assert vars(parser.parse_args(["--alpha", "0.7"])) == {"alpha": 0.7}
     RunConfig(alpha=0.2, limit=3).save(tmp_path / "config.json")
     assert RunConfig.load(tmp_path / "config.json") == RunConfig(alpha=0.2, limit=3)
+
+
+def test_pool_bounds_fixed_and_autoscaling():
+    assert RunConfig(num_generators=2).pool_bounds("generators") == (2, 2)
+    assert RunConfig(num_scorers=1, max_scorers=4).validate().pool_bounds("scorers") == (1, 4)

@@ -1,0 +1,39 @@
+"""Pool sizing without a cluster: GPUs per actor, tensor parallelism, autoscaling bounds, batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_pipeline import pipeline
+from ray_pipeline.config import RunConfig
+
+
+@pytest.fixture
+def gpu_cluster(monkeypatch):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
+
+
+def test_generator_and_scorer_share_a_gpu_by_default(gpu_cluster):
+    assert pipeline.actor_gpus(RunConfig()) == (0.5, 0.5)
+
+
+def test_tensor_parallel_generator_reserves_whole_gpus(gpu_cluster):
+    assert pipeline.actor_gpus(RunConfig(tensor_parallel_size=4).validate()) == (4.0, 0.5)
+
+
+def test_cpu_cluster_reserves_no_gpus(monkeypatch):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
+    assert pipeline.actor_gpus(RunConfig(gpus_per_scorer=1.0)) == (0.0, 1.0)
+
+
+def test_fixed_and_autoscaling_pools():
+    fixed = pipeline.pool_strategy(RunConfig(num_generators=3), "generators")
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    scaling = pipeline.pool_strategy(RunConfig(num_scorers=1, max_scorers=4).validate(), "scorers")
+    assert (scaling.min_size, scaling.max_size) == (1, 4)
+
+
+def test_vllm_batches_are_sized_for_the_largest_pool(monkeypatch):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
+    config = RunConfig(num_generators=1, max_generators=4).validate()
+    assert pipeline.resolve_execution(config, 500).generate_batch_size == 125
