@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ class TimedGenerator(GeneratorActor):
         for table in super().__call__(batch):
             tokens += sum(len(t) for t in table.column("token_ids").to_pylist())
             yield table
-        _note(self.log, {"start": start, "end": time.time(), "tokens": tokens})
+        _note(self.log, {"start": start, "end": time.time(), "tokens": tokens, "gpu": _visible_gpus()})
 
 
 class TimedScorer(ScorerActor):
@@ -60,8 +61,14 @@ class TimedScorer(ScorerActor):
         out = super().__call__(batch)
         response = sum(out.column("token_count").to_pylist())
         total = response + sum(len(p) for p in out.column("prompt_token_ids").to_pylist())
-        _note(self.log, {"start": start, "end": time.time(), "response_tokens": response, "tokens": total})
+        record = {"start": start, "end": time.time(), "response_tokens": response, "tokens": total}
+        _note(self.log, record | {"gpu": _visible_gpus()})
         return out
+
+
+def _visible_gpus() -> str | None:
+    """The GPU ids Ray gave this actor (it sets CUDA_VISIBLE_DEVICES per actor)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def _note(path: Path, record: dict) -> None:
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--dummy_shape", choices=sorted(DUMMY_SHAPES), help="random-weight model of this shape")
     parser.add_argument("--bench_dir", default="/tmp/bestofn-bench", help="scratch folder for models and outputs")
+    parser.add_argument("--skip_raw", action="store_true", help="time the pipeline only (no raw vLLM reference)")
     parser.set_defaults(backend="vllm")
     args = parser.parse_args(argv)
     return exit_status(lambda: _run(args))
@@ -154,13 +162,16 @@ def _run(args: argparse.Namespace) -> int:
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     keys = problems.column("problem_id").to_pylist()
     gpu = 1 if cluster_has_gpu() else 0
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     n_req = f"{problems.num_rows} prompts x n={config.num_return_sequences} x {config.max_tokens} max tokens"
-    print(f"model {path} | {n_req} | device {'GPU' if gpu else 'CPU'}", flush=True)
+    print(f"model {path} | {n_req} | device {f'{gpus} GPU' if gpu else 'CPU'}", flush=True)
 
-    with GpuMemoryPeak() as raw_memory:
-        task = ray.remote(num_gpus=gpu, max_calls=1)(raw_generate)
-        raw = ray.get(task.remote(path, config, prompts, keys))
-    print(f"raw vLLM: engine start {raw['engine_start_s']:.1f} s, generate {raw['generate_s']:.1f} s", flush=True)
+    raw, raw_memory = None, GpuMemoryPeak()
+    if not args.skip_raw:
+        with raw_memory:
+            task = ray.remote(num_gpus=gpu, max_calls=1)(raw_generate)
+            raw = ray.get(task.remote(path, config, prompts, keys))
+        print(f"raw vLLM: engine start {raw['engine_start_s']:.1f} s, generate {raw['generate_s']:.1f} s", flush=True)
 
     run_dir = bench_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -196,8 +207,15 @@ def _run(args: argparse.Namespace) -> int:
         "n": config.num_return_sequences,
         "max_tokens": config.max_tokens,
         "enforce_eager": config.enforce_eager,
+        "gpus": gpus,
+        "num_generators": config.num_generators,
+        "num_scorers": config.num_scorers,
+        "placement": {
+            "generators": sorted({r["gpu"] or "-" for r in gens}),
+            "scorers": sorted({r["gpu"] or "-" for r in scores}),
+        },
         "raw": raw,
-        "raw_tokens_per_s": raw["tokens"] / raw["generate_s"],
+        "raw_tokens_per_s": raw["tokens"] / raw["generate_s"] if raw else None,
         "raw_gpu_peak_mib": raw_memory.peak_mib,
         "pipeline_wall_s": finished - started,
         "pipeline_startup_s": gen_start - started,
@@ -211,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         "score_tail_s": max(commits) - gen_end,
         "reduce_s": finished - scored,
         "pipeline_gpu_peak_mib": pipe_memory.peak_mib,
-        "ratio_work_to_raw_generate": work / raw["generate_s"],
+        "ratio_work_to_raw_generate": work / raw["generate_s"] if raw else None,
         "accuracy": summary.accuracy,
         "pass_at_n": summary.pass_at_n,
     }
@@ -234,9 +252,16 @@ def _device_name() -> str:
 
 
 def _print_table(r: dict) -> None:
-    rows = [
-        ("raw vLLM engine start", r["raw"]["engine_start_s"], None),
-        ("raw vLLM generate", r["raw"]["generate_s"], r["raw_tokens_per_s"]),
+    raw = r["raw"]
+    rows = (
+        [
+            ("raw vLLM engine start", raw["engine_start_s"], None),
+            ("raw vLLM generate", raw["generate_s"], r["raw_tokens_per_s"]),
+        ]
+        if raw
+        else []
+    )
+    rows += [
         ("pipeline wall (incl. actor start)", r["pipeline_wall_s"], None),
         ("pipeline actor start", r["pipeline_startup_s"], None),
         ("pipeline work: generate+score+reduce", r["pipeline_work_s"], None),
@@ -245,12 +270,18 @@ def _print_table(r: dict) -> None:
         ("  scoring tail after generation", r["score_tail_s"], None),
         ("  reduce", r["reduce_s"], None),
     ]
-    print(f"\n{r['device']} | {r['problems']} problems x n={r['n']} x {r['max_tokens']} tokens")
+    where = f"{r['gpus']} x {r['device']}" if r["gpus"] else r["device"]
+    print(f"\n{where} | {r['problems']} problems x n={r['n']} x {r['max_tokens']} tokens")
     print(f"| {'stage':40} | {'seconds':>8} | {'tokens/s':>9} |\n|{'-' * 42}|{'-' * 10}|{'-' * 11}|")
     for name, seconds, rate in rows:
         print(f"| {name:40} | {seconds:8.1f} | {'' if rate is None else f'{rate:9.0f}':>9} |")
+    pools = f"{r['num_generators']} generators on GPUs {r['placement']['generators']}, "
+    print(f"{pools}{r['num_scorers']} scorers on GPUs {r['placement']['scorers']}")
     peaks = f"GPU memory peak: raw {r['raw_gpu_peak_mib']} MiB, pipeline {r['pipeline_gpu_peak_mib']} MiB"
-    print(f"\nratio pipeline work / raw generate = {r['ratio_work_to_raw_generate']:.3f}   {peaks}")
+    if raw:
+        print(f"\nratio pipeline work / raw generate = {r['ratio_work_to_raw_generate']:.3f}   {peaks}")
+    else:
+        print(f"\n{peaks}")
 
 
 if __name__ == "__main__":
