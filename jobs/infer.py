@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from ray_pipeline.model import check_hub_model, model_name, resolve_model
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.selection import SelectionParams, get_method
 from ray_pipeline.shards import expected_rows, remove_stale_temporaries
+from ray_pipeline.storage import StorageError, StoragePath
 
 
 def run(config: RunConfig) -> dict:
@@ -39,12 +39,12 @@ def run(config: RunConfig) -> dict:
     if resolved == config.model_path and not Path(resolved).exists():
         check_hub_model(resolved)
     name = model_name(config.model_path)
-    output_dir = Path(config.output_dir).expanduser()
+    output_dir = StoragePath.parse(config.output_dir)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     run_dir = output_dir / (config.run_id or f"math500_candidates_{name}_{stamp}")
     shards_dir = run_dir / "shards"
     manifest = Manifest.load(run_dir)
-    if manifest is None and shards_dir.is_dir() and any(shards_dir.iterdir()) and not config.overwrite:
+    if manifest is None and shards_dir.files() and not config.overwrite:
         raise PipelineError(f"{run_dir} holds shards but no manifest: pass --overwrite or a new --run_id")
     if manifest is not None and not config.resume and not config.overwrite:
         raise PipelineError(f"run folder {run_dir} exists: drop --no-resume to resume it, or pass --overwrite")
@@ -62,14 +62,14 @@ def run(config: RunConfig) -> dict:
     fp = fingerprint(config, problems, resolved)
     n = config.num_return_sequences
     if manifest is not None and config.overwrite:
-        shutil.rmtree(shards_dir, ignore_errors=True)
+        shards_dir.delete_contents()
         manifest = None
     if manifest is None:
         manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
     else:
         manifest.check_same_run(fp, run_dir)
     best = output_dir / f"math500_best_{manifest.model_name}_{manifest.stamp}.jsonl"
-    shards_dir.mkdir(parents=True, exist_ok=True)
+    shards_dir.mkdir()
     remove_stale_temporaries(shards_dir)
     todo, notes = shards_to_run(manifest, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     for shard_id in todo:
@@ -87,8 +87,9 @@ def run(config: RunConfig) -> dict:
         print(f"  {note}", flush=True)
     started = time.monotonic()
 
-    def committed(shard_id: int, path: Path) -> None:
-        errors = sum(e is not None for e in pq.read_table(path, columns=["error"]).column("error").to_pylist())
+    def committed(shard_id: int, path: StoragePath) -> None:
+        with path.open_input_file() as source:
+            errors = sum(e is not None for e in pq.read_table(source, columns=["error"]).column("error").to_pylist())
         manifest.set_status(shard_id, FAILED if errors else COMMITTED)
         manifest.save(run_dir)
         failed = f", {errors} error rows" if errors else ""
@@ -128,16 +129,16 @@ def run(config: RunConfig) -> dict:
     return report
 
 
-def _make_folder(run_dir: Path) -> None:
+def _make_folder(run_dir: StoragePath) -> None:
+    """Create the run folder and prove it writable before any work starts."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot write the run folder {run_dir}: {exc.strerror}; pass a writable --output_dir"
-        ) from None
+        probe.delete()
+    except StorageError as exc:
+        what = "pass a writable --output_dir" if run_dir.is_local else f"{exc.hint}, or pass another --output_dir"
+        raise PipelineError(f"cannot write the run folder {run_dir}: {exc.reason}; {what}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ python -m jobs.main --dataset ../shared/data/math500.jsonl --limit 20 --n_repeti
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import sys
-from pathlib import Path
 
 from jobs import infer
 from jobs.reduce import print_comparison
@@ -15,6 +15,7 @@ from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.errors import exit_status
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import SelectionParams
+from ray_pipeline.storage import StoragePath
 
 DEFAULT_METHOD = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "method")
 
@@ -24,7 +25,8 @@ def run(config: RunConfig) -> dict:
     compare_all = config.method == "all"
     report = infer.run(dataclasses.replace(config, method=DEFAULT_METHOD) if compare_all else config)
     if compare_all:
-        run_dir = Path(report["run_dir"])
+        # report["run_dir"] is for reading: a URI's query options (an endpoint) are left out of it.
+        run_dir = StoragePath.parse(config.output_dir) / posixpath.basename(report["run_dir"])
         print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
         comparison = compare_run(run_dir, SelectionParams.from_config(config))
         print_comparison(comparison)

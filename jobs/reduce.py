@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 from ray_pipeline.config import RunConfig, build_parser
 from ray_pipeline.errors import PipelineError, exit_status
@@ -19,6 +18,7 @@ from ray_pipeline.manifest import Manifest
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import SelectionParams, get_method
+from ray_pipeline.storage import Location, StoragePath
 
 REDUCE_FIELDS = (
     "method",
@@ -31,7 +31,7 @@ REDUCE_FIELDS = (
 )
 
 
-def reduce_config(run_dir: Path, overrides: dict) -> RunConfig:
+def reduce_config(run_dir: StoragePath, overrides: dict) -> RunConfig:
     """The run's saved configuration with the given flags replacing its values, validated."""
     saved = run_dir / "config.json"
     if not saved.is_file():
@@ -42,8 +42,9 @@ def reduce_config(run_dir: Path, overrides: dict) -> RunConfig:
     return config
 
 
-def run(run_dir: Path, overrides: dict) -> dict:
+def run(run_dir: Location, overrides: dict) -> dict:
     """Write `best_<method>.jsonl` into the run folder, or with method 'all' the comparison report."""
+    run_dir = StoragePath.parse(run_dir)
     config = reduce_config(run_dir, overrides)
     params = SelectionParams.from_config(config)
     num_candidates = overrides.get("num_return_sequences")
@@ -84,7 +85,7 @@ def print_comparison(comparison: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     # Only the flags given on the command line replace the run's values.
     parser = build_parser(__doc__.strip().splitlines()[0], REDUCE_FIELDS, with_defaults=False)
-    parser.add_argument("run_dir", type=Path, help="a run folder (holds config.json and shards/)")
+    parser.add_argument("run_dir", help="a run folder (holds config.json and shards/): a path or a URI such as s3://…")
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
     return exit_status(lambda: run(run_dir, args))

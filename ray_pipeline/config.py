@@ -13,10 +13,10 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.model import EMBEDDED_MODEL
+from ray_pipeline.storage import Location, StoragePath, uri_problem
 
 HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
@@ -132,7 +132,11 @@ class RunConfig:
     enforce_eager: bool = _opt(False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)")
     ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)")
     # Where
-    output_dir: str = _opt("results", "directory for run folders and best-answer files")
+    output_dir: str = _opt(
+        "results",
+        "folder for run folders and best-answer files: a local or mounted path, or a URI (s3://bucket/prefix, "
+        "gs://..., file://...; options after ?, e.g. ?endpoint_override=host:9000&scheme=http)",
+    )
     run_id: str | None = _opt(
         None, "run folder name (default: math500_candidates_{model}_{timestamp}); an existing one is resumed"
     )
@@ -163,10 +167,10 @@ class RunConfig:
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
-        if "://" in self.output_dir:
+        problem = uri_problem(self.output_dir)
+        if problem:
             raise ConfigError(
-                "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are "
-                f"not supported yet), got {self.output_dir!r}"
+                f"output_dir must be a path or a URI scheme://bucket/path ({problem}), got {self.output_dir!r}"
             )
         for pool in ("generators", "scorers"):
             low, high = getattr(self, f"num_{pool}"), getattr(self, f"max_{pool}")
@@ -210,13 +214,13 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def load(cls, path: Path) -> RunConfig:
+    def load(cls, path: Location) -> RunConfig:
         """The configuration a run saved; keys this version does not know are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
+        return cls(**{k: v for k, v in json.loads(StoragePath.parse(path).read_text()).items() if k in names})
 
-    def save(self, path: Path) -> None:
-        path.write_text(self.to_json() + "\n")
+    def save(self, path: Location) -> None:
+        StoragePath.parse(path).write_text(self.to_json() + "\n")
 
 
 def _allows_none(f: dataclasses.Field) -> bool:

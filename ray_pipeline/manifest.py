@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
+from ray_pipeline.storage import Location, StoragePath
 
 MANIFEST_NAME = "manifest.json"
 # Bump when the shard layout or the meaning of a stored score changes.
@@ -105,8 +105,8 @@ class Manifest:
         return cls(run_id, stamp, model_name, fp, shards)
 
     @classmethod
-    def load(cls, run_dir: Path) -> Manifest | None:
-        path = run_dir / MANIFEST_NAME
+    def load(cls, run_dir: Location) -> Manifest | None:
+        path = StoragePath.parse(run_dir) / MANIFEST_NAME
         if not path.is_file():
             return None
         try:
@@ -116,12 +116,11 @@ class Manifest:
                 f"{path} is not a readable manifest ({exc}); pass --overwrite to start afresh"
             ) from None
 
-    def save(self, run_dir: Path) -> None:
+    def save(self, run_dir: Location) -> None:
         """Write atomically: a crash leaves the previous manifest, never half of one."""
-        path = run_dir / MANIFEST_NAME
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        (StoragePath.parse(run_dir) / MANIFEST_NAME).write_text(
+            json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        )
 
     def expected_rows(self) -> dict[int, int]:
         return {int(s): info["rows"] for s, info in self.shards.items()}
@@ -132,7 +131,7 @@ class Manifest:
     def with_status(self, status: str) -> list[int]:
         return sorted(int(s) for s, info in self.shards.items() if info["status"] == status)
 
-    def check_same_run(self, fp: dict, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:
+    def check_same_run(self, fp: dict, run_dir: Location, ignore: tuple[str, ...] = ()) -> None:
         """Refuse another configuration, naming what differs; `ignore` skips fields not yet known."""
         changed = "; ".join(d for d in differences(self.fingerprint, fp) if d.split(" ", 1)[0] not in ignore)
         if changed:
@@ -143,11 +142,12 @@ class Manifest:
 
 
 def shards_to_run(
-    manifest: Manifest, shards_dir: Path, reprocess: list[int], reprocess_failed: bool
+    manifest: Manifest, shards_dir: Location, reprocess: list[int], reprocess_failed: bool
 ) -> tuple[list[int], list[str]]:
     """The shards a (re)run must produce, and a note for each committed one it redoes or distrusts."""
     from ray_pipeline.shards import check_shard, shard_path
 
+    shards_dir = StoragePath.parse(shards_dir)
     unknown = sorted(set(reprocess) - set(manifest.expected_rows()))
     if unknown:
         raise PipelineError(f"--reprocess_shards names shards {unknown} that the plan does not have")

@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from itertools import groupby
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +18,7 @@ import torch
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import Choice, SelectionParams, get_method, key_step
 from ray_pipeline.shards import read_shards, shard_path
+from ray_pipeline.storage import Location, StoragePath
 
 # What the methods, the records and the report read: every column but the per-token lists of
 # token ids, log-probabilities, entropies and self-certainties, which are already aggregated.
@@ -84,13 +84,14 @@ def _rows(table: pa.Table) -> list[dict]:
 
 
 def load_questions(
-    shards_dir: Path,
+    shards_dir: Location,
     *,
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
 ) -> tuple[list[list[dict]], list[int]]:
     """Each question's candidates (its first `num_candidates` when given) and the missing shard ids."""
+    shards_dir = StoragePath.parse(shards_dir)
     missing = [s for s in expected_shards or [] if not shard_path(shards_dir, s).is_file()]
     if missing and not allow_partial:
         raise PipelineError(
@@ -127,8 +128,8 @@ def best_record(question: list[dict], choice: Choice, params: SelectionParams) -
 
 
 def reduce_run(
-    shards_dir: Path,
-    output: Path,
+    shards_dir: Location,
+    output: Location,
     *,
     method: str = "self-certainty",
     params: SelectionParams | None = None,
@@ -142,17 +143,16 @@ def reduce_run(
     questions, missing = load_questions(
         shards_dir, expected_shards=expected_shards, allow_partial=allow_partial, num_candidates=num_candidates
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
     correct = any_correct = 0
     errors = {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]}
-    tmp = output.with_name(output.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        for group in questions:
-            record = best_record(group, select(group, params), params)
-            correct += bool(record["correct"])
-            any_correct += any(c["correct"] for c in group)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(output)
+    lines = []
+    for group in questions:
+        record = best_record(group, select(group, params), params)
+        correct += bool(record["correct"])
+        any_correct += any(c["correct"] for c in group)
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    output = StoragePath.parse(output)
+    output.write_text("".join(lines))
     n = len(questions)
     return Summary(
         method=method,

@@ -7,15 +7,16 @@ per-candidate score for the candidate's correctness, pooled over all candidates 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 from ray_pipeline.reduce import best_record, load_questions
 from ray_pipeline.selection import ALPHA_METHODS, METHODS, Choice, MethodUnavailable, SelectionParams
+from ray_pipeline.storage import Location, StoragePath
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(11)]
 PLOTS = {
@@ -154,7 +155,7 @@ def debug_records(questions: list[list[dict]], results: dict[str, MethodResult],
 
 
 def compare_run(
-    run_dir: Path,
+    run_dir: Location,
     params: SelectionParams,
     *,
     num_candidates: int | None = None,
@@ -163,6 +164,7 @@ def compare_run(
 ) -> dict:
     """Compare every method on a run's shards; write summary.json, report.md, debug.jsonl and the plots."""
     started = time.monotonic()
+    run_dir = StoragePath.parse(run_dir)
     questions, missing = load_questions(
         run_dir / "shards", expected_shards=expected_shards, allow_partial=allow_partial, num_candidates=num_candidates
     )
@@ -186,9 +188,8 @@ def compare_run(
         "missing_shards": missing,
         "error_problems": {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]},
     }
-    with (run_dir / "debug.jsonl").open("w", encoding="utf-8") as out:
-        for record in debug_records(questions, results, params):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    records = debug_records(questions, results, params)
+    (run_dir / "debug.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_plots(run_dir, questions, results, comparison)
     comparison["reduce_s"] = time.monotonic() - started
     (run_dir / "report.md").write_text(report_markdown(run_dir.name, comparison))
@@ -259,7 +260,17 @@ def report_markdown(run_id: str, comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comparison: dict) -> None:
+def _save(fig, target: StoragePath) -> None:
+    """Render into memory, then write the bytes: a store takes whole objects, not matplotlib's file."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    target.write_bytes(png.getvalue())
+
+
+def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult], comparison: dict) -> None:
     """Accuracy vs N', accuracy vs alpha, and per-method score histograms of correct vs wrong candidates."""
     import matplotlib
 
@@ -277,8 +288,7 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
     ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'", xticks=sizes)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(run_dir / PLOTS["accuracy_vs_n"], dpi=100)
-    plt.close(fig)
+    _save(fig, run_dir / PLOTS["accuracy_vs_n"])
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in comparison["accuracy_by_alpha"].items():
@@ -286,8 +296,7 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
     ax.set(xlabel="alpha (1 = token level, 0 = step level)", ylabel="accuracy", title="Accuracy vs alpha")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run_dir / PLOTS["accuracy_vs_alpha"], dpi=100)
-    plt.close(fig)
+    _save(fig, run_dir / PLOTS["accuracy_vs_alpha"])
 
     scored = {name: r for name, r in results.items() if any(not math.isnan(s) for c in r.choices for s in c.scores)}
     cols = 4
@@ -312,5 +321,4 @@ def write_plots(run_dir: Path, questions, results: dict[str, MethodResult], comp
         ax.axis("off")
     fig.suptitle("Per-candidate score: correct vs wrong candidates")
     fig.tight_layout()
-    fig.savefig(run_dir / PLOTS["score_histograms"], dpi=100)
-    plt.close(fig)
+    _save(fig, run_dir / PLOTS["score_histograms"])

@@ -8,21 +8,23 @@ row twice; the writer keeps the first copy of each (problem_id, candidate_index)
 
 Ray Data's CheckpointConfig (beta) was not used: it checkpoints by row id into a filesystem that
 the whole cluster shares, and knows nothing of a shard being complete, which is what resuming
-here needs; an atomic rename gives that on a local disk or a shared mount.
+here needs. A shard appears whole or not at all: on a local disk or a shared mount by an atomic
+rename, on an object store because an object exists only once its upload completes (storage.py).
 """
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.storage import Location, StoragePath
 
 _floats = pa.list_(pa.float32())
 _doubles = pa.list_(pa.float64())
@@ -73,7 +75,11 @@ SCORE_FIELDS = [
 SHARD_SCHEMA = pa.schema(list(CANDIDATE_SCHEMA) + SCORE_FIELDS)
 
 
-def shard_path(shards_dir: Path, shard_id: int) -> Path:
+# A shard path of the same kind as its folder: a local Path (tests, benchmarks) stays a Path.
+_Dir = TypeVar("_Dir", StoragePath, Path)
+
+
+def shard_path(shards_dir: _Dir, shard_id: int) -> _Dir:
     return shards_dir / f"shard-{shard_id:05d}.parquet"
 
 
@@ -97,19 +103,19 @@ class ShardWriter:
 
     def __init__(
         self,
-        shards_dir: Path,
+        shards_dir: Location,
         expected: dict[int, int],
-        on_commit: Callable[[int, Path], None] | None = None,
+        on_commit: Callable[[int, StoragePath], None] | None = None,
         fingerprint: str = "",
     ):
-        self.shards_dir = shards_dir
+        self.shards_dir = StoragePath.parse(shards_dir)
         self.expected = expected
         self.on_commit = on_commit
         self.schema = SHARD_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
         self.pending: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[tuple[str, int]]] = defaultdict(set)
         self.committed: list[int] = []
-        shards_dir.mkdir(parents=True, exist_ok=True)
+        self.shards_dir.mkdir()
 
     def add(self, batch: pa.Table) -> None:
         batch = batch.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
@@ -133,9 +139,7 @@ class ShardWriter:
             [("problem_index", "ascending"), ("candidate_index", "ascending")]
         )
         final = shard_path(self.shards_dir, shard_id)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        pq.write_table(table.replace_schema_metadata(self.schema.metadata), tmp)
-        os.replace(tmp, final)
+        final.write_parquet(table.replace_schema_metadata(self.schema.metadata))
         self.committed.append(shard_id)
         if self.on_commit:
             self.on_commit(shard_id, final)
@@ -144,17 +148,19 @@ class ShardWriter:
         return sorted(set(self.expected) - set(self.committed))
 
 
-def check_shard(path: Path, expected_rows: int, fingerprint: str) -> str | None:
+def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | None:
     """Why the committed shard at `path` cannot be trusted, or None when it can.
 
     Trusted means: its footer reads, its schema is the shard schema, it holds exactly the
     planned rows, and it was written by this run's configuration.
     """
+    path = StoragePath.parse(path)
     if not path.is_file():
         return "missing"
     try:
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
+        with path.open_input_file() as source:
+            footer = pq.ParquetFile(source)
+            meta, schema = footer.metadata, footer.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable ({type(exc).__name__})"
     if not schema.remove_metadata().equals(SHARD_SCHEMA):
@@ -167,15 +173,20 @@ def check_shard(path: Path, expected_rows: int, fingerprint: str) -> str | None:
     return None
 
 
-def remove_stale_temporaries(shards_dir: Path) -> None:
+def remove_stale_temporaries(shards_dir: Location) -> None:
     """Partial files left by a killed writer never become shards; clear them."""
-    for tmp in shards_dir.glob(".shard-*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    shards_dir = StoragePath.parse(shards_dir)
+    # Only a local writer uses temporary files; an unfinished upload leaves no object.
+    if not shards_dir.is_local:
+        return
+    for tmp in shards_dir.files(".shard-*.tmp-*"):
+        tmp.delete()
 
 
-def read_shards(shards_dir: Path, columns: list[str] | None = None) -> pa.Table:
+def read_shards(shards_dir: Location, columns: list[str] | None = None) -> pa.Table:
     """All committed shards as one table (or just `columns` of it), ordered by problem and candidate."""
-    files = sorted(shards_dir.glob("shard-*.parquet"))
+    shards_dir = StoragePath.parse(shards_dir)
+    files = shards_dir.files("shard-*.parquet")
     if not files:
         raise PipelineError(f"no shards in {shards_dir}: run the generation stage first")
     if columns is not None:
@@ -184,7 +195,8 @@ def read_shards(shards_dir: Path, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=SHARD_SCHEMA, columns=columns))
+            with f.open_input_file() as source:
+                tables.append(pq.read_table(source, schema=SHARD_SCHEMA, columns=columns))
         except (OSError, pa.ArrowException) as exc:
             raise PipelineError(
                 f"shard {f} cannot be read ({type(exc).__name__}): run jobs.infer with the same flags to redo it"

@@ -34,3 +34,44 @@ def run_job(module: str, *args: str, timeout: int = 900, env: dict | None = None
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+class S3:
+    """A bucket on a local moto server: URIs for pyarrow and the environment a job needs to reach it."""
+
+    ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def __init__(self, host: str, port: int, bucket: str):
+        self.endpoint, self.bucket = f"{host}:{port}", bucket
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def path(self, key: str):
+        from ray_pipeline.storage import StoragePath
+
+        return StoragePath.parse(self.uri(key))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free local port with one empty bucket, for this module's tests."""
+    server_module = pytest.importorskip("moto.server")
+    import boto3
+
+    saved = {k: os.environ.get(k) for k in S3.ENV}
+    os.environ.update(S3.ENV)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="bucket")
+        yield S3(host, port, "bucket")
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -49,9 +49,14 @@ def test_flags_map_onto_fields():
             "gpus_per_generator must be 2 (tensor_parallel_size: one GPU per shard of the model), got 0.5",
         ),
         (
-            {"output_dir": "s3://bucket/results"},
-            "output_dir must be a local or mounted folder on the driver's node (URIs such as s3:// are not "
-            "supported yet), got 's3://bucket/results'",
+            {"output_dir": "ftp://host/results"},
+            "output_dir must be a path or a URI scheme://bucket/path (its scheme 'ftp' is not one of file, s3, gs, "
+            "gcs, hdfs, viewfs, abfs, abfss), got 'ftp://host/results'",
+        ),
+        (
+            {"output_dir": "s3://"},
+            "output_dir must be a path or a URI scheme://bucket/path (it names no bucket or folder after "
+            "scheme://), got 's3://'",
         ),
     ],
 )
