@@ -97,11 +97,13 @@ class RunConfig:
     )
     gpus_per_generator: float | None = _opt(
         None,
-        "GPUs per generator actor (default: 0.5 on a GPU node, tensor_parallel_size whole GPUs when that is > 1, "
-        "else 0)",
+        "GPUs per generator actor (default: 0.6 on a GPU node, so no two generators share a GPU; "
+        "tensor_parallel_size whole GPUs when that is > 1; else 0)",
         low=0.0,
     )
-    gpus_per_scorer: float | None = _opt(None, "GPUs per scorer actor (default: 0.5 on a GPU node, else 0)", low=0.0)
+    gpus_per_scorer: float | None = _opt(
+        None, "GPUs per scorer actor (default: 0.4 on a GPU node, the rest of a generator's GPU; else 0)", low=0.0
+    )
     cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
     generator_resource: str | None = _opt(
         None, "custom Ray resource each generator actor needs one unit of (places the pool on nodes that have it)"

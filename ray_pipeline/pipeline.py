@@ -16,11 +16,14 @@ from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.sampling import resolve_backend
 from ray_pipeline.shards import ShardWriter, expected_rows
+from ray_pipeline.storage import StoragePath
 
 # Ray Data packs a UDF's outputs into blocks of up to DataContext.target_max_block_size (128 MiB by
 # default) before handing them on, which would hold back a streaming generator's candidates until its
 # whole batch is done. Small blocks let the scorer pool start while generation goes on.
 STREAMING_BLOCK_BYTES = 1 << 20
+# Default GPU shares of a generator and a scorer actor (see actor_gpus).
+GENERATOR_GPU_SHARE, SCORER_GPU_SHARE = 0.6, 0.4
 
 
 def init_ray(config: RunConfig) -> None:
@@ -82,15 +85,19 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
 
 
 def actor_gpus(config: RunConfig) -> tuple[float, float]:
-    """GPUs per generator and per scorer: on a GPU cluster the two pools share each GPU by default.
+    """GPUs per generator and per scorer: on a GPU cluster one generator and one scorer share each GPU.
 
-    A tensor-parallel generator holds `tensor_parallel_size` whole GPUs, one per shard of the model.
+    Ray packs fractional GPU requests onto as few GPUs as it can, so two 0.5-GPU generators land
+    on one GPU while another holds only scorers (seen on 4 x H200), and two vLLM engines starting
+    on one GPU race in memory profiling: one was left a 1 GiB KV cache. A generator takes 0.6, so
+    no two share a GPU, and a scorer 0.4, the rest of one. A tensor-parallel generator holds
+    `tensor_parallel_size` whole GPUs, one per shard of the model.
     """
-    default = 0.5 if cluster_has_gpu() else 0.0
-    gen = config.gpus_per_generator if config.gpus_per_generator is not None else default
+    gpu = cluster_has_gpu()
+    gen = config.gpus_per_generator if config.gpus_per_generator is not None else (GENERATOR_GPU_SHARE if gpu else 0.0)
     if config.tensor_parallel_size > 1:
         gen = float(config.tensor_parallel_size)
-    score = config.gpus_per_scorer if config.gpus_per_scorer is not None else default
+    score = config.gpus_per_scorer if config.gpus_per_scorer is not None else (SCORER_GPU_SHARE if gpu else 0.0)
     return gen, score
 
 
@@ -103,9 +110,14 @@ def pool_strategy(config: RunConfig, pool: str):
     import ray.data
 
     low, high = config.pool_bounds(pool)
+    # A vLLM generator batch is a 1/num_generators share of all problems. Ray Data's default of
+    # two tasks in flight per actor let the first engine to come up take two shares while the
+    # others idled (on 2 and 4 H200s all generation ran on half the generators), so a generator
+    # takes its next batch only when it is free. Scorer batches are small: they keep the default.
+    in_flight = 1 if pool == "generators" else None
     if low == high:
-        return ray.data.ActorPoolStrategy(size=low)
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+        return ray.data.ActorPoolStrategy(size=low, max_tasks_in_flight_per_actor=in_flight)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight)
 
 
 def _resources(name: str | None) -> dict[str, float] | None:
@@ -121,10 +133,10 @@ def shard_blocks(problems: pa.Table) -> list[pa.Table]:
 def run_stages(
     config: RunConfig,
     problems: pa.Table,
-    shards_dir: Path,
+    shards_dir: StoragePath | Path,
     generator_cls: type,
     scorer_cls: type,
-    on_commit: Callable[[int, Path], None] | None = None,
+    on_commit: Callable[[int, StoragePath], None] | None = None,
     fingerprint: str = "",
 ) -> ShardWriter:
     """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`.

@@ -13,12 +13,14 @@ def gpu_cluster(monkeypatch):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
 
 
-def test_generator_and_scorer_share_a_gpu_by_default(gpu_cluster):
-    assert pipeline.actor_gpus(RunConfig()) == (0.5, 0.5)
+def test_one_generator_and_one_scorer_fill_a_gpu_by_default(gpu_cluster):
+    gen, score = pipeline.actor_gpus(RunConfig())
+    # Two generators must not fit on one GPU; a generator and a scorer fill one exactly.
+    assert 2 * gen > 1 and gen + score == 1
 
 
 def test_tensor_parallel_generator_reserves_whole_gpus(gpu_cluster):
-    assert pipeline.actor_gpus(RunConfig(tensor_parallel_size=4).validate()) == (4.0, 0.5)
+    assert pipeline.actor_gpus(RunConfig(tensor_parallel_size=4).validate()) == (4.0, 0.4)
 
 
 def test_cpu_cluster_reserves_no_gpus(monkeypatch):
@@ -28,7 +30,7 @@ def test_cpu_cluster_reserves_no_gpus(monkeypatch):
 
 def test_fixed_and_autoscaling_pools():
     fixed = pipeline.pool_strategy(RunConfig(num_generators=3), "generators")
-    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    assert (fixed.min_size, fixed.max_size, fixed.max_tasks_in_flight_per_actor) == (3, 3, 1)
     scaling = pipeline.pool_strategy(RunConfig(num_scorers=1, max_scorers=4).validate(), "scorers")
     assert (scaling.min_size, scaling.max_size) == (1, 4)
 

@@ -1,0 +1,55 @@
+"""The generator pool on real Ray Data: every actor gets a share of the batches, even one that starts late."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import pytest
+
+from ray_pipeline.config import RunConfig
+from ray_pipeline.pipeline import pool_strategy
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_generator_that_starts_late_still_gets_its_batch(local_ray, tmp_path):
+    """Like vLLM engines, one actor comes up seconds after the other; each batch is one actor's share.
+
+    With Ray Data's default of two tasks in flight per actor, the first actor takes both shares and
+    runs them one after the other while the second idles.
+    """
+    import ray.data
+
+    first = tmp_path / "first"
+
+    class StaggeredGenerator:
+        def __init__(self):
+            try:
+                first.open("x").close()
+            except FileExistsError:
+                time.sleep(4)  # the second engine is still starting
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(8)  # generating the share
+            return batch.append_column("pid", pa.array([os.getpid()] * batch.num_rows))
+
+    config = RunConfig(num_generators=2)
+    ds = ray.data.from_arrow([pa.table({"share": [0]}), pa.table({"share": [1]})]).map_batches(
+        StaggeredGenerator,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=pool_strategy(config, "generators"),
+        num_cpus=0.5,
+    )
+    pids = [row["pid"] for row in ds.take_all()]
+    assert len(pids) == 2
+    assert len(set(pids)) == 2, "one actor ran both shares while the other idled"
