@@ -53,3 +53,24 @@ def test_a_generator_that_starts_late_still_gets_its_batch(local_ray, tmp_path):
     pids = [row["pid"] for row in ds.take_all()]
     assert len(pids) == 2
     assert len(set(pids)) == 2, "one actor ran both shares while the other idled"
+
+
+def test_an_autoscaling_scorer_pool_grows_while_batches_queue(local_ray):
+    import ray.data
+
+    class SlowScorer:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(2)
+            return batch.append_column("pid", pa.array([os.getpid()] * batch.num_rows))
+
+    config = RunConfig(num_scorers=1, max_scorers=2).validate()
+    ds = ray.data.from_arrow([pa.table({"candidate": [i]}) for i in range(12)]).map_batches(
+        SlowScorer,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=pool_strategy(config, "scorers"),
+        num_cpus=0.5,
+    )
+    pids = [row["pid"] for row in ds.take_all()]
+    assert len(pids) == 12
+    assert len(set(pids)) == 2, "the pool never grew past its one starting actor"
