@@ -90,8 +90,9 @@ def actor_gpus(config: RunConfig) -> tuple[float, float]:
     Ray packs fractional GPU requests onto as few GPUs as it can, so two 0.5-GPU generators land
     on one GPU while another holds only scorers (seen on 4 x H200), and two vLLM engines starting
     on one GPU race in memory profiling: one was left a 1 GiB KV cache. A generator takes 0.6, so
-    no two share a GPU, and a scorer 0.4, the rest of one. A tensor-parallel generator holds
-    `tensor_parallel_size` whole GPUs, one per shard of the model.
+    no two share a GPU, and a scorer 0.4, the rest of one (Ray Data starts an operator's inputs
+    first, so the generators are placed before the scorers fill the gaps). A tensor-parallel
+    generator holds `tensor_parallel_size` whole GPUs, one per shard of the model.
     """
     gpu = cluster_has_gpu()
     gen = config.gpus_per_generator if config.gpus_per_generator is not None else (GENERATOR_GPU_SHARE if gpu else 0.0)
