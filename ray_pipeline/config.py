@@ -175,8 +175,8 @@ class RunConfig:
                 f"output_dir must be a path or a URI scheme://bucket/path ({problem}), got {self.output_dir!r}"
             )
         for pool in ("generators", "scorers"):
-            low, high = getattr(self, f"num_{pool}"), getattr(self, f"max_{pool}")
-            if high is not None and high < low:
+            low, high = self.pool_bounds(pool)
+            if high < low:
                 raise ConfigError(f"max_{pool} must be in [num_{pool}={low}, 4096], got {high}")
         tp = self.tensor_parallel_size
         if tp > 1 and self.gpus_per_generator is not None and self.gpus_per_generator != tp:
