@@ -21,7 +21,7 @@ from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError, exit_status
 from ray_pipeline.manifest import COMMITTED, FAILED, PENDING, Manifest, fingerprint, shards_to_run
 from ray_pipeline.manifest import fingerprint_hash as fp_hash
-from ray_pipeline.model import check_hub_model, model_name, resolve_model
+from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.selection import SelectionParams, get_method
 from ray_pipeline.shards import expected_rows, remove_stale_temporaries
@@ -38,6 +38,7 @@ def run(config: RunConfig) -> dict:
     resolved = resolve_model(config.model_path)
     if resolved == config.model_path and not Path(resolved).exists():
         check_hub_model(resolved)
+    check_tensor_parallel(resolved, config.tensor_parallel_size)
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")

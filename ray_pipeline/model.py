@@ -88,6 +88,23 @@ def resolve_model(model_path: str) -> str:
     return str(path)
 
 
+def check_tensor_parallel(resolved: str, tensor_parallel_size: int) -> None:
+    """Refuse a tensor parallel size that does not divide a local model's attention heads.
+
+    vLLM refuses it too, but only once the generator actor is up, in a long actor traceback.
+    """
+    config = Path(resolved) / "config.json"
+    if tensor_parallel_size == 1 or not config.is_file():
+        return
+    heads = json.loads(config.read_text()).get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise PipelineError(
+            f"tensor_parallel_size must divide the model's {heads} attention heads "
+            f"(one of {', '.join(map(str, divisors))}), got {tensor_parallel_size}"
+        )
+
+
 def check_hub_model(model_id: str) -> None:
     """Fail early, in one line, when a Hub id cannot be reached."""
     from transformers import AutoConfig

