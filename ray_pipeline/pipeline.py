@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -179,14 +180,31 @@ def run_stages(
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stopped Ray Data, committed shards stay and the rest is redone
-        cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise PipelineError(
-            f"the pipeline stopped ({type(exc).__name__}: {cause[:300]}); shards {writer.missing()} are not done: "
+            f"the pipeline stopped ({stop_reason(exc)[:300]}); shards {writer.missing()} are not done: "
             "run the same command again to finish them"
         ) from None
     if writer.missing():
         raise PipelineError(f"shards {writer.missing()} did not receive all their rows")
     return writer
+
+
+# A line of a Python traceback that names what was raised: "module.SomeError: what happened".
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit))\b: (.+)$")
+
+
+def stop_reason(exc: BaseException) -> str:
+    """What stopped the pipeline, in one line.
+
+    An actor that died in its constructor (a model that does not load, a GPU out of memory) comes
+    back as an ActorDiedError whose text carries the actor's traceback: its last raised line is
+    the cause, where the first line only says that the actor died.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [m for m in map(_RAISED.match, lines[1:]) if m]
+    if raised:
+        return f"{type(exc).__name__}: {raised[-1].group(1)}: {raised[-1].group(2)}"
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def _fault_tolerance(config: RunConfig) -> dict:

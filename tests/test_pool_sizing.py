@@ -41,3 +41,15 @@ def test_vllm_batches_are_sized_for_the_largest_pool(monkeypatch):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
     config = RunConfig(num_generators=1, max_generators=4).validate()
     assert pipeline.resolve_execution(config, 500).generate_batch_size == 125
+
+
+def test_stop_reason_names_the_cause_inside_an_actor_traceback():
+    died = RuntimeError(
+        "The actor died because of an error raised in its creation task, ray::MapWorker(MapBatches(GeneratorActor))\n"
+        '  File "/work/actors/vllm_backend.py", line 36, in __init__\n'
+        "    self.llm = LLM(**engine)\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+    )
+    cause = "RuntimeError: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert pipeline.stop_reason(died) == cause
+    assert pipeline.stop_reason(ValueError("bad block\nmore")) == "ValueError: bad block"
