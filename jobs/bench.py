@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     import ray.data
     from transformers import AutoTokenizer
 
-    from ray_pipeline.pipeline import cluster_has_gpu, init_ray, resolve_execution, run_stages
+    from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
     bench_dir = Path(args.bench_dir)
     config = config_from_args(args)
@@ -161,8 +161,8 @@ def _run(args: argparse.Namespace) -> int:
     texts = [build_prompt(p, config.prompt, tokenizer) for p in problems.column("problem").to_pylist()]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     keys = problems.column("problem_id").to_pylist()
-    gpu = 1 if cluster_has_gpu() else 0
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpu = 1 if gpus else 0
     n_req = f"{problems.num_rows} prompts x n={config.num_return_sequences} x {config.max_tokens} max tokens"
     print(f"model {path} | {n_req} | device {f'{gpus} GPU' if gpu else 'CPU'}", flush=True)
 

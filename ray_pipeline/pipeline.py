@@ -117,8 +117,6 @@ def pool_strategy(config: RunConfig, pool: str):
     # others idled (on 2 and 4 H200s all generation ran on half the generators), so a generator
     # takes its next batch only when it is free. Scorer batches are small: they keep the default.
     in_flight = 1 if pool == "generators" else None
-    if low == high:
-        return ray.data.ActorPoolStrategy(size=low, max_tasks_in_flight_per_actor=in_flight)
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight)
 
 
