@@ -73,6 +73,58 @@ def extract_boxed(text: str) -> str | None:
     return content or None
 
 
+# The answer-extraction modes (`--answer_extraction`): "boxed" is the original (last `\boxed{}`); the others fall
+# back the way evaluation harnesses do for small models that rarely box their answer.
+ANSWER_EXTRACTIONS = ("boxed", "boxed-then-last-number", "math-verify")
+
+# A number as written in prose: sign, thousands separators, decimals, and a plain `a/b` fraction.
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in `text` (`-3`, `1,000` -> `1000`, `2.5`, `3/4`), or None when there is none."""
+    if not text:
+        return None
+    matches = _NUMBER_RE.findall(text)
+    if not matches:
+        return None
+    return matches[-1].replace(",", "")
+
+
+def extract_math_verify(text: str) -> str | None:
+    """The answer math-verify's own extraction finds in free text (LaTeX first, then a plain expression).
+
+    math-verify prefers `\\boxed{}`, then "final answer is ...", then the last LaTeX or expression; the string
+    it matched is returned, so `grade` re-parses it like any other extracted answer.
+    """
+    if not text or len(text) > 100 * MAX_SYMPY_CHARS:
+        return None
+    try:
+        parsed = parse(text, parsing_timeout=_timeout())
+    except (Exception, TimeoutException):  # noqa: BLE001 - an unparsable text just has no answer
+        return None
+    if len(parsed) < 2 or not isinstance(parsed[-1], str):
+        return None
+    answer = parsed[-1].strip().rstrip(".").strip()
+    return answer or None
+
+
+def extract_answer(text: str, mode: str = "boxed") -> str | None:
+    """The answer of one response under an extraction `mode` (one of ANSWER_EXTRACTIONS); None when there is none.
+
+    "boxed": the last `\\boxed{}` (see `extract_boxed`); "boxed-then-last-number": that, else the last number in
+    the text; "math-verify": math-verify's LaTeX/expression extraction (which also reads boxes first).
+    """
+    if mode == "boxed":
+        return extract_boxed(text)
+    if mode == "boxed-then-last-number":
+        boxed = extract_boxed(text)
+        return boxed if boxed is not None else extract_last_number(text)
+    if mode == "math-verify":
+        return extract_math_verify(text)
+    raise ValueError(f"answer_extraction must be one of {', '.join(ANSWER_EXTRACTIONS)}, got {mode!r}")
+
+
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])")
