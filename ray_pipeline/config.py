@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ray_pipeline.answers import ANSWER_EXTRACTIONS
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.model import EMBEDDED_MODEL
 from ray_pipeline.storage import Location, StoragePath, uri_problem
@@ -70,6 +71,12 @@ class RunConfig:
     )
     method: str = _opt(
         "self-certainty", "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')"
+    )
+    answer_extraction: str = _opt(
+        "boxed",
+        "how a candidate's answer is read: the last \\boxed{} (boxed), that else the last number "
+        "(boxed-then-last-number), or math-verify's LaTeX/expression extraction (math-verify)",
+        choices=ANSWER_EXTRACTIONS,
     )
     borda_power: float = _opt(0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0)
     deepconf_window: int = _opt(
