@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,14 +23,17 @@ PROBLEM_SCHEMA = pa.schema(
     ]
 )
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# A level is stored as int32; MATH's are 1-5, other sets may count differently.
+LEVEL_RANGE = (0, 2**31 - 1)
+LOCAL_FIX = "pass a local .jsonl/.json/.parquet file with --dataset"
 
 
 def problem_id(row: dict) -> str:
-    """The row's `unique_id`, else a stable hash of the problem text."""
+    """The row's `unique_id` (0 is an id too), else a stable hash of the problem text."""
     uid = row.get("unique_id")
-    if uid:
+    if uid is not None and uid != "":
         return str(uid)
-    return "sha1:" + hashlib.sha1(row["problem"].encode("utf-8")).hexdigest()[:16]
+    return "sha1:" + hashlib.sha1(str(row["problem"]).encode("utf-8")).hexdigest()[:16]
 
 
 def _is_local(dataset: str) -> bool:
@@ -40,69 +44,186 @@ def read_records(dataset: str, split: str = "test") -> list[dict]:
     """Raw rows of a local .jsonl/.json/.parquet file or of a Hub data set."""
     if _is_local(dataset):
         return _read_local(Path(dataset).expanduser())
-    try:
-        import datasets
+    return _read_hub(dataset, split)
 
-        return list(datasets.load_dataset(dataset, split=split))
+
+def _read_hub(dataset: str, split: str) -> list[dict]:
+    from ray_pipeline import hub
+
+    fix = f"{LOCAL_FIX}, or the embedded problem set with --dataset embedded"
+    reason = None if hub.offline() else hub.unreachable_reason()
+    if reason:
+        raise PipelineError(f"cannot load data set {dataset!r}: the Hugging Face Hub is unreachable ({reason}); {fix}")
+    try:
+        with hub.quiet():
+            import datasets
+
+            datasets.disable_progress_bars()
+            return list(datasets.load_dataset(dataset, split=split))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id and bad split all mean the same to the user
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PipelineError(
-            f"cannot load data set {dataset!r} from the Hub ({type(exc).__name__}); "
-            "pass a local .jsonl or .parquet file, e.g. --dataset ../shared/data/math500.jsonl"
+            f"cannot load data set {dataset!r} split {split!r} from the Hub ({type(exc).__name__}: {first}); {fix}"
         ) from None
 
 
 def _read_local(path: Path) -> list[dict]:
+    if path.is_dir():
+        raise PipelineError(f"data set {path} is a directory: {LOCAL_FIX} inside it")
     if not path.is_file():
         raise PipelineError(f"data set file {path} does not exist: pass an existing .jsonl/.json/.parquet file")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise PipelineError(
+            f"data set {path} has the extension {path.suffix or '(none)'!r}: {LOCAL_FIX} (one JSON object per line "
+            "for .jsonl, a JSON list of objects for .json)"
+        )
     try:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        text = path.read_bytes().decode("utf-8")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise PipelineError(f"data set {path}: line {n} is not valid JSON") from None
-        return rows
+            return _read_parquet(path)
+        # utf-8-sig: a byte order mark some editors write is not part of the first row.
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"data set {path} is not UTF-8 text (byte {exc.start}): re-encode it as UTF-8") from None
-    except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
-        raise PipelineError(f"cannot read data set {path}: {exc}") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PipelineError(f"cannot read data set {path}: {reason}; check the file and its permissions") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            where = "nested too deeply"
+            if isinstance(exc, json.JSONDecodeError):
+                where = f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+            raise PipelineError(f"data set {path} is not valid JSON ({where}); fix the file, or re-export it") from None
+    rows = []
+    # Only "\n" ends a JSON Lines row: str.splitlines would also split at characters such as U+2028 inside strings.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise PipelineError(
+                    f"data set {path}: line {n} is not valid JSON ({why}); fix or remove that line "
+                    "(a .jsonl file holds one JSON object per line)"
+                ) from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PipelineError(f"cannot read data set {path} as Parquet ({first}): pass a valid Parquet file") from None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    shown = repr(value)
+    return f"{type(value).__name__} {shown[:40] + '…' if len(shown) > 40 else shown}"
+
+
+def _number_text(value: int | float) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+class _Row:
+    """One record's fields, checked: every refusal names the data set, the row, the field and the value."""
+
+    def __init__(self, dataset: str, row: int, record: object):
+        self.where = f"data set {dataset}: row {row}"
+        if not isinstance(record, dict):
+            raise PipelineError(f"{self.where} is {_describe(record)}, not an object: each row needs a 'problem' text")
+        if "problem" not in record:
+            raise PipelineError(f"{self.where} has no 'problem' field: each row needs a 'problem' text")
+        self.record = record
+
+    def refuse(self, field: str, value: object, want: str) -> PipelineError:
+        return PipelineError(f"{self.where}: '{field}' is {_describe(value)}; {want}")
+
+    def text(self, field: str, *, required: bool) -> str | None:
+        """Text, or a finite number written as text; None only where the field is optional."""
+        value = self.record.get(field)
+        want = f"write the {field} as text" + ("" if required else ", or null when there is none")
+        if value is None and not required:
+            return None
+        if isinstance(value, str):
+            if required and not value.strip():
+                raise PipelineError(f"{self.where}: '{field}' is empty; fill it in or remove the row")
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return _number_text(value)
+        raise self.refuse(field, value, want)
+
+    def label(self, field: str) -> str | None:
+        value = self.record.get(field)
+        if value is None or isinstance(value, str):
+            return value
+        raise self.refuse(field, value, f"write the {field} as text, or null")
+
+    def uid(self) -> str | None:
+        value = self.record.get("unique_id")
+        want = "an id is a non-empty text or an integer; leave it out to use a hash of the problem"
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return str(int(value))
+        raise self.refuse("unique_id", value, want)
+
+    def level(self) -> int | None:
+        value = self.record.get("level")
+        low, high = LEVEL_RANGE
+        want = f"a level is an integer in [{low}, {high}] (or 'Level N'), or null"
+        number = value
+        if value is None:
+            return None
+        if isinstance(value, str):
+            digits = value.strip().removeprefix("Level").removeprefix("level").strip()
+            if digits in ("", "?"):  # MATH writes "Level ?" where the level is unknown
+                return None
+            number = int(digits) if digits.isascii() and digits.isdigit() else None
+        elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            number = int(value)
+        if isinstance(number, int) and not isinstance(number, bool) and low <= number <= high:
+            return number
+        raise self.refuse("level", value, want)
 
 
 def load_problems(dataset: str, *, split: str = "test", limit: int | None = None, shard_size: int = 50) -> pa.Table:
-    """Problems in data set order, each with its id and shard; `limit` keeps the first K."""
+    """Problems in data set order, each with its id and shard; `limit` keeps the first K.
+
+    Every kept row is checked here, before anything starts: a bad value is one error naming its row and field.
+    """
     records = read_records(dataset, split)
     if not records:
-        raise PipelineError(f"data set {dataset} has no rows")
-    if not all(isinstance(r, dict) and "problem" in r for r in records):
-        raise PipelineError(f"data set {dataset} has no 'problem' column in every row: each row needs a 'problem' text")
+        raise PipelineError(f"data set {dataset} has no rows: pass a file with at least one problem")
     records = records[:limit] if limit else records
     rows, seen = [], set()
     for index, record in enumerate(records):
-        text = record["problem"]
-        if not isinstance(text, str) or not text.strip():
-            raise PipelineError(f"data set {dataset}: problem {index} is empty; remove it or fill it in")
-        pid = problem_id(record)
+        row = _Row(dataset, index + 1, record)
+        text = row.text("problem", required=True)
+        uid = row.uid()
+        pid = problem_id({"problem": text, "unique_id": uid})
         if pid in seen:
             raise PipelineError(f"data set {dataset}: problem id {pid!r} appears twice; ids must be unique")
         seen.add(pid)
-        level = record.get("level")
         rows.append(
             {
                 "problem_id": pid,
                 "problem_index": index,
                 "shard_id": index // shard_size,
                 "problem": text,
-                "gold": None if record.get("answer") is None else str(record["answer"]),
-                "subject": record.get("subject"),
-                "level": int(level) if isinstance(level, (int, float)) or str(level).isdigit() else None,
+                "gold": row.text("answer", required=False),
+                "subject": row.label("subject"),
+                "level": row.level(),
             }
         )
     return pa.Table.from_pylist(rows, schema=PROBLEM_SCHEMA)

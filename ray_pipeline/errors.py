@@ -1,5 +1,7 @@
 """Errors that the entry points turn into one-line messages and a non-zero exit."""
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,4 +21,21 @@ def exit_status(job: Callable[[], object]) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The system refused outside the storage layer (a full disk while caching a model, a log file).
+        print(f"error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as what failed, on which file, and what to do about it."""
+    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space on that disk and run the same command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "check that path's permissions, or pass another --output_dir"
+    else:
+        fix = "check that path and run the same command again"
+    return f"{reason}{where}: {fix}"

