@@ -80,35 +80,38 @@ def _chunk_scores(h, weight, bias, targets, vocab_chunk, top_k) -> TokenScores:
     # Running max m, s = sum exp(z - m), a = sum exp(z - m) (z - m): H = log s - a / s.
     m = s = a = top = None
     sum_z = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
-    target_z = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    # The sampled token's logit from its own head row: no data-dependent indexing, which would make a
+    # GPU wait for the host (the scorer queues the next pass while this one's results are copied).
+    target_z = (h * weight[targets].float()).sum(-1)
+    if bias is not None:
+        target_z = target_z + bias[targets].float()
     for v0 in range(0, vocab, vocab_chunk):
         z = h @ weight[v0 : v0 + vocab_chunk].float().T
         if bias is not None:
             z = z + bias[v0 : v0 + vocab_chunk].float()
-        sum_z += z.sum(-1, dtype=torch.float64)
-        in_chunk = (targets >= v0) & (targets < v0 + z.shape[1])
-        if in_chunk.any():
-            rows = in_chunk.nonzero().squeeze(-1)
-            target_z[rows] = z[rows, targets[rows] - v0]
-        # The k largest logits so far: this chunk's top k merged with the running top k.
+        # A float32 sum per chunk (pairwise, error ~1e-7 relative), accumulated in float64 across chunks:
+        # a float64 reduction of the whole tile costs as much as the exponentials.
+        sum_z += z.sum(-1).double()
+        # The k largest logits so far: this chunk's top k merged with the running top k. The chunk's
+        # largest is its max, so no separate max pass.
         chunk_top = z.topk(min(top_k, z.shape[1]), dim=-1).values
+        z_max = chunk_top[:, 0]
         if top is not None:
             chunk_top = torch.cat([top, chunk_top], dim=-1)
             chunk_top = chunk_top.topk(min(top_k, chunk_top.shape[1]), dim=-1).values
         top = chunk_top
-        z_max = z.max(-1).values
+        new_m = z_max if m is None else torch.maximum(m, z_max)
+        # z - m' in place: the tile is not needed afterwards.
+        d = z.sub_(new_m[:, None])
+        e = torch.exp(d)
+        chunk_s, chunk_a = e.sum(-1), (e.mul_(d)).sum(-1)
         if m is None:
-            m = z_max
-            e = torch.exp(z - m[:, None])
-            s = e.sum(-1)
-            a = (e * (z - m[:, None])).sum(-1)
+            m, s, a = new_m, chunk_s, chunk_a
             continue
-        new_m = torch.maximum(m, z_max)
         scale = torch.exp(m - new_m)
-        e = torch.exp(z - new_m[:, None])
         # Re-centre the old sums on the new max: (z - m) = (z - m') + (m' - m).
-        a = scale * (a + (m - new_m) * s) + (e * (z - new_m[:, None])).sum(-1)
-        s = scale * s + e.sum(-1)
+        a = scale * (a + (m - new_m) * s) + chunk_a
+        s = scale * s + chunk_s
         m = new_m
     log_z = m + torch.log(s)
     entropy = torch.log(s) - a / s
@@ -162,8 +165,73 @@ def step_index(pieces: list[str]) -> list[int]:
     return steps
 
 
-def step_means(values: torch.Tensor, steps: list[int]) -> torch.Tensor:
-    """Mean of `values [T]` within each step (steps numbered 0..S-1 in order)."""
+@dataclass
+class NewlineTable:
+    """The newline structure of every token's decoded text, bool `[V]` each: what `step_index` reads of a piece.
+
+    Built once per tokenizer (`newline_table`), so `token_steps` finds step boundaries with tensor
+    lookups instead of decoding every token.
+    """
+
+    has_newline: torch.Tensor
+    has_blank_line: torch.Tensor
+    starts_newline: torch.Tensor
+    ends_newline: torch.Tensor
+    empty: torch.Tensor
+
+
+def newline_table(pieces: list[str]) -> NewlineTable:
+    """The table of the pieces `pieces[i]` (token i decoded alone)."""
+
+    def flags(test) -> torch.Tensor:
+        return torch.tensor([test(p) for p in pieces], dtype=torch.bool)
+
+    return NewlineTable(
+        has_newline=flags(lambda p: "\n" in p),
+        has_blank_line=flags(lambda p: "\n\n" in p),
+        starts_newline=flags(lambda p: p.startswith("\n")),
+        ends_newline=flags(lambda p: p.endswith("\n")),
+        empty=flags(lambda p: not p),
+    )
+
+
+def token_steps(token_ids: torch.Tensor, table: NewlineTable) -> torch.Tensor:
+    """`step_index` of the tokens `token_ids [T]` (int64 `[T]`), from the vocabulary's `NewlineTable`.
+
+    With blank lines as separators, a token ends a step when its own text holds "\\n\\n", or when it
+    starts with "\\n" and the previous non-empty piece of the same step ends with one (the separator
+    straddles two tokens). Only those straddling pairs, one per blank line, are visited in Python:
+    whether a pair completes a separator depends on whether its first piece already ended a step.
+    """
+    if token_ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    ids = token_ids.long()
+    inside = table.has_blank_line[ids]
+    # The non-empty pieces in order: an empty piece leaves the step text unchanged.
+    pos = (~table.empty[ids]).nonzero().squeeze(-1)
+    pair = table.starts_newline[ids[pos[1:]]] & table.ends_newline[ids[pos[:-1]]]
+    if inside.any() or pair.any():
+        breaks = inside.clone()
+        for j in (pair.nonzero().squeeze(-1) + 1).tolist():
+            if not breaks[pos[j - 1]]:
+                breaks[pos[j]] = True
+    else:
+        breaks = table.has_newline[ids]
+    counts = breaks.long().cumsum(0)
+    return counts - breaks.long()
+
+
+def step_spans(steps: torch.Tensor) -> list[tuple[int, int]]:
+    """`(start, end)` token positions of each step, from the step number of each token."""
+    if steps.numel() == 0:
+        return []
+    sizes = torch.bincount(steps).tolist()
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [(end - size, end) for size, end in zip(sizes, ends)]
+
+
+def step_means(values: torch.Tensor, steps) -> torch.Tensor:
+    """Mean of `values [T]` within each step (`steps`: the step number 0..S-1 of each value, in order)."""
     if values.numel() == 0:
         return values.new_zeros(0)
     index = torch.as_tensor(steps, device=values.device)
@@ -182,15 +250,19 @@ def step_texts(pieces: list[str], steps: list[int]) -> list[str]:
 
 
 def mixed_certainty(self_certainty, entropy, lambda_weight: float, vocab_size: int):
-    """Per-token certainty in [0, 1]: lambda * SC / log V + (1 - lambda) * (1 - H / log V).
+    """Certainty in [0, 1] of a span (its mean SC and H): lambda * (1 - exp(-SC)) + (1 - lambda) * (1 - H / log V).
 
-    Both terms are 0 for the uniform distribution and reach 1 for a one-hot one, so
-    `lambda_weight` mixes two certainties on one scale: 1 is pure self-certainty, 0 pure
-    negative entropy. The map is affine, so it commutes with means over tokens or steps and
-    applies equally to floats and tensors.
+    SC = KL(U || p) has no upper bound (it grows without limit as p nears one-hot), so it is
+    mapped by 1 - exp(-SC) = 1 - GM(p) / AM(p) (geometric over arithmetic mean of the
+    probabilities), and H, at most log V, is divided by log V. Both terms are 0 for the uniform
+    distribution, approach 1 for a one-hot one and lie in [0, 1] in between, so `lambda_weight`
+    mixes two certainties on one scale: 1 is pure self-certainty, 0 pure negative entropy. Both
+    maps are monotone, so at lambda 1 or 0 a span's certainty ranks spans as its mean SC or mean H
+    does. Takes floats or tensors.
     """
+    exp = torch.exp if isinstance(self_certainty, torch.Tensor) else math.exp
     log_v = math.log(vocab_size)
-    return lambda_weight * self_certainty / log_v + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
+    return lambda_weight * (1.0 - exp(-self_certainty)) + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
 
 
 def combined_self_certainty(token_level: float, step_min: float, alpha: float) -> float:
