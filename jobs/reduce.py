@@ -25,6 +25,8 @@ REDUCE_FIELDS = (
     "alpha",
     "lambda_weight",
     "borda_power",
+    "borda_score",
+    "answerless_last",
     "deepconf_window",
     "num_return_sequences",
     "allow_partial",

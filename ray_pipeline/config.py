@@ -64,8 +64,8 @@ class RunConfig:
     )
     lambda_weight: float = _opt(
         1.0,
-        "mixing weight of the per-token certainty: lambda * self-certainty + (1 - lambda) * negative entropy, "
-        "both scaled to [0, 1] by log V",
+        "mixing weight of a span's certainty: lambda * (1 - exp(-self-certainty)) + (1 - lambda) * "
+        "(1 - entropy / log V), both terms in [0, 1] (0 uniform, 1 one-hot), from the span's mean per-token values",
         low=0.0,
         high=1.0,
     )
@@ -79,6 +79,17 @@ class RunConfig:
         choices=ANSWER_EXTRACTIONS,
     )
     borda_power: float = _opt(0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0)
+    borda_score: str = _opt(
+        "token",
+        "borda: what candidates are ranked by: mean token self-certainty (token, the Self-Certainty paper's) "
+        "or the combined score of --alpha and --lambda_weight (combined)",
+        choices=("token", "combined"),
+    )
+    answerless_last: bool = _opt(
+        True,
+        "candidates without an extracted answer rank below every candidate with one in every score-based "
+        "method, and DeepConf's filtered votes leave them out (--no-answerless_last: rank by score alone)",
+    )
     deepconf_window: int = _opt(
         2048, "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)", low=1
     )

@@ -3,6 +3,7 @@
 Accuracy is the share of questions whose chosen candidate is correct, with a 95 % Wilson
 interval; pass@N the share with any correct candidate (the oracle). AUROC is that of a method's
 per-candidate score for the candidate's correctness, pooled over all candidates of all questions.
+With `answerless_last` on, each method also says on how many questions that rule changed its pick.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray_pipeline.reduce import best_record, load_questions
-from ray_pipeline.selection import ALPHA_METHODS, METHODS, Choice, MethodUnavailable, SelectionParams
+from ray_pipeline.selection import METHODS, Choice, MethodUnavailable, SelectionParams, alpha_methods
 from ray_pipeline.storage import Location, StoragePath
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(11)]
@@ -96,6 +97,10 @@ def evaluate(questions: list[list[dict]], name: str, params: SelectionParams) ->
     for k in range(1, max(len(q) for q in questions) + 1):
         prefix = [q[:k] for q in questions]
         by_n[k] = accuracy(prefix, select_all(prefix, name, params))
+    changed = None
+    if params.answerless_last:
+        plain = select_all(questions, name, replace(params, answerless_last=False))
+        changed = sum(a.index != b.index for a, b in zip(choices, plain))
     summary = {
         "accuracy": correct / len(questions),
         "ci95": list(wilson_interval(correct, len(questions))),
@@ -103,6 +108,8 @@ def evaluate(questions: list[list[dict]], name: str, params: SelectionParams) ->
         "by_level": _by(questions, choices, "level"),
         "by_subject": _by(questions, choices, "subject"),
         "accuracy_by_n": by_n,
+        # Questions whose pick the answerless-last rule changed (None: the rule is off).
+        "answerless_last_changed": changed,
     }
     return MethodResult(choices, summary)
 
@@ -120,15 +127,11 @@ def compare(questions: list[list[dict]], params: SelectionParams) -> tuple[dict[
         except MethodUnavailable as exc:
             unavailable[name] = str(exc)
     sweep = {
-        name: {str(a): accuracy(questions, select_all(questions, name, _with_alpha(params, a))) for a in ALPHA_GRID}
-        for name in results
-        if name in ALPHA_METHODS
+        name: {str(a): accuracy(questions, select_all(questions, name, replace(params, alpha=a))) for a in ALPHA_GRID}
+        for name in alpha_methods(params)
+        if name in results
     }
     return results, unavailable, sweep
-
-
-def _with_alpha(params: SelectionParams, alpha: float) -> SelectionParams:
-    return SelectionParams(alpha, params.lambda_weight, params.borda_power, params.deepconf_window)
 
 
 def debug_records(questions: list[list[dict]], results: dict[str, MethodResult], params) -> list[dict]:
@@ -177,14 +180,17 @@ def compare_run(
             "alpha": params.alpha,
             "lambda_weight": params.lambda_weight,
             "borda_power": params.borda_power,
+            "borda_score": params.borda_score,
             "deepconf_window": params.deepconf_window,
+            "answerless_last": params.answerless_last,
         },
         "pass_at_n": pass_at(questions),
         "pass_at_n_by_n": {k: pass_at([q[:k] for q in questions]) for k in range(1, n + 1)},
         "methods": {name: r.summary for name, r in results.items()},
         "accuracy_by_alpha": sweep,
         "unavailable": unavailable,
-        "partial": bool(missing),
+        # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
+        "partial": bool(missing) or expected_shards is None,
         "missing_shards": missing,
         "error_problems": {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]},
     }
@@ -208,28 +214,36 @@ def report_markdown(run_id: str, comparison: dict) -> str:
     """The report: one table per view (overall, by level, by subject, by N', by alpha) and the plots."""
     methods = comparison["methods"]
     n, p = comparison["candidates_per_problem"], comparison["params"]
+    answerless = "on" if p["answerless_last"] else "off"
     lines = [
         f"# Best-of-N selection: {run_id}",
         "",
         f"{comparison['problems']} problems × N = {n} candidates; alpha {p['alpha']}, lambda_weight "
-        f"{p['lambda_weight']}, borda_power {p['borda_power']}, deepconf_window {p['deepconf_window']}. "
+        f"{p['lambda_weight']}, borda_power {p['borda_power']}, borda_score {p['borda_score']}, "
+        f"deepconf_window {p['deepconf_window']}, answerless_last {answerless}. "
         "Accuracy in %, with its 95 % Wilson interval; AUROC of the method's per-candidate score for "
-        "the candidate's correctness.",
+        "the candidate's correctness; answerless-last changed: on how many questions ranking candidates "
+        "without an extracted answer last changed the pick (— when the rule is off).",
         "",
-        "| method | accuracy | 95 % CI | AUROC |",
-        "|---|---:|---:|---:|",
+        "| method | accuracy | 95 % CI | AUROC | answerless-last changed |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, m in methods.items():
         auc = "—" if m["auroc"] is None else f"{m['auroc']:.3f}"
-        lines.append(f"| {name} | {_pct(m['accuracy'])} | {_pct(m['ci95'][0])}–{_pct(m['ci95'][1])} | {auc} |")
+        changed = m.get("answerless_last_changed")
+        changed = "—" if changed is None else str(changed)
+        ci = f"{_pct(m['ci95'][0])}–{_pct(m['ci95'][1])}"
+        lines.append(f"| {name} | {_pct(m['accuracy'])} | {ci} | {auc} | {changed} |")
     successes = round(comparison["pass_at_n"] * comparison["problems"])
     low, high = wilson_interval(successes, comparison["problems"])
-    lines.append(f"| pass@{n} (oracle) | {_pct(comparison['pass_at_n'])} | {_pct(low)}–{_pct(high)} | — |")
+    lines.append(f"| pass@{n} (oracle) | {_pct(comparison['pass_at_n'])} | {_pct(low)}–{_pct(high)} | — | — |")
     for name, reason in comparison["unavailable"].items():
         lines.append(f"\n{name}: not available ({reason}).")
-    if comparison.get("partial"):
+    if comparison.get("partial") and comparison["missing_shards"]:
         missing = comparison["missing_shards"]
         lines.append(f"\n**Partial**: shards {missing} are missing; their problems are not counted.")
+    elif comparison.get("partial"):
+        lines.append("\n**Unverified**: no shard plan (manifest.json), so these results may be partial.")
     if comparison.get("error_problems"):
         lines += ["", "## Problems without candidates", ""]
         lines += [f"- `{pid}`: {error}" for pid, error in comparison["error_problems"].items()]

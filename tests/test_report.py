@@ -10,7 +10,7 @@ import pytest
 from conftest import run_job
 from jobs.reduce import main as reduce_main
 from ray_pipeline.config import RunConfig
-from ray_pipeline.report import ALPHA_GRID, PLOTS, auroc, compare_run, wilson_interval
+from ray_pipeline.report import ALPHA_GRID, PLOTS, auroc, compare, compare_run, report_markdown, wilson_interval
 from ray_pipeline.selection import METHODS, SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
 
@@ -100,9 +100,11 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     # N' = 1 is the first candidate for every method.
     assert {m["accuracy_by_n"][1] for m in methods.values()} == {1 / 3}
     assert comparison["pass_at_n_by_n"] == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3, 4: 2 / 3}
-    assert set(comparison["accuracy_by_alpha"]) == {"self-certainty", "borda", "weighted-vote"}
-    assert list(comparison["accuracy_by_alpha"]["borda"]) == [str(a) for a in ALPHA_GRID]
-    # Token certainty is SC / log V. Right: 3.0, 1.0, 1.1, 1.2; wrong: 1.0, 1.5, 1.2, 3.0, 1.0, 2.0, 1.5, 1.2.
+    # Borda ranks by token self-certainty by default, so it does not depend on alpha.
+    assert set(comparison["accuracy_by_alpha"]) == {"self-certainty", "weighted-vote"}
+    assert list(comparison["accuracy_by_alpha"]["weighted-vote"]) == [str(a) for a in ALPHA_GRID]
+    # Token certainty is 1 - exp(-SC), monotone in SC.
+    # Right: 3.0, 1.0, 1.1, 1.2; wrong: 1.0, 1.5, 1.2, 3.0, 1.0, 2.0, 1.5, 1.2.
     # Wins (ties half) over the 32 pairs: 7.5 + 1 + 2 + 3.
     assert methods["self-certainty-token"]["auroc"] == pytest.approx(13.5 / 32)
 
@@ -117,7 +119,7 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     assert [d["unique_id"] for d in debug] == ["p0", "p1", "p2"]
     chosen = debug[0]["methods"]["self-certainty"]
     assert chosen["candidate_index"] == 0 and chosen["correct"] is True
-    assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(3.0 / math.log(100))}
+    assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(1 - math.exp(-3.0))}
 
 
 def test_reduce_job_reselects_with_fewer_candidates_and_other_flags(run_dir):
@@ -153,3 +155,62 @@ def test_reduce_job_needs_a_run_folder(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path} has no config.json: " + (
         "pass a run folder written by jobs.infer or jobs.main"
     )
+
+
+def answerless_questions():
+    """Two questions whose most certain candidate has no extracted answer, and one without any such candidate."""
+    rows = (
+        question_rows(0, [None, "4", "5", "4"], "4", [3.0, 1.0, 2.0, 1.2], 1, "Algebra")
+        + question_rows(1, ["6", None, "6", "7"], "6", [1.0, 2.5, 1.5, 1.2], 1, "Algebra")
+        + question_rows(2, ["8", "8", "9", "7"], "8", [1.0, 2.0, 1.5, 1.2], 2, "Algebra")
+    )
+    for row in rows:
+        if row["pred"] is None:
+            row["text"], row["correct"] = "... no final answer", False
+        row["token_confidence"] = [row["mean_self_certainty"]] * 4
+    return [rows[i : i + 4] for i in range(0, 12, 4)]
+
+
+def test_report_counts_the_picks_the_answerless_rule_changed():
+    questions = answerless_questions()
+    results, _, _ = compare(questions, SelectionParams())
+    changed = {name: r.summary["answerless_last_changed"] for name, r in results.items()}
+    # Every argmax over a certainty moves off the answerless candidate on q0 and q1. Entropy is equal
+    # everywhere, so it takes the first candidate, and the first with an answer: only q0 changes.
+    for name in ("self-certainty", "self-certainty-token", "self-certainty-step", "lowest-group", "tail"):
+        assert changed[name] == 2, name
+    assert changed["entropy"] == 1
+    # Votes never give an answerless candidate the pick; baseline is the first candidate by definition.
+    assert changed["baseline"] == changed["self-consistency"] == changed["borda"] == changed["weighted-vote"] == 0
+    # q0: self-certainty picks "5" (certainty 2.0) over the answerless 3.0; q1: "6" (1.5) over the answerless 2.5.
+    assert [c.index for c in results["self-certainty"].choices] == [2, 2, 1]
+    plain, _, _ = compare(questions, SelectionParams(answerless_last=False))
+    assert [c.index for c in plain["self-certainty"].choices] == [0, 1, 1]
+    assert all(r.summary["answerless_last_changed"] is None for r in plain.values())
+
+    comparison = {
+        "problems": 3,
+        "candidates_per_problem": 4,
+        "params": {
+            "alpha": 0.4,
+            "lambda_weight": 1.0,
+            "borda_power": 0.5,
+            "borda_score": "token",
+            "deepconf_window": 2048,
+            "answerless_last": True,
+        },
+        "pass_at_n": 1.0,
+        "pass_at_n_by_n": {k: 1.0 for k in range(1, 5)},
+        "methods": {name: r.summary for name, r in results.items()},
+        "accuracy_by_alpha": {},
+        "unavailable": {},
+        "reduce_s": 0.1,
+    }
+    report = report_markdown("run", comparison)
+    assert "| method | accuracy | 95 % CI | AUROC | answerless-last changed |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| self-certainty |"))
+    assert row.endswith("| 2 |") and "answerless_last on" in report
+    comparison["methods"] = {name: r.summary for name, r in plain.items()}
+    comparison["params"]["answerless_last"] = False
+    report = report_markdown("run", comparison)
+    assert next(line for line in report.splitlines() if line.startswith("| self-certainty |")).endswith("| — |")

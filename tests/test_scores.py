@@ -134,17 +134,18 @@ def test_step_means_texts_and_combined_score():
 def test_mixed_certainty_spans_uniform_to_one_hot():
     vocab = 50
     log_v = math.log(vocab)
-    # Uniform: SC = 0, H = log V -> 0 for every lambda. One-hot: SC = log V, H = 0 -> 1.
+    # Uniform: SC = 0, H = log V -> 0 for every lambda. One-hot: SC -> inf, H = 0 -> 1.
     for lam in (0.0, 0.3, 1.0):
         assert mixed_certainty(0.0, log_v, lam, vocab) == pytest.approx(0.0)
-        assert mixed_certainty(log_v, 0.0, lam, vocab) == pytest.approx(1.0)
-    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == pytest.approx(2.0 / log_v)
+        assert mixed_certainty(math.inf, 0.0, lam, vocab) == pytest.approx(1.0)
+    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == pytest.approx(1.0 - math.exp(-2.0))
     assert mixed_certainty(2.0, 1.0, 0.0, vocab) == pytest.approx(1.0 - 1.0 / log_v)
-    assert mixed_certainty(2.0, 1.0, 0.25, vocab) == pytest.approx(0.25 * 2.0 / log_v + 0.75 * (1 - 1.0 / log_v))
-    # Affine, so the mean of the mix is the mix of the means.
+    want = 0.25 * (1.0 - math.exp(-2.0)) + 0.75 * (1 - 1.0 / log_v)
+    assert mixed_certainty(2.0, 1.0, 0.25, vocab) == pytest.approx(want)
+    # Tensors elementwise, as floats. (The scale itself: tests/test_certainty_scale.py.)
     sc, h = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64), torch.tensor([3.0, 1.0, 0.2], dtype=torch.float64)
     mixed = mixed_certainty(sc, h, 0.6, vocab)
-    assert mixed.mean().item() == pytest.approx(mixed_certainty(sc.mean().item(), h.mean().item(), 0.6, vocab))
+    assert mixed[1].item() == pytest.approx(mixed_certainty(2.0, 1.0, 0.6, vocab))
 
 
 def test_deepconf_window_confidences_match_float64_reference():

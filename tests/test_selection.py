@@ -7,12 +7,14 @@ import torch
 
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.selection import (
-    ALPHA_METHODS,
     METHODS,
+    SCORE_METHODS,
     MethodUnavailable,
     SelectionParams,
+    alpha_methods,
     answer_groups,
     best_of,
+    deepconf_kept,
     get_method,
     key_step,
     self_certainty_score,
@@ -20,6 +22,11 @@ from ray_pipeline.selection import (
 
 VOCAB = 100
 LOG_V = math.log(VOCAB)
+
+
+def sc_for(certainty):
+    """The mean self-certainty whose certainty term 1 - exp(-SC) is `certainty`."""
+    return -math.log(1.0 - certainty)
 
 
 def candidate(
@@ -70,9 +77,15 @@ def test_registry_holds_every_method_of_the_issue():
         "weighted-vote",
         "lowest-group",
         "tail",
+        "deepconf-lowest-group-10",
+        "deepconf-lowest-group-90",
+        "deepconf-tail-10",
+        "deepconf-tail-90",
     }
     assert wanted <= set(METHODS)
-    assert ALPHA_METHODS == {"self-certainty", "borda", "weighted-vote"}
+    # Borda depends on alpha only when it ranks by the combined score.
+    assert set(alpha_methods(SelectionParams())) == {"self-certainty", "weighted-vote"}
+    assert set(alpha_methods(SelectionParams(borda_score="combined"))) == {"self-certainty", "borda", "weighted-vote"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -97,11 +110,12 @@ def test_self_certainty_alpha_trades_token_for_step_level():
     b = candidate(token_sc=5.0, step_sc=(4.0, 6.0))
     assert pick("self-certainty", [a, b], alpha=1.0).index == 0
     assert pick("self-certainty", [a, b], alpha=0.0).index == 1
-    assert pick("self-certainty", [a, b], alpha=0.4).index == 1  # 0.4*8+0.6*1=3.8 < 0.4*5+0.6*4=4.4
-    assert self_certainty_score(a, 0.4) == pytest.approx(3.8 / LOG_V)
+    # 0.4 (1 - e^-8) + 0.6 (1 - e^-1) = 0.779 < 0.4 (1 - e^-5) + 0.6 (1 - e^-4) = 0.986
+    assert pick("self-certainty", [a, b], alpha=0.4).index == 1
+    assert self_certainty_score(a, 0.4) == pytest.approx(0.4 * (1 - math.exp(-8)) + 0.6 * (1 - math.exp(-1)))
     assert pick("self-certainty-token", [a, b]).index == 0
     assert pick("self-certainty-step", [a, b]).index == 1
-    assert key_step(a) == {"index": 1, "text": "step 1", "score": pytest.approx(1.0 / LOG_V)}
+    assert key_step(a) == {"index": 1, "text": "step 1", "score": pytest.approx(1 - math.exp(-1))}
 
 
 def test_lambda_weight_mixes_self_certainty_with_negative_entropy():
@@ -194,9 +208,9 @@ def test_borda_weights_votes_by_certainty_rank():
 
 def test_weighted_vote_lets_one_confident_answer_beat_two_doubtful_ones():
     cands = [
-        candidate("9", token_sc=0.3 * LOG_V, step_sc=(0.3 * LOG_V,)),
-        candidate("7", token_sc=0.9 * LOG_V, step_sc=(0.9 * LOG_V,)),
-        candidate("9", token_sc=0.3 * LOG_V, step_sc=(0.3 * LOG_V,)),
+        candidate("9", token_sc=sc_for(0.3), step_sc=(sc_for(0.3),)),
+        candidate("7", token_sc=sc_for(0.9), step_sc=(sc_for(0.9),)),
+        candidate("9", token_sc=sc_for(0.3), step_sc=(sc_for(0.3),)),
     ]
     assert pick("self-consistency", cands).index == 0
     choice = pick("weighted-vote", cands)
@@ -217,3 +231,168 @@ def test_unknown_method_lists_the_known_ones():
     assert "magic" in str(err.value)
     for name in METHODS:
         assert name in str(err.value)
+
+
+def test_selection_defaults_are_the_configs():
+    from ray_pipeline.config import RunConfig
+
+    assert SelectionParams.from_config(RunConfig()) == SelectionParams()
+
+
+def random_candidates(rng, n, *, answerless_share=0.4):
+    """`n` candidates with random answers (some missing) and random values of every score a method reads."""
+    cands = []
+    for _ in range(n):
+        steps = rng.randint(1, 3)
+        length = rng.randint(1, 8)
+        cands.append(
+            candidate(
+                pred=None if rng.random() < answerless_share else rng.choice("1234"),
+                entropy=rng.uniform(0.1, 3.0),
+                token_sc=rng.uniform(0.1, 3.0),
+                step_sc=[rng.uniform(0.1, 3.0) for _ in range(steps)],
+                tokens=length,
+                confidence=[rng.uniform(0.5, 5.0) for _ in range(length)],
+                coe=([rng.uniform(0.1, 1) for _ in range(3)], [rng.uniform(0.1, 1) for _ in range(3)], 1.0, 1.0),
+                self_eval=[rng.random() for _ in range(steps)],
+            )
+        )
+    return cands
+
+
+ARGMAX_METHODS = sorted(SCORE_METHODS - {name for name in METHODS if name.startswith("deepconf-")})
+
+
+@pytest.mark.parametrize("name", ARGMAX_METHODS)
+def test_answerless_candidates_rank_last_in_every_score_method(name):
+    import random
+
+    rng = random.Random(name)
+    moved = 0
+    for _ in range(200):
+        cands = random_candidates(rng, rng.randint(1, 6))
+        has_answer = [c["pred"] is not None for c in cands]
+        choice = pick(name, cands, deepconf_window=3)
+        plain = pick(name, cands, deepconf_window=3, answerless_last=False)
+        keyed = [-math.inf if math.isnan(v) else v for v in choice.scores]
+        # Off: the best score over all; on: the best score over the candidates with an answer, if any.
+        assert plain.index == max(range(len(cands)), key=lambda i: (keyed[i], -i))
+        pool = [i for i in range(len(cands)) if has_answer[i]] or list(range(len(cands)))
+        assert choice.index == max(pool, key=lambda i: (keyed[i], -i))
+        assert choice.scores == plain.scores
+        moved += choice.index != plain.index
+    assert moved > 0, "the random cases never exercised the rule"
+
+
+def test_vote_methods_never_pick_an_answerless_candidate_when_one_has_an_answer():
+    import random
+
+    rng = random.Random(0)
+    votes = [n for n in METHODS if n.startswith("deepconf-")] + ["self-consistency", "borda", "weighted-vote"]
+    for _ in range(100):
+        cands = random_candidates(rng, rng.randint(1, 8))
+        for name in votes:
+            choice = pick(name, cands, deepconf_window=3)
+            assert cands[choice.index]["pred"] is not None or all(c["pred"] is None for c in cands), name
+
+
+def test_borda_ranks_by_token_self_certainty_by_default_and_by_the_combined_score_on_request():
+    # Token level: A > B > C; combined at alpha 0.4 (weak last steps for A): B > C > A.
+    a = candidate("7", token_sc=3.0, step_sc=(3.0, 0.1))
+    b = candidate("9", token_sc=2.0, step_sc=(2.0, 2.0))
+    c = candidate("7", token_sc=1.0, step_sc=(1.0, 1.0))
+    # Token ranks A 0, B 1, C 2: 7 gets 3 + 1 = 4 votes, 9 gets 2 (p = 1).
+    assert pick("borda", [a, b, c], borda_power=1.0).index == 0
+    # Combined ranks B 0, C 1, A 2: 9 gets 3, 7 gets 2 + 1 = 3: a tie, the answer seen first (7), its
+    # most certain member under the combined score (C).
+    assert pick("borda", [a, b, c], borda_power=1.0, borda_score="combined").index == 2
+    assert pick("borda", [a, b, c], borda_power=1.1, borda_score="combined").index == 1
+
+
+def upstream_borda(preds, confidences, power):
+    """The Self-Certainty repository's Borda vote (src/voting_from_list.py), answers compared as strings."""
+    order = sorted(range(len(confidences)), key=lambda k: confidences[k], reverse=True)
+    votes_map = {order[r]: (len(confidences) - r) ** power for r in range(len(confidences))}
+    votes = [0.0] * len(preds)
+    for i, answer in enumerate(preds):
+        if answer is None:
+            continue
+        first = next((j for j in range(i) if preds[j] == answer), i)
+        votes[first] += votes_map[i]
+    return preds[votes.index(max(votes))]
+
+
+def test_borda_default_equals_the_self_certainty_code_on_random_questions():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(300):
+        cands = random_candidates(rng, rng.randint(1, 10), answerless_share=0.2)
+        power = rng.choice([0.0, 0.5, 1.0, 2.0])
+        want = upstream_borda([c["pred"] for c in cands], [c["mean_self_certainty"] for c in cands], power)
+        if want is not None:
+            assert cands[pick("borda", cands, borda_power=power).index]["pred"] == want
+
+
+def upstream_deepconf(preds, token_confidence, kind, keep_percent, window):
+    """DeepConf's offline filtered vote (deepconf/utils.py: filter_top_confidence + weighted_majority_vote)."""
+    import numpy as np
+
+    def confidence(confs):
+        if kind == "tail":
+            return float(np.mean(confs[-window:]))
+        if len(confs) < window:
+            return float(np.mean(confs))
+        return min(sum(confs[i : i + window]) / window for i in range(len(confs) - window + 1))
+
+    traces = [(p, confidence(c)) for p, c in zip(preds, token_confidence) if p]
+    if not traces:
+        return None
+    threshold = np.percentile([c for _, c in traces], (1 - keep_percent / 100) * 100)
+    weights = {}
+    for answer, conf in traces:
+        if conf >= threshold:
+            weights[answer] = weights.get(answer, 0.0) + conf
+    return max(weights, key=lambda a: weights[a])
+
+
+@pytest.mark.parametrize("kind", ["lowest-group", "tail"])
+@pytest.mark.parametrize("keep_percent", [10, 90])
+def test_deepconf_filtered_vote_equals_deepconf_code_on_random_questions(kind, keep_percent):
+    import random
+
+    rng = random.Random(f"{kind}{keep_percent}")
+    for _ in range(300):
+        cands = random_candidates(rng, rng.randint(1, 16), answerless_share=0.2)
+        window = rng.randint(1, 5)
+        confs = [list(c["token_confidence"]) for c in cands]
+        want = upstream_deepconf([c["pred"] for c in cands], confs, kind, keep_percent, window)
+        choice = pick(f"deepconf-{kind}-{keep_percent}", cands, deepconf_window=window)
+        if want is not None:
+            assert cands[choice.index]["pred"] == want
+
+
+@pytest.mark.parametrize(
+    ("n", "keep_percent", "kept"),
+    [(1, 10, 1), (4, 10, 1), (4, 90, 3), (10, 10, 1), (10, 90, 9), (64, 10, 7), (64, 90, 57)],
+)
+def test_deepconf_keeps_the_top_eta_percent_as_deepconf_counts_them(n, keep_percent, kept):
+    confidences = [float(i) for i in range(n)]
+    mask = deepconf_kept(confidences, [True] * n, keep_percent)
+    assert sum(mask) == kept and mask == [i >= n - kept for i in range(n)]
+
+
+def test_deepconf_filtered_vote_keeps_the_most_confident_and_weights_by_confidence():
+    # Nine candidates with an answer. Their top 10 % is the single most confident (tail 5, answer 7); their
+    # top 90 % drops only the least confident (0.1): 9 totals 4 + 4 = 8 against 3's 4 x 1.9 and 7's 5.
+    preds = ["7", "9", "9", "3", "3", "3", "3", "2", None, "2"]
+    tails = [5.0, 4.0, 4.0, 1.9, 1.9, 1.9, 1.9, 0.5, 9.0, 0.1]
+    cands = [candidate(p, confidence=(t,)) for p, t in zip(preds, tails)]
+    top10 = pick("deepconf-tail-10", cands)
+    assert top10.index == 0 and top10.scores[0] == pytest.approx(1.0) and top10.scores[1] == 0.0
+    top90 = pick("deepconf-tail-90", cands)
+    assert preds[top90.index] == "9" and top90.index == 1
+    assert top90.scores[1] == pytest.approx(8.0 / (5 + 8 + 4 * 1.9 + 0.5))
+    # Without the answerless rule the answerless candidate (tail 9) takes the top 10 % and votes for nothing.
+    assert pick("deepconf-tail-10", cands, answerless_last=False).index == 0
+    assert pick("deepconf-tail-10", cands, answerless_last=False).scores == (0.0,) * len(cands)
