@@ -92,7 +92,7 @@ def check_model_folder(folder: Path) -> None:
     for name in present:
         if name.endswith(".json"):
             _json_file(folder / name, "tokenizer file")
-    if not any(folder.glob(pattern) for pattern in WEIGHT_PATTERNS):
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         raise PipelineError(
             f"model folder {folder} has no weights (no {' or '.join(WEIGHT_PATTERNS)}): "
             "save the model's weights next to its config"
@@ -119,7 +119,7 @@ def check_gguf(gguf: Path) -> None:
     size = gguf.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
     if not tensors or end > size:
-        what = f"is cut short: its tensors end at byte {end}, the file has {size}" if tensors else "holds no tensors"
+        what = f"is truncated: its tensors end at byte {end}, the file has {size}" if tensors else "holds no tensors"
         raise PipelineError(f"model file {gguf} {what}: {fix}")
 
 
