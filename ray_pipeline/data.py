@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.problem_set import embedded_records, is_embedded
 
 PROBLEM_SCHEMA = pa.schema(
     [
@@ -41,7 +42,9 @@ def _is_local(dataset: str) -> bool:
 
 
 def read_records(dataset: str, split: str = "test") -> list[dict]:
-    """Raw rows of a local .jsonl/.json/.parquet file or of a Hub data set."""
+    """Raw rows of the embedded set (`embedded[:K]`), a local .jsonl/.json/.parquet file or a Hub data set."""
+    if is_embedded(dataset) and not Path(dataset).exists():
+        return embedded_records(dataset)
     if _is_local(dataset):
         return _read_local(Path(dataset).expanduser())
     return _read_hub(dataset, split)

@@ -1,0 +1,158 @@
+"""The embedded problem set: short math problems this project generates itself, with exact MATH-style answers.
+
+`--dataset embedded` (500 problems) or `--dataset embedded:K` (the first K) needs no download. Problem i is
+level `i % 5 + 1`, so any prefix is spread evenly over the five levels, and its text and answer depend only on
+i (a seeded `random.Random` per problem), so a prefix of a larger set is the smaller set. Level 1 (one-step
+addition of small numbers) is what SmolLM2-135M-Instruct mostly solves; level 5 (fraction sums, expansions,
+least common multiples) what it mostly fails. Answers are written as MATH writes them: integers,
+`\\frac{p}{q}` in lowest terms, and polynomials such as `x^2+5x+6`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from fractions import Fraction
+
+from ray_pipeline.errors import PipelineError
+
+EMBEDDED_DATASET = "embedded"
+DEFAULT_SIZE = 500
+MAX_SIZE = 100_000
+LEVELS = 5
+# Part of every problem's seed: changing a generator changes this, so old ids never name new problems.
+VERSION = "v1"
+
+
+def is_embedded(dataset: str) -> bool:
+    """True for `embedded` and `embedded:K`."""
+    return dataset == EMBEDDED_DATASET or dataset.startswith(EMBEDDED_DATASET + ":")
+
+
+def embedded_size(dataset: str) -> int:
+    """The K of `embedded:K` (DEFAULT_SIZE for plain `embedded`); a bad K is a one-line error."""
+    if dataset == EMBEDDED_DATASET:
+        return DEFAULT_SIZE
+    text = dataset[len(EMBEDDED_DATASET) + 1 :]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SIZE:
+        raise PipelineError(
+            f"data set {dataset!r}: the embedded set's size must be an integer in [1, {MAX_SIZE}], "
+            f"e.g. {EMBEDDED_DATASET}:100"
+        )
+    return int(text)
+
+
+def _frac(q: Fraction) -> str:
+    """MATH's form of a rational: an integer, or `\\frac{p}{q}` in lowest terms with the sign in front."""
+    if q.denominator == 1:
+        return str(q.numerator)
+    sign = "-" if q < 0 else ""
+    return f"{sign}\\frac{{{abs(q.numerator)}}}{{{q.denominator}}}"
+
+
+def _poly(coeffs: list[int], var: str = "x") -> str:
+    """`[1, 5, 6]` -> `x^2+5x+6`: highest power first, zero terms dropped, unit coefficients implicit."""
+    degree = len(coeffs) - 1
+    out = ""
+    for i, c in enumerate(coeffs):
+        power = degree - i
+        if c == 0:
+            continue
+        mag = abs(c)
+        body = str(mag) if power == 0 or mag != 1 else ""
+        if power >= 1:
+            body += var + (f"^{power}" if power > 1 else "")
+        sign = "-" if c < 0 else ("+" if out else "")
+        out += sign + body
+    return out or "0"
+
+
+def _add_small(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return "Prealgebra", f"What is ${a} + {b}$?", str(a + b)
+
+
+def _add_sub_two_digit(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return "Prealgebra", f"What is ${a} + {b}$?", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return "Prealgebra", f"What is ${a} - {b}$?", str(a - b)
+
+
+def _times_table(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    return "Prealgebra", f"What is ${a} \\times {b}$?", str(a * b)
+
+
+def _two_operations(rng: random.Random) -> tuple[str, str, str]:
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
+    if rng.random() < 0.5:
+        return "Prealgebra", f"Compute ${a} \\times {b} + {c}$.", str(a * b + c)
+    return "Prealgebra", f"Compute ${c} - {a} \\times {b}$.", str(c - a * b)
+
+
+def _linear_equation(rng: random.Random) -> tuple[str, str, str]:
+    a, x, b = rng.randint(2, 9), rng.randint(-12, 15), rng.randint(1, 40)
+    return "Algebra", f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", str(x)
+
+
+def _fraction_sum(rng: random.Random) -> tuple[str, str, str]:
+    while True:
+        b, d = rng.randint(2, 9), rng.randint(2, 9)
+        a, c = rng.randint(1, b - 1), rng.randint(1, d - 1)
+        total = Fraction(a, b) + Fraction(c, d)
+        if total.denominator > 1:
+            break
+    problem = f"What is $\\frac{{{a}}}{{{b}}} + \\frac{{{c}}}{{{d}}}$? Express your answer as a common fraction."
+    return "Prealgebra", problem, _frac(total)
+
+
+def _expand(rng: random.Random) -> tuple[str, str, str]:
+    p, q = rng.choice([-1, 1]) * rng.randint(1, 9), rng.choice([-1, 1]) * rng.randint(1, 9)
+
+    def factor(k: int) -> str:
+        return f"(x {'+' if k > 0 else '-'} {abs(k)})"
+
+    return "Algebra", f"Expand ${factor(p)}{factor(q)}$.", _poly([1, p + q, p * q])
+
+
+def _lcm(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(6, 40), rng.randint(6, 40)
+    return "Number Theory", f"What is the least common multiple of ${a}$ and ${b}$?", str(math.lcm(a, b))
+
+
+def _series_sum(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(11, 60)
+    return "Algebra", f"What is the sum of the integers from $1$ to ${n}$?", str(n * (n + 1) // 2)
+
+
+# Level -> the generators it draws from; each returns (subject, problem, answer).
+GENERATORS: dict[int, list[Callable[[random.Random], tuple[str, str, str]]]] = {
+    1: [_add_small],
+    2: [_add_sub_two_digit, _times_table],
+    3: [_two_operations],
+    4: [_linear_equation, _series_sum],
+    5: [_fraction_sum, _expand, _lcm],
+}
+
+
+def make_problem(index: int) -> dict:
+    """Problem `index` of the embedded set, a row like MATH-500's (problem, answer, unique_id, subject, level)."""
+    level = index % LEVELS + 1
+    rng = random.Random(f"{EMBEDDED_DATASET}-{VERSION}:{index}")
+    subject, problem, answer = rng.choice(GENERATORS[level])(rng)
+    slug = subject.lower().replace(" ", "_")
+    return {
+        "problem": problem,
+        "answer": answer,
+        "unique_id": f"{EMBEDDED_DATASET}/{slug}/{index}.json",
+        "subject": subject,
+        "level": level,
+    }
+
+
+def embedded_records(dataset: str = EMBEDDED_DATASET) -> list[dict]:
+    """The rows `--dataset embedded[:K]` names."""
+    return [make_problem(i) for i in range(embedded_size(dataset))]
