@@ -237,7 +237,17 @@ class RunConfig:
     def load(cls, path: Location) -> RunConfig:
         """The configuration a run saved; keys this version does not know are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(StoragePath.parse(path).read_text()).items() if k in names})
+        try:
+            saved = json.loads(StoragePath.parse(path).read_text())
+            why = "not a JSON object"
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            saved, why = None, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        if not isinstance(saved, dict):
+            raise ConfigError(
+                f"run configuration {path} is not a valid config.json ({why}): run the jobs.infer command that made "
+                "the run again, which rewrites it and keeps the finished shards"
+            )
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
     def save(self, path: Location) -> None:
         StoragePath.parse(path).write_text(self.to_json() + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import os
 import posixpath
@@ -52,6 +53,9 @@ class StorageError(PipelineError):
             if remote
             else "check the path and its permissions"
         )
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Rerunning the same command resumes: the shards already committed are kept.
+            self.hint = "free some space there (or pass another --output_dir) and run the same command again"
         super().__init__(f"cannot {action} {location}: {self.reason}; {self.hint}")
 
 
