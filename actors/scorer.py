@@ -1,32 +1,36 @@
 """Scorer actor: one teacher-forced forward pass of the model over prompt + candidate.
 
 The pass yields every per-token score (from the final hidden states), the response-mean hidden
-state of every layer (for Chain-of-Embedding) and, with --self_eval, one extra batched pass per
-reasoning step asking the model whether that step is correct.
+state of every layer (for Chain-of-Embedding) and, with --self_eval, extra passes asking the
+model whether each reasoning step is correct.
+
+Each candidate is its own forward pass (no padding, so no compute on it), and nothing else
+shares it: a candidate's stored values never depend on which rows Ray Data put in its batch,
+so a shard redone after an interruption equals the uninterrupted one bit for bit. While the
+device runs one candidate's pass, the host turns the previous candidate's results into columns.
 """
 
 from __future__ import annotations
 
-import math
+import time
+from collections import defaultdict
 from contextlib import contextmanager
 
 import pyarrow as pa
 
-from ray_pipeline.answers import extract_boxed, grade
+from ray_pipeline.columns import empty_scores
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_self_eval_prompt, self_eval_options
 from ray_pipeline.scores import (
     coe_transitions,
-    combined_self_certainty,
-    masked_mean,
-    masked_token_scores,
-    mixed_certainty,
+    newline_table,
     option_probability,
-    step_index,
     step_means,
-    step_texts,
+    step_spans,
+    token_scores,
+    token_steps,
 )
 from ray_pipeline.shards import SHARD_SCHEMA
 
@@ -53,64 +57,88 @@ class ScorerActor:
         self.weight, self.bias = head.weight, head.bias
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
+        # Step boundaries come from each token's decoded text: decode the vocabulary once, not every token.
+        size = max(self.vocab_size, len(self.tokenizer))
+        pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        self.newlines = newline_table(pieces + [""] * (size - len(pieces)))
+        # Seconds per stage (jobs.bench_scorer reads it); with `synchronize`, device work is waited
+        # for at each stage's end so it is attributed to that stage, at the cost of the overlap.
+        self.profile: dict[str, float] = defaultdict(float)
+        self.synchronize = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        step = self.config.score_batch_size
-        for start in range(0, len(rows), step):
-            self._score(rows[start : start + step])
+        pending = None
+        for row in rows:
+            measured = self._measure(row) if row["token_ids"] and not row.get("error") else None
+            if pending is not None:
+                self._finish(*pending)
+            pending = (row, measured)
+        if pending is not None:
+            self._finish(*pending)
         if self.config.self_eval:
-            self._self_evaluate(rows)
+            start = time.perf_counter()
+            for row in rows:
+                self._self_evaluate(row)
+            self._tick("self_eval", start)
         return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
-    def _score(self, rows: list[dict]) -> None:
+    def pass_ids(self, row: dict):
+        """The token ids `[1, prompt + response]` of one candidate's forward pass (the benchmark reuses them)."""
+        return self.torch.tensor([row["prompt_token_ids"] + row["token_ids"]], device=self.device)
+
+    def _tick(self, stage: str, start: float) -> float:
+        if self.synchronize and self.device == "cuda":
+            self.torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.profile[stage] += now - start
+        return now
+
+    def _measure(self, row: dict):
+        """Queues one candidate's forward pass and scores; returns its results (on the host once copied)."""
         torch = self.torch
-        for r in rows:
-            if r.get("error"):
-                # An error row has neither prompt nor response: one stand-in token makes it an empty
-                # response, scored NaN like any other, without sending its (too long) prompt through.
-                r["prompt_token_ids"] = [self.tokenizer.eos_token_id or 0]
-        seqs = [r["prompt_token_ids"] + r["token_ids"] for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        attention = torch.zeros(len(rows), width, dtype=torch.long)
-        targets = torch.zeros(len(rows), width, dtype=torch.long)
+        first, n = len(row["prompt_token_ids"]) - 1, len(row["token_ids"])
         # Position p predicts token p + 1: response token j is predicted at len(prompt) - 1 + j.
-        predicts = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, (r, seq) in enumerate(zip(rows, seqs)):
-            ids[b, : len(seq)] = torch.tensor(seq)
-            attention[b, : len(seq)] = 1
-            first, n = len(r["prompt_token_ids"]) - 1, len(r["token_ids"])
-            targets[b, first : first + n] = torch.tensor(r["token_ids"], dtype=torch.long)
-            predicts[b, first : first + n] = True
-        predicts = predicts.to(self.device)
-        with torch.inference_mode(), self._layer_means(predicts) as layer_means:
-            hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
-            hidden = hidden.last_hidden_state
-            per_row = masked_token_scores(
-                hidden,
+        span = slice(first, first + n)
+        targets = torch.tensor(row["token_ids"], dtype=torch.long).to(self.device, non_blocking=True)
+        start = time.perf_counter()
+        with torch.inference_mode(), self._layer_means(span) as layer_means:
+            hidden = self.decoder(input_ids=self.pass_ids(row)).last_hidden_state[0]
+            start = self._tick("forward", start)
+            cfg = self.config
+            scores = token_scores(
+                hidden[span],
                 self.weight,
-                targets.to(self.device),
-                predicts,
+                targets,
                 bias=self.bias,
-                token_chunk=self.config.score_chunk_tokens,
-                vocab_chunk=self.config.score_chunk_vocab,
-                top_k=self.config.deepconf_top_k,
+                token_chunk=cfg.score_chunk_tokens,
+                vocab_chunk=cfg.score_chunk_vocab,
+                top_k=cfg.deepconf_top_k,
             )
+            start = self._tick("statistics", start)
             # h_0..h_{L-1} are the layers' inputs, h_L the final (normed) output: HF's hidden_states.
-            means = torch.stack([*layer_means, masked_mean(hidden, predicts)], dim=1).cpu()
-        for r, scores, row_means in zip(rows, per_row, means):
-            r.update(self._aggregate(r, scores, row_means))
-            if r.get("error"):
-                r["prompt_token_ids"] = []
+            means = torch.stack([*layer_means, hidden[span].float().mean(0)])
+            values = torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
+        if self.device == "cuda":
+            # Pinned host memory and a non-blocking copy: the host waits only when it reads the results.
+            out = (torch.empty(values.shape, pin_memory=True), torch.empty(means.shape, pin_memory=True))
+            out[0].copy_(values, non_blocking=True)
+            out[1].copy_(means, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return out, event
+        return (values, means), None
 
     @contextmanager
-    def _layer_means(self, mask):
-        """Collects each decoder layer's input hidden state, averaged over the `mask` positions."""
+    def _layer_means(self, span: slice):
+        """Collects each decoder layer's input hidden state, averaged over the response positions."""
         means = []
 
         def record(module, args, kwargs):
-            means.append(masked_mean(args[0] if args else kwargs["hidden_states"], mask))
+            start = time.perf_counter()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            means.append(hidden[0, span].float().mean(0))
+            self._tick("coe_hooks", start)
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.decoder.layers]
         try:
@@ -119,66 +147,48 @@ class ScorerActor:
             for handle in handles:
                 handle.remove()
 
-    def _aggregate(self, row: dict, scores, layer_means) -> dict:
-        entropy, certainty, logprob, confidence = (
-            t.cpu() for t in (scores.entropy, scores.self_certainty, scores.logprob, scores.confidence)
-        )
-        # batch_decode([]) returns [""], not [].
-        pieces = self.tokenizer.batch_decode([[t] for t in row["token_ids"]]) if row["token_ids"] else []
-        steps = step_index(pieces)
+    def _finish(self, row: dict, measured) -> None:
+        """Fills the row's score columns from its pass's results (host work: steps, texts, lists)."""
+        start = time.perf_counter()
+        if measured is None:
+            # No response tokens (an empty response or an error row): NaN scores rank it last in every method.
+            row.update(empty_scores(self.vocab_size))
+            self._tick("host", start)
+            return
+        (values, means), event = measured
+        if event is not None:
+            event.synchronize()
+        entropy, certainty, logprob, confidence = values
+        ids = row["token_ids"]
+        steps = token_steps(self.torch.tensor(ids), self.newlines)
+        spans = step_spans(steps)
         step_sc, step_h = step_means(certainty, steps), step_means(entropy, steps)
-        pred = extract_boxed(row["text"])
-        out = {
-            "token_count": len(row["token_ids"]),
-            "pred": pred,
-            "correct": None if row["gold"] is None else grade(pred, row["gold"]),
-            "token_entropy": entropy.tolist(),
-            "token_self_certainty": certainty.tolist(),
-            "token_logprob": logprob.tolist(),
-            "token_confidence": confidence.tolist(),
-            "step_self_certainty": step_sc.tolist(),
-            "step_entropy": step_h.tolist(),
-            "step_texts": step_texts(pieces, steps),
-            "step_self_eval": None,
-            "vocab_size": self.vocab_size,
-        }
-        if not steps:
-            # An empty response has no confidence: NaN scores rank it last in every method.
-            nan = math.nan
-            return out | {
-                "mean_entropy": nan,
-                "mean_self_certainty": nan,
-                "mean_logprob": nan,
-                "step_min_self_certainty": nan,
-                "step_mean_self_certainty": nan,
-                "self_certainty_score": nan,
-                "lowest_step": None,
-                "lowest_step_text": None,
-                "coe_magnitude": None,
-                "coe_angle": None,
-                "coe_span_magnitude": nan,
-                "coe_span_angle": nan,
+        coe = coe_transitions(means)
+        row.update(
+            {
+                "token_count": len(ids),
+                "token_entropy": entropy.tolist(),
+                "token_self_certainty": certainty.tolist(),
+                "token_logprob": logprob.tolist(),
+                "token_confidence": confidence.tolist(),
+                "step_self_certainty": step_sc.tolist(),
+                "step_entropy": step_h.tolist(),
+                # Decoding spans, not single tokens: a character split across tokens comes out whole.
+                "step_texts": self.tokenizer.batch_decode([ids[a:b] for a, b in spans]),
+                "step_self_eval": None,
+                "coe_magnitude": coe.magnitude.tolist(),
+                "coe_angle": coe.angle.tolist(),
+                "coe_span_magnitude": coe.span_magnitude,
+                "coe_span_angle": coe.span_angle,
+                "mean_entropy": entropy.double().mean().item(),
+                "mean_self_certainty": certainty.double().mean().item(),
+                "mean_logprob": logprob.double().mean().item(),
+                "step_min_self_certainty": step_sc.min().item(),
+                "step_mean_self_certainty": step_sc.double().mean().item(),
+                "vocab_size": self.vocab_size,
             }
-        token_mean, token_entropy = certainty.double().mean().item(), entropy.double().mean().item()
-        cfg = self.config
-        token_level = mixed_certainty(token_mean, token_entropy, cfg.lambda_weight, self.vocab_size)
-        step_level = mixed_certainty(step_sc.double(), step_h.double(), cfg.lambda_weight, self.vocab_size)
-        lowest = int(step_level.argmin())
-        coe = coe_transitions(layer_means)
-        return out | {
-            "mean_entropy": token_entropy,
-            "mean_self_certainty": token_mean,
-            "mean_logprob": logprob.double().mean().item(),
-            "step_min_self_certainty": step_sc.min().item(),
-            "step_mean_self_certainty": step_sc.double().mean().item(),
-            "self_certainty_score": combined_self_certainty(token_level, step_level[lowest].item(), cfg.alpha),
-            "lowest_step": lowest,
-            "lowest_step_text": out["step_texts"][lowest],
-            "coe_magnitude": coe.magnitude.tolist(),
-            "coe_angle": coe.angle.tolist(),
-            "coe_span_magnitude": coe.span_magnitude,
-            "coe_span_angle": coe.span_angle,
-        }
+        )
+        self._tick("host", start)
 
     def _option_ids(self) -> list[int]:
         """Token ids of the "correct" and "incorrect" answers (the first token of each)."""
@@ -187,22 +197,21 @@ class ScorerActor:
             raise PipelineError(f"{self.config.model_path}: the tokenizer cannot tell the self-eval answers apart")
         return [i[0] for i in ids]
 
-    def _self_evaluate(self, rows: list[dict]) -> None:
-        """Fills `step_self_eval`: for each step, P(correct) normalized over the two answers."""
-        prompts, owners = [], []
-        for b, r in enumerate(rows):
-            texts = r["step_texts"]
-            for s in range(len(texts)):
-                prompts.append(
-                    build_self_eval_prompt(r["problem"], texts[:s], texts[s], self.config.prompt, self.tokenizer)
-                )
-                owners.append(b)
+    def _self_evaluate(self, row: dict) -> None:
+        """Fills `step_self_eval`: for each step, P(correct) normalized over the two answers.
+
+        A candidate's step prompts are batched only with each other, so its values do not depend on its batchmates.
+        """
+        texts = row["step_texts"]
+        prompts = [
+            build_self_eval_prompt(row["problem"], texts[:s], texts[s], self.config.prompt, self.tokenizer)
+            for s in range(len(texts))
+        ]
         probabilities = []
         step = self.config.score_batch_size
         for start in range(0, len(prompts), step):
             probabilities += self._option_probabilities(prompts[start : start + step])
-        for b, r in enumerate(rows):
-            r["step_self_eval"] = [p for p, owner in zip(probabilities, owners) if owner == b]
+        row["step_self_eval"] = probabilities
 
     def _option_probabilities(self, prompts: list[str]) -> list[float]:
         torch = self.torch

@@ -15,39 +15,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from ray_pipeline.answers import extract_answer, grade
+from ray_pipeline.columns import selection_columns
+from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import Choice, SelectionParams, get_method, key_step
 from ray_pipeline.shards import read_shards, shard_path
 from ray_pipeline.storage import Location, StoragePath
 
-# What the methods, the records and the report read: every column but the per-token lists of
-# token ids, log-probabilities, entropies and self-certainties, which are already aggregated.
-SELECTION_COLUMNS = [
-    "problem_id",
-    "problem_index",
-    "problem",
-    "gold",
-    "subject",
-    "level",
-    "candidate_index",
-    "text",
-    "token_count",
-    "pred",
-    "correct",
-    "token_confidence",
-    "step_self_certainty",
-    "step_entropy",
-    "step_texts",
-    "step_self_eval",
-    "coe_magnitude",
-    "coe_angle",
-    "coe_span_magnitude",
-    "coe_span_angle",
-    "mean_entropy",
-    "mean_self_certainty",
-    "vocab_size",
-    "error",
-]
+# What the methods, the records and the report read (columns.py marks them): every column but the
+# token ids and the per-token lists that are already aggregated.
+SELECTION_COLUMNS = selection_columns([n for n in PROBLEM_SCHEMA.names if n != "shard_id"])
 
 
 @dataclass
@@ -71,8 +49,12 @@ def group_by_problem(rows: list[dict]) -> list[list[dict]]:
     return [list(group) for _, group in groupby(rows, key=lambda r: r["problem_index"])]
 
 
-def _rows(table: pa.Table) -> list[dict]:
-    """Table rows as dicts, with `token_confidence` as float32 tensors (the one long per-token list)."""
+def _rows(table: pa.Table, answer_extraction: str = "boxed") -> list[dict]:
+    """Table rows as dicts, with `token_confidence` as float32 tensors (the one long per-token list).
+
+    Each row gains `pred` (its answer under `answer_extraction`) and `correct` (graded against
+    `gold`; None without a gold answer): the reducer's, not the scorer's, so a re-reduce can re-grade.
+    """
     confidence = table.column("token_confidence").combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(confidence), 0).to_numpy()
     values = torch.from_numpy(pc.list_flatten(confidence).to_numpy(zero_copy_only=False).astype("float32"))
@@ -80,6 +62,8 @@ def _rows(table: pa.Table) -> list[dict]:
     rows = table.drop_columns(["token_confidence"]).to_pylist()
     for row, tensor in zip(rows, per_row):
         row["token_confidence"] = tensor
+        row["pred"] = extract_answer(row["text"] or "", answer_extraction)
+        row["correct"] = None if row["gold"] is None else grade(row["pred"], row["gold"])
     return rows
 
 
@@ -89,6 +73,7 @@ def load_questions(
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
+    answer_extraction: str = "boxed",
 ) -> tuple[list[list[dict]], list[int]]:
     """Each question's candidates (its first `num_candidates` when given) and the missing shard ids."""
     shards_dir = StoragePath.parse(shards_dir)
@@ -98,7 +83,7 @@ def load_questions(
             f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
             "rerun the job to finish them, or pass --allow_partial"
         )
-    questions = group_by_problem(_rows(read_shards(shards_dir, SELECTION_COLUMNS)))
+    questions = group_by_problem(_rows(read_shards(shards_dir, SELECTION_COLUMNS), answer_extraction))
     if num_candidates is not None:
         fewest = min(len(q) for q in questions)
         if not 1 <= num_candidates <= fewest:
@@ -136,12 +121,17 @@ def reduce_run(
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
+    answer_extraction: str = "boxed",
 ) -> Summary:
     """Pick one candidate per problem with `method` and write `{"question", "answer", ...}` lines."""
     select = get_method(method)
     params = params or SelectionParams()
     questions, missing = load_questions(
-        shards_dir, expected_shards=expected_shards, allow_partial=allow_partial, num_candidates=num_candidates
+        shards_dir,
+        expected_shards=expected_shards,
+        allow_partial=allow_partial,
+        num_candidates=num_candidates,
+        answer_extraction=answer_extraction,
     )
     correct = any_correct = 0
     errors = {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]}
@@ -162,7 +152,8 @@ def reduce_run(
         candidates_per_problem=max(len(q) for q in questions),
         accuracy=correct / n,
         pass_at_n=any_correct / n,
-        partial=bool(missing),
+        # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
+        partial=bool(missing) or expected_shards is None,
         missing_shards=missing,
         output=str(output),
         error_problems=errors,

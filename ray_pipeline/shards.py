@@ -14,6 +14,7 @@ rename, on an object store because an object exists only once its upload complet
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,56 +23,13 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_pipeline.columns import CANDIDATE_FIELDS, SCORE_FIELDS
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.storage import Location, StoragePath
 
-_floats = pa.list_(pa.float32())
-_doubles = pa.list_(pa.float64())
-_ints = pa.list_(pa.int32())
-
-CANDIDATE_FIELDS = [
-    ("candidate_index", pa.int32()),
-    ("prompt_token_ids", _ints),
-    ("token_ids", _ints),
-    ("text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("generator_logprobs", _floats),
-    ("backend", pa.string()),
-    # Why this candidate has no text (e.g. a prompt longer than --max_model_len); null when it has.
-    ("error", pa.string()),
-]
+# The columns, their types and which stage writes them: ray_pipeline/columns.py.
 CANDIDATE_SCHEMA = pa.schema(list(PROBLEM_SCHEMA) + CANDIDATE_FIELDS)
-
-SCORE_FIELDS = [
-    ("token_count", pa.int32()),
-    ("pred", pa.string()),
-    ("correct", pa.bool_()),
-    ("token_entropy", _floats),
-    ("token_self_certainty", _floats),
-    ("token_logprob", _floats),
-    ("token_confidence", _floats),
-    ("step_self_certainty", _floats),
-    ("step_entropy", _floats),
-    ("step_texts", pa.list_(pa.string())),
-    # One probability per step from the self-evaluation passes; null when the run had no --self_eval.
-    ("step_self_eval", _doubles),
-    # Chain-of-Embedding: per layer transition of the response-mean hidden states, and the
-    # first-to-last-layer change that normalizes them (scores.CoeTransitions).
-    ("coe_magnitude", _doubles),
-    ("coe_angle", _doubles),
-    ("coe_span_magnitude", pa.float64()),
-    ("coe_span_angle", pa.float64()),
-    ("mean_entropy", pa.float64()),
-    ("mean_self_certainty", pa.float64()),
-    ("mean_logprob", pa.float64()),
-    ("step_min_self_certainty", pa.float64()),
-    ("step_mean_self_certainty", pa.float64()),
-    ("self_certainty_score", pa.float64()),
-    ("lowest_step", pa.int32()),
-    ("lowest_step_text", pa.string()),
-    ("vocab_size", pa.int32()),
-]
 SHARD_SCHEMA = pa.schema(list(CANDIDATE_SCHEMA) + SCORE_FIELDS)
 
 
@@ -173,13 +131,38 @@ def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | N
     return None
 
 
+TEMPORARY_PATTERN = ".shard-*.tmp-*"
+
+
+def unplanned_files(shards_dir: Location, planned: list[int]) -> list[str]:
+    """Names of the files in the shard folder that are neither a planned shard nor a writer's temporary."""
+    shards_dir = StoragePath.parse(shards_dir)
+    known = {shard_path(shards_dir, s).name for s in planned}
+    names = [f.name for f in shards_dir.files()]
+    return [n for n in names if n not in known and not fnmatch.fnmatch(n, TEMPORARY_PATTERN)]
+
+
+def check_no_unplanned_files(shards_dir: Location, planned: list[int]) -> None:
+    """Refuse a shard folder holding files the plan does not know: they would be merged into the results."""
+    extra = unplanned_files(shards_dir, planned)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise PipelineError(
+            f"{shards_dir} holds files that the run's shard plan (shards 0-{max(planned, default=0)}) does not know: "
+            f"{shown}; move them out of that folder"
+        )
+
+
 def remove_stale_temporaries(shards_dir: Location) -> None:
-    """Partial files left by a killed writer never become shards; clear them."""
+    """Partial files left by a killed writer never become shards; clear them.
+
+    Call it only while holding the run folder's lock: another job's temporary is its shard in the making.
+    """
     shards_dir = StoragePath.parse(shards_dir)
     # Only a local writer uses temporary files; an unfinished upload leaves no object.
     if not shards_dir.is_local:
         return
-    for tmp in shards_dir.files(".shard-*.tmp-*"):
+    for tmp in shards_dir.files(TEMPORARY_PATTERN):
         tmp.delete()
 
 

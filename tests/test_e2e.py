@@ -63,7 +63,7 @@ def check_outputs(out, proc, backend):
         assert r["backend"] == backend
         assert r["token_count"] == len(r["token_ids"]) == len(r["token_entropy"]) == len(r["token_logprob"]) > 0
         assert min(r["token_entropy"]) >= 0 and min(r["token_self_certainty"]) >= 0
-        assert r["mean_entropy"] >= 0 and r["mean_self_certainty"] >= 0 and r["self_certainty_score"] >= 0
+        assert r["mean_entropy"] >= 0 and r["mean_self_certainty"] >= 0 and r["step_min_self_certainty"] >= 0
         assert r["token_count"] <= 48 and r["finish_reason"] in ("stop", "length")
 
     records = [json.loads(line) for line in best.read_text().splitlines()]

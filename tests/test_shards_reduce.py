@@ -24,10 +24,9 @@ def fake_rows(problem_index, shard_id, n, correct_index, best_index):
             problem=f"question {problem_index}",
             gold="1",
             candidate_index=k,
-            text=f"answer {k}",
+            # The reducer extracts the answer and grades it: gold is "1", so only correct_index is right.
+            text=f"answer \\boxed{{{int(k == correct_index)}}}",
             token_count=3,
-            pred=str(int(k == correct_index)),
-            correct=k == correct_index,
             mean_entropy=1.0,
             mean_self_certainty=2.0 + (k == best_index),
             step_min_self_certainty=2.0 + (k == best_index),

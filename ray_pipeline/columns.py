@@ -1,0 +1,78 @@
+"""The shard's columns: name, Arrow type, the stage that writes it, and what it holds.
+
+The shard schema (`shards.SHARD_SCHEMA`), the row of a candidate that has no response, and the
+reducer's column list all come from here. The scorer stores only what the model measures;
+what depends on selection settings (the combined self-certainty score, the key step) or on
+answer extraction (`pred`, `correct`) is the reducer's, so a re-reduce needs no model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+GENERATOR = "generator"
+SCORER = "scorer"
+
+_floats = pa.list_(pa.float32())
+_doubles = pa.list_(pa.float64())
+_ints = pa.list_(pa.int32())
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    stage: str
+    doc: str
+    # Whether the reducer reads it (the per-token lists, but for DeepConf's confidence, are already aggregated).
+    selection: bool = True
+    # Its value for a candidate with no response tokens (an empty response or an error row).
+    empty: object = None
+
+
+COLUMNS = (
+    Column("candidate_index", pa.int32(), GENERATOR, "the candidate's index among its problem's N"),
+    Column("prompt_token_ids", _ints, GENERATOR, "the prompt's token ids", selection=False),
+    Column("token_ids", _ints, GENERATOR, "the response's token ids", selection=False),
+    Column("text", pa.string(), GENERATOR, "the response text"),
+    Column("finish_reason", pa.string(), GENERATOR, "stop or length", selection=False),
+    Column("generator_logprobs", _floats, GENERATOR, "the sampler's log-probability of each token", selection=False),
+    Column("backend", pa.string(), GENERATOR, "vllm or hf", selection=False),
+    Column("error", pa.string(), GENERATOR, "why the candidate has no text (e.g. a prompt too long); else null"),
+    Column("token_count", pa.int32(), SCORER, "response tokens", empty=0),
+    Column("token_entropy", _floats, SCORER, "H_t per response token", selection=False, empty=[]),
+    Column("token_self_certainty", _floats, SCORER, "KL(U || p) per response token", selection=False, empty=[]),
+    Column("token_logprob", _floats, SCORER, "log p of each response token", selection=False, empty=[]),
+    Column("token_confidence", _floats, SCORER, "DeepConf: -mean top-k log p per token", empty=[]),
+    Column("step_self_certainty", _floats, SCORER, "mean self-certainty of each reasoning step", empty=[]),
+    Column("step_entropy", _floats, SCORER, "mean entropy of each reasoning step", empty=[]),
+    Column("step_texts", pa.list_(pa.string()), SCORER, "the text of each reasoning step", empty=[]),
+    Column("step_self_eval", _doubles, SCORER, "P(correct) per step from --self_eval passes; null without it"),
+    Column("coe_magnitude", _doubles, SCORER, "CoE: |h_{l+1} - h_l| of the response-mean hidden states"),
+    Column("coe_angle", _doubles, SCORER, "CoE: angle(h_{l+1}, h_l) per layer transition"),
+    Column("coe_span_magnitude", pa.float64(), SCORER, "CoE: |h_L - h_0|, normalizes magnitudes", empty=math.nan),
+    Column("coe_span_angle", pa.float64(), SCORER, "CoE: angle(h_L, h_0), normalizes angles", empty=math.nan),
+    Column("mean_entropy", pa.float64(), SCORER, "mean token entropy", empty=math.nan),
+    Column("mean_self_certainty", pa.float64(), SCORER, "mean token self-certainty", empty=math.nan),
+    Column("mean_logprob", pa.float64(), SCORER, "mean token log-probability", selection=False, empty=math.nan),
+    Column("step_min_self_certainty", pa.float64(), SCORER, "least step self-certainty", empty=math.nan),
+    Column("step_mean_self_certainty", pa.float64(), SCORER, "mean step self-certainty", empty=math.nan),
+    Column("vocab_size", pa.int32(), SCORER, "the model's vocabulary size V"),
+)
+
+CANDIDATE_FIELDS = [(c.name, c.type) for c in COLUMNS if c.stage == GENERATOR]
+SCORE_FIELDS = [(c.name, c.type) for c in COLUMNS if c.stage == SCORER]
+
+
+def empty_scores(vocab_size: int) -> dict:
+    """The scorer's columns for a candidate without response tokens: NaN scores rank it last in every method."""
+    values = {c.name: (list(c.empty) if isinstance(c.empty, list) else c.empty) for c in COLUMNS if c.stage == SCORER}
+    return values | {"vocab_size": vocab_size}
+
+
+def selection_columns(problem_columns: list[str]) -> list[str]:
+    """What the reducer reads from the shards: the problem's columns and each selection column."""
+    return [*problem_columns, *(c.name for c in COLUMNS if c.selection)]
