@@ -45,7 +45,14 @@ def init_ray(config: RunConfig) -> None:
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
     wanted = (config.pool_bounds("generators")[1] + config.pool_bounds("scorers")[1]) * config.cpus_per_actor + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+    # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
+    # without it ray.init joins that cluster and refuses num_cpus.
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fix = "pass --ray_address to use a running cluster"
+        raise PipelineError(f"cannot start a local Ray ({first[:200]}); {fix}") from None
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
