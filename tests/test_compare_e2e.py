@@ -31,7 +31,9 @@ def test_one_run_every_method_then_reselect(tmp_path):
     comparison = json.loads((run_dir / "summary.json").read_text())["comparison"]
     assert set(comparison["methods"]) == set(METHODS) and comparison["unavailable"] == {}
     assert (comparison["problems"], comparison["candidates_per_problem"]) == (4, 4)
+    assert comparison["params"]["answerless_last"] is True and comparison["params"]["borda_score"] == "token"
     for m in comparison["methods"].values():
+        assert 0 <= m["answerless_last_changed"] <= 4
         assert 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1] <= 1
         assert m["accuracy"] <= comparison["pass_at_n"]
         assert sum(v["n"] for v in m["by_level"].values()) == sum(v["n"] for v in m["by_subject"].values()) == 4
@@ -39,15 +41,27 @@ def test_one_run_every_method_then_reselect(tmp_path):
     for name in METHODS:
         assert f"\n| {name} | " in report
     assert all((run_dir / file).stat().st_size > 1000 for file in PLOTS.values())
+    assert "answerless-last changed" in report
     debug = [json.loads(line) for line in (run_dir / "debug.jsonl").read_text().splitlines()]
     assert len(debug) == 4
     for record in debug:
         for choice in record["methods"].values():
             assert choice["key_step"]["text"] and choice["key_step"]["index"] >= 0
+        # With N = 4, DeepConf's top 10 % is one candidate: the most confident one with an answer, the argmax's pick.
+        methods, answered = record["methods"], any(p is not None for p in record["preds"])
+        for kind in ("lowest-group", "tail"):
+            if answered:
+                assert methods[f"deepconf-{kind}-10"]["candidate_index"] == methods[kind]["candidate_index"]
+            assert methods[kind]["pred"] is not None or not answered
 
     reselect = run_job("jobs.reduce", str(run_dir), "--method", "all", "--num_return_sequences", "2")
     assert reselect.returncode == 0, reselect.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["comparison"]["candidates_per_problem"] == 2
+    plain = run_job("jobs.reduce", str(run_dir), "--method", "all", "--no-answerless_last", "--borda_score", "combined")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    comparison = json.loads((run_dir / "summary.json").read_text())["comparison"]
+    assert comparison["params"]["answerless_last"] is False and "borda" in comparison["accuracy_by_alpha"]
+    assert all(m["answerless_last_changed"] is None for m in comparison["methods"].values())
     single = run_job("jobs.reduce", str(run_dir), "--method", "self-eval", "--num_return_sequences", "1")
     assert single.returncode == 0, single.stderr[-3000:]
     best = [json.loads(line) for line in (run_dir / "best_self-eval.jsonl").read_text().splitlines()]
