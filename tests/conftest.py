@@ -12,6 +12,53 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MATH500 = ROOT.parent / "shared" / "data" / "math500.jsonl"
 
+# The fast tier (`make test-fast`, `pytest -m fast`): unit tests with no model and no Ray cluster. A module
+# joins it here or with `pytestmark = pytest.mark.fast`; a slow test inside a listed module is named in
+# SLOW_IN_FAST_MODULES. Everything else only runs in the whole suite (`make test`).
+FAST_MODULES = {
+    "test_answers",
+    "test_certainty_scale",
+    "test_cluster_config",
+    "test_config",
+    "test_data",
+    "test_manifest",
+    "test_pool_sizing",
+    "test_problem_set",
+    "test_report",
+    "test_run_folder",
+    "test_sampling",
+    "test_scores",
+    "test_selection",
+    "test_shards_reduce",
+    "test_step_tables",
+    "test_storage",
+}
+SLOW_IN_FAST_MODULES: set[str] = set()
+# An address nothing listens on: a fast test whose job (in-process or a subprocess) tries to reach Ray fails
+# instead of starting a cluster.
+NO_RAY_ADDRESS = "127.0.0.1:9"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in FAST_MODULES and item.originalname not in SLOW_IN_FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request, monkeypatch):
+    """A fast test that starts Ray fails at once, so the fast tier stays free of clusters."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} is in the fast tier but starts Ray: take it out of FAST_MODULES")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", NO_RAY_ADDRESS)
+
 
 def require_math500() -> Path:
     if not MATH500.is_file():
