@@ -113,7 +113,8 @@ def extract_answer(text: str, mode: str = "boxed") -> str | None:
     """The answer of one response under an extraction `mode` (one of ANSWER_EXTRACTIONS); None when there is none.
 
     "boxed": the last `\\boxed{}` (see `extract_boxed`); "boxed-then-last-number": that, else the last number in
-    the text; "math-verify": math-verify's LaTeX/expression extraction (which also reads boxes first).
+    the text; "math-verify": that, else math-verify's LaTeX/expression extraction ("final answer is $...$", the
+    last LaTeX or plain expression).
     """
     if mode == "boxed":
         return extract_boxed(text)
@@ -121,7 +122,9 @@ def extract_answer(text: str, mode: str = "boxed") -> str | None:
         boxed = extract_boxed(text)
         return boxed if boxed is not None else extract_last_number(text)
     if mode == "math-verify":
-        return extract_math_verify(text)
+        # The last box first: math-verify joins every box of a text into one set answer ("1,2").
+        boxed = extract_boxed(text)
+        return boxed if boxed is not None else extract_math_verify(text)
     raise ValueError(f"answer_extraction must be one of {', '.join(ANSWER_EXTRACTIONS)}, got {mode!r}")
 
 

@@ -2,17 +2,23 @@
 
 import itertools
 import json
+import random
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
 from ray_pipeline.answers import (
+    ANSWER_EXTRACTIONS,
     answers_equivalent,
+    extract_answer,
     extract_boxed,
+    extract_last_number,
     grade,
     normalize_answer,
 )
+from ray_pipeline.problem_set import embedded_records
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared/data/math500.jsonl"
 
@@ -197,3 +203,113 @@ def test_math500_gold_graded_against_itself():
             if extract_boxed(text) != gold.strip() or not grade(extract_boxed(text), gold):
                 failures.append(text)
     assert failures == []
+
+
+# --- extract_answer: the --answer_extraction modes over generated texts -----------------------------------------
+
+# Answers of every kind the embedded set writes (integers, negative integers, fractions, polynomials), each once.
+ANSWERS = sorted({row["answer"] for row in embedded_records("embedded:200")})
+# Prose a small model writes around its answer without boxing it; `{d}` is an earlier, distracting number.
+PROSE = [
+    "So the answer is {a}.",
+    "First we get {d}.\n\nTherefore, the final answer is ${a}$.",
+    "{d} + 1 = {d1}, and then the result is {a}",
+    "The answer is: {a}\n",
+    "We compute step by step: {d}, {d1}, and finally ${a}$.",
+]
+BOXED = [
+    r"The answer is $\boxed{{{a}}}$.",
+    r"We get {d}. So $x = \boxed{{{a}}}$. (Checked {d1} times.)",
+    r"First \boxed{{{d}}} was wrong; the answer is \boxed{{{a}}}",
+]
+
+
+def _plain(answer: str) -> str | None:
+    """The answer as plain text (`-\\frac{3}{4}` -> `-3/4`), or None for a polynomial, which has no plain number."""
+    m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", answer)
+    if m:
+        return f"{m[1]}{m[2]}/{m[3]}"
+    return answer if re.fullmatch(r"-?\d+", answer) else None
+
+
+def _texts(templates: list[str], answer: str, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for template in templates:
+        d = rng.randint(2, 999)
+        out.append(template.format(a=answer, d=d, d1=d + 1))
+    return out
+
+
+def test_boxed_mode_is_extract_boxed_and_ignores_unboxed_answers():
+    for i, answer in enumerate(ANSWERS):
+        for text in _texts(BOXED, answer, i):
+            assert extract_answer(text, "boxed") == extract_boxed(text) == answer, text
+        for text in _texts(PROSE, answer, i):
+            assert extract_answer(text, "boxed") is None, text
+
+
+def test_a_box_wins_over_later_numbers_in_every_mode():
+    for i, answer in enumerate(ANSWERS):
+        for text in _texts(BOXED, answer, i):
+            for mode in ANSWER_EXTRACTIONS:
+                assert grade(extract_answer(text, mode), answer), (mode, text)
+
+
+def test_last_number_reads_unboxed_numeric_answers_after_distracting_numbers():
+    numeric = [(a, _plain(a)) for a in ANSWERS if _plain(a) is not None]
+    assert len(numeric) > 20 and any("/" in p for _, p in numeric) and any(p.startswith("-") for _, p in numeric)
+    for i, (answer, plain) in enumerate(numeric):
+        for text in _texts(PROSE, plain, i):
+            assert extract_answer(text, "boxed-then-last-number") == plain, text
+            assert grade(extract_answer(text, "boxed-then-last-number"), answer), text
+
+
+def test_math_verify_reads_unboxed_latex_answers():
+    latex = [a for a in ANSWERS if "\\frac" in a or "x" in a]
+    assert any("x" in a for a in latex) and any("\\frac" in a for a in latex)
+    failures = []
+    for i, answer in enumerate(latex):
+        for text in _texts(PROSE, answer, i):
+            if "$" in text and not grade(extract_answer(text, "math-verify"), answer):
+                failures.append(text)
+    assert failures == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The total is 1,000,000 dollars.", "1000000"),
+        ("x = -3.5, so", "-3.5"),
+        ("from 12 to 3/4.", "3/4"),
+        ("version v2 of 7 apples", "7"),
+        ("1,2,3", "3"),
+        ("no digits at all", None),
+        ("", None),
+    ],
+)
+def test_extract_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "I do not know.", r"The answer is \boxed{}.", "A word, then another."])
+def test_texts_without_an_answer_give_none_in_every_mode(text):
+    for mode in ANSWER_EXTRACTIONS:
+        assert extract_answer(text, mode) is None, mode
+
+
+def test_unknown_mode_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="answer_extraction must be one of boxed, boxed-then-last-number, math-verify"):
+        extract_answer("5", "last")
+
+
+def test_math_verify_extraction_in_non_main_thread():
+    results = {}
+
+    def worker():
+        results["pred"] = extract_answer(r"so the final answer is $\frac{7}{12}$.", "math-verify")
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(timeout=60)
+    assert results == {"pred": r"\frac{7}{12}"}
