@@ -3,9 +3,10 @@
 `--dataset embedded` (500 problems) or `--dataset embedded:K` (the first K) needs no download. Problem i is
 level `i % 5 + 1`, so any prefix is spread evenly over the five levels, and its text and answer depend only on
 i (a seeded `random.Random` per problem), so a prefix of a larger set is the smaller set. Level 1 (one-step
-addition of small numbers) is what SmolLM2-135M-Instruct mostly solves; level 5 (fraction sums, expansions,
-least common multiples) what it mostly fails. Answers are written as MATH writes them: integers,
-`\\frac{p}{q}` in lowest terms, and polynomials such as `x^2+5x+6`.
+addition of small numbers) is what SmolLM2-135M-Instruct mostly solves; level 5 (probabilities, polynomials from
+their roots, least common multiples) what it mostly fails. Answers are written as MATH writes them: integers,
+`\\frac{p}{q}` in lowest terms, and polynomials such as `x^2+5x+6`. From level 3 on, no problem holds an
+expression equal to its answer, so a model that echoes the question is not graded correct.
 """
 
 from __future__ import annotations
@@ -86,40 +87,48 @@ def _times_table(rng: random.Random) -> tuple[str, str, str]:
     return "Prealgebra", f"What is ${a} \\times {b}$?", str(a * b)
 
 
-def _two_operations(rng: random.Random) -> tuple[str, str, str]:
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
-    if rng.random() < 0.5:
-        return "Prealgebra", f"Compute ${a} \\times {b} + {c}$.", str(a * b + c)
-    return "Prealgebra", f"Compute ${c} - {a} \\times {b}$.", str(c - a * b)
+def _shopping(rng: random.Random) -> tuple[str, str, str]:
+    price, count, extra = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
+    problem = (
+        f"Pencils cost ${price}$ dollars each. Sam buys ${count}$ pencils and a notebook that costs ${extra}$ "
+        "dollars. How many dollars does Sam spend in all?"
+    )
+    return "Prealgebra", problem, str(price * count + extra)
 
 
 def _linear_equation(rng: random.Random) -> tuple[str, str, str]:
-    a, x, b = rng.randint(2, 9), rng.randint(-12, 15), rng.randint(1, 40)
+    while True:
+        a, x, b = rng.randint(2, 9), rng.randint(-12, 15), rng.randint(1, 40)
+        # The root must not be a number the question shows, or echoing it would count.
+        if x not in (a, b, a * x + b):
+            break
     return "Algebra", f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", str(x)
 
 
-def _fraction_sum(rng: random.Random) -> tuple[str, str, str]:
+def _probability(rng: random.Random) -> tuple[str, str, str]:
     while True:
-        b, d = rng.randint(2, 9), rng.randint(2, 9)
-        a, c = rng.randint(1, b - 1), rng.randint(1, d - 1)
-        total = Fraction(a, b) + Fraction(c, d)
-        if total.denominator > 1:
+        red, blue = rng.randint(1, 12), rng.randint(1, 12)
+        p = Fraction(red, red + blue)
+        if p.denominator > 2:
             break
-    problem = f"What is $\\frac{{{a}}}{{{b}}} + \\frac{{{c}}}{{{d}}}$? Express your answer as a common fraction."
-    return "Prealgebra", problem, _frac(total)
+    problem = (
+        f"A bag holds ${red}$ red marbles and ${blue}$ blue marbles. One marble is drawn at random. What is the "
+        "probability that it is red? Express your answer as a common fraction."
+    )
+    return "Counting & Probability", problem, _frac(p)
 
 
-def _expand(rng: random.Random) -> tuple[str, str, str]:
+def _quadratic_from_roots(rng: random.Random) -> tuple[str, str, str]:
     p, q = rng.choice([-1, 1]) * rng.randint(1, 9), rng.choice([-1, 1]) * rng.randint(1, 9)
-
-    def factor(k: int) -> str:
-        return f"(x {'+' if k > 0 else '-'} {abs(k)})"
-
-    return "Algebra", f"Expand ${factor(p)}{factor(q)}$.", _poly([1, p + q, p * q])
+    problem = f"What is the monic quadratic polynomial in $x$ whose roots are ${p}$ and ${q}$? Expand it."
+    return "Algebra", problem, _poly([1, -(p + q), p * q])
 
 
 def _lcm(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(6, 40), rng.randint(6, 40)
+    while True:
+        a, b = rng.randint(6, 40), rng.randint(6, 40)
+        if math.lcm(a, b) > max(a, b):
+            break
     return "Number Theory", f"What is the least common multiple of ${a}$ and ${b}$?", str(math.lcm(a, b))
 
 
@@ -132,9 +141,9 @@ def _series_sum(rng: random.Random) -> tuple[str, str, str]:
 GENERATORS: dict[int, list[Callable[[random.Random], tuple[str, str, str]]]] = {
     1: [_add_small],
     2: [_add_sub_two_digit, _times_table],
-    3: [_two_operations],
+    3: [_shopping],
     4: [_linear_equation, _series_sum],
-    5: [_fraction_sum, _expand, _lcm],
+    5: [_probability, _quadratic_from_roots, _lcm],
 }
 
 

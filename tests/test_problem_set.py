@@ -32,14 +32,22 @@ def _solve(problem: str) -> sympy.Expr:
         x = sympy.Symbol("x")
         (root,) = sympy.solve(latex2sympy(maths[1]), x)
         return root
-    if problem.startswith("Expand"):
-        return sympy.expand(latex2sympy(maths[0]))
+    if problem.startswith("What is the monic quadratic"):
+        x = sympy.Symbol("x")
+        p, q = (int(m) for m in maths[1:])
+        return sympy.expand((x - p) * (x - q))
     if problem.startswith("What is the sum of the integers"):
         low, high = (int(m) for m in maths)
         return sympy.Integer(sum(range(low, high + 1)))
     if problem.startswith("What is the least common multiple"):
         return sympy.ilcm(*(int(m) for m in maths))
-    assert problem.startswith(("What is", "Compute")), problem
+    if problem.startswith("Pencils cost"):
+        price, count, extra = (int(m) for m in maths)
+        return sympy.Integer(price * count + extra)
+    if problem.startswith("A bag holds"):
+        red, blue = (int(m) for m in maths)
+        return sympy.Rational(red, red + blue)
+    assert problem.startswith("What is"), problem
     return sympy.nsimplify(latex2sympy(maths[0]).doit())
 
 
@@ -59,7 +67,7 @@ def test_rows_look_like_math500():
     assert len(ALL) == DEFAULT_SIZE
     for row in ALL:
         assert set(row) == {"problem", "answer", "unique_id", "subject", "level"}
-        assert row["subject"] in {"Prealgebra", "Algebra", "Number Theory"}
+        assert row["subject"] in {"Prealgebra", "Algebra", "Number Theory", "Counting & Probability"}
         assert row["problem"].strip() and row["answer"].strip()
     assert len({row["unique_id"] for row in ALL}) == len(ALL)
 
@@ -118,6 +126,13 @@ def test_every_answer_grades_equal_to_itself_and_an_equivalent_form_and_not_to_a
         assert grade(_equivalent_form(a), a), (a, _equivalent_form(a))
         off_by_one = sympy.latex(latex2sympy(a) + 1)
         assert not grade(off_by_one, a), (a, off_by_one)
+
+
+def test_from_level_3_echoing_the_question_is_not_an_answer():
+    for row in ALL:
+        if row["level"] >= 3:
+            for expression in _MATH_RE.findall(row["problem"]):
+                assert not grade(expression, row["answer"]), (row["problem"], expression)
 
 
 @pytest.mark.parametrize(("name", "size"), [("embedded", DEFAULT_SIZE), ("embedded:1", 1), ("embedded:200", 200)])
