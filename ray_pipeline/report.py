@@ -169,7 +169,11 @@ def compare_run(
     started = time.monotonic()
     run_dir = StoragePath.parse(run_dir)
     questions, missing = load_questions(
-        run_dir / "shards", expected_shards=expected_shards, allow_partial=allow_partial, num_candidates=num_candidates
+        run_dir / "shards",
+        expected_shards=expected_shards,
+        allow_partial=allow_partial,
+        num_candidates=num_candidates,
+        answer_extraction=params.answer_extraction,
     )
     results, unavailable, sweep = compare(questions, params)
     n = max(len(q) for q in questions)
@@ -183,6 +187,7 @@ def compare_run(
             "borda_score": params.borda_score,
             "deepconf_window": params.deepconf_window,
             "answerless_last": params.answerless_last,
+            "answer_extraction": params.answer_extraction,
         },
         "pass_at_n": pass_at(questions),
         "pass_at_n_by_n": {k: pass_at([q[:k] for q in questions]) for k in range(1, n + 1)},
@@ -220,7 +225,8 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         "",
         f"{comparison['problems']} problems × N = {n} candidates; alpha {p['alpha']}, lambda_weight "
         f"{p['lambda_weight']}, borda_power {p['borda_power']}, borda_score {p['borda_score']}, "
-        f"deepconf_window {p['deepconf_window']}, answerless_last {answerless}. "
+        f"deepconf_window {p['deepconf_window']}, answerless_last {answerless}, "
+        f"answer_extraction {p.get('answer_extraction', 'boxed')}. "
         "Accuracy in %, with its 95 % Wilson interval; AUROC of the method's per-candidate score for "
         "the candidate's correctness; answerless-last changed: on how many questions ranking candidates "
         "without an extracted answer last changed the pick (— when the rule is off).",

@@ -39,6 +39,8 @@ class SelectionParams:
     answerless_last: bool = True
     # What borda ranks by: "token" (mean token self-certainty, the Self-Certainty paper) or "combined".
     borda_score: str = "token"
+    # How a candidate's answer is read from its text (answers.extract_answer's mode).
+    answer_extraction: str = "boxed"
 
     @classmethod
     def from_config(cls, config) -> SelectionParams:
@@ -49,6 +51,7 @@ class SelectionParams:
             deepconf_window=config.deepconf_window,
             answerless_last=config.answerless_last,
             borda_score=config.borda_score,
+            answer_extraction=config.answer_extraction,
         )
 
 
