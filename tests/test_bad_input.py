@@ -28,6 +28,8 @@ from ray_pipeline.errors import ConfigError, PipelineError, exit_status
 from ray_pipeline.model import check_hub_model, embedded_gguf, load_every_weight, resolve_model
 from ray_pipeline.storage import StorageError
 
+pytestmark = pytest.mark.fast  # no model and no Ray: checks made before Ray starts
+
 COLUMNS = ("problem", "answer", "unique_id", "subject", "level")
 VALUES = [
     math.nan, math.inf, -math.inf, 1e308, -1, 0, 12, 3.5, 5.0, 2**31, 2**40, -(2**63), True, False, None,
