@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -22,30 +25,62 @@ class Sample:
     logprobs: list[float]
 
 
+class GenerationBackend(Protocol):
+    """What the generator actor needs from a model: N samples per prompt, problems yielded as they finish."""
+
+    name: str
+    # Errors after which the engine serves nothing more: the actor exits so Ray restarts it and retries the batch.
+    fatal_errors: tuple[type[BaseException], ...]
+
+    def generate(self, prompts: list[list[int]], keys: list[str]) -> AsyncIterator[tuple[int, list[Sample] | str]]:
+        """(index into `prompts`, its N samples or why it has none) per problem, in the order they finish.
+
+        `keys` are the problem ids (sampling seeds). Several calls may run at once on one event loop.
+        """
+        ...
+
+
 class HFGenerator:
-    """transformers `generate`, batched over problems (CPU or GPU)."""
+    """transformers `generate`, one padded batch per call (CPU or GPU).
+
+    Sampling rule: one torch seed per call, from the run seed and the call's problem ids, so a batch
+    samples the same candidates whenever it holds the same problems in the same order. The pipeline
+    cuts every shard into whole batches (`pipeline.problem_blocks`), so a resumed shard equals the
+    uninterrupted one. Calls run one at a time: torch's generator is global to the process.
+    """
 
     name = "hf"
+    fatal_errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, path: str, config: RunConfig):
+    def __init__(self, path: str, config: RunConfig, pad_id: int):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
         self.config = config
+        self.pad_id = pad_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=config.dtype).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.lock: asyncio.Lock | None = None
 
-    def stream(self, prompts: list[list[int]], keys: list[str], pad_id: int) -> Iterator[tuple[int, list[Sample]]]:
-        """All problems are generated in one padded batch, then yielded in order."""
+    async def generate(self, prompts: list[list[int]], keys: list[str]) -> AsyncIterator[tuple[int, list[Sample]]]:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            # A thread keeps the event loop (and other batches' bookkeeping) free during the forward passes.
+            results = await asyncio.to_thread(lambda: list(self.generate_batch(prompts, keys)))
+        for result in results:
+            yield result
+
+    def generate_batch(self, prompts: list[list[int]], keys: list[str]) -> Iterator[tuple[int, list[Sample]]]:
+        """All problems in one padded batch, yielded in order."""
         torch, cfg = self.torch, self.config
         width = max(len(p) for p in prompts)
         # Left padding keeps every prompt's last token at the same position.
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        # One seed per call from the problem ids: the same batch samples the same candidates on rerun.
         torch.manual_seed(stable_seed(cfg.seed, *keys))
         sampling = (
             {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
@@ -58,7 +93,7 @@ class HFGenerator:
                 attention_mask=mask,
                 max_new_tokens=cfg.max_tokens,
                 num_return_sequences=cfg.num_return_sequences,
-                pad_token_id=pad_id,
+                pad_token_id=self.pad_id,
                 top_k=None,
                 **sampling,
             )
@@ -75,10 +110,11 @@ class HFGenerator:
 
 
 class GeneratorActor:
-    """Ray Data callable class: problems in, one row per (problem, candidate) out.
+    """Ray Data callable class: a small batch of problems in, one row per (problem, candidate) out.
 
-    `__call__` yields its output in pieces as problems finish, so the scorer pool starts on
-    the first candidates while the generator still works on the rest of a large batch.
+    `__call__` is an async generator, so one actor works on several batches at once (the pool's
+    `generate_in_flight`) and its engine schedules all their requests together. It yields rows in
+    pieces as problems finish (`stream_problems`).
     """
 
     def __init__(self, config: RunConfig):
@@ -97,14 +133,16 @@ class GeneratorActor:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.backend_name = resolve_backend(config.backend, torch.cuda.is_available())
+        self.backend = self.make_backend(path)
+
+    def make_backend(self, path: str) -> GenerationBackend:
         if self.backend_name == "vllm":
             from actors.vllm_backend import VLLMGenerator
 
-            self.backend = VLLMGenerator(path, config)
-        else:
-            self.backend = HFGenerator(path, config)
+            return VLLMGenerator(path, self.config)
+        return HFGenerator(path, self.config, self.pad_id)
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         problems = batch.to_pylist()
         prompts = [
             self.tokenizer(build_prompt(p["problem"], self.config.prompt, self.tokenizer))["input_ids"]
@@ -113,21 +151,28 @@ class GeneratorActor:
         # A prompt that leaves no room to generate fails the same way on every retry: it becomes
         # error rows at once instead of failing its batch.
         fits = [i for i, p in enumerate(prompts) if self.context is None or len(p) < self.context]
+        rows, done = [], 0
+        for i in sorted(set(range(len(problems))) - set(fits)):
+            error = f"prompt has {len(prompts[i])} tokens, no room under the context length {self.context}"
+            rows += self._error_rows(problems[i], error)
+            done += 1
         keys = [problems[i]["problem_id"] for i in fits]
-        results = self.backend.stream([prompts[i] for i in fits], keys, self.pad_id)
-        too_long = (
-            (i, f"prompt has {len(prompts[i])} tokens, no room under the context length {self.context}")
-            for i in sorted(set(range(len(problems))) - set(fits))
-        )
-        rows = []
-        for done, (i, result) in enumerate(chain(too_long, ((fits[j], r) for j, r in results)), 1):
-            if isinstance(result, str):
-                rows += self._error_rows(problems[i], result)
-            else:
-                rows += self._rows(problems[i], prompts[i], result)
-            if done % self.config.stream_problems == 0 or done == len(problems):
-                yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
-                rows = []
+        results = self.backend.generate([prompts[i] for i in fits], keys) if fits else _nothing()
+        try:
+            async for j, result in results:
+                i = fits[j]
+                if isinstance(result, str):
+                    rows += self._error_rows(problems[i], result)
+                else:
+                    rows += self._rows(problems[i], prompts[i], result)
+                done += 1
+                if done % self.config.stream_problems == 0:
+                    yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+                    rows = []
+        except self.backend.fatal_errors as exc:
+            exit_for_restart(exc)
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
 
     def _error_rows(self, problem: dict, error: str) -> list[dict]:
         """N rows without text that name why: the shard stays complete and the report lists the problem."""
@@ -160,3 +205,20 @@ class GeneratorActor:
             }
             for index, sample in enumerate(candidates)
         ]
+
+
+async def _nothing() -> AsyncIterator:
+    return
+    yield
+
+
+def exit_for_restart(exc: BaseException) -> None:
+    """Leave the process so Ray restarts the actor and retries its batches on a fresh engine.
+
+    Re-raising would retry the batch on this same actor, whose engine is gone; `ray.actor.exit_actor`
+    counts as an intended exit, after which Ray does not retry. A process exit is a system failure:
+    Ray restarts the actor (max_restarts) and retries the task (max_task_retries).
+    """
+    print(f"generator: engine died ({type(exc).__name__}: {exc}); exiting so Ray restarts this actor", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)

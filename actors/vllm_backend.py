@@ -2,66 +2,86 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
 
 from actors.generator import Sample
 from ray_pipeline.config import RunConfig
 from ray_pipeline.sampling import stable_seed, vllm_is_cpu_build
 
 
+def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
+    """vLLM engine arguments for this run; the benchmark's raw `LLM` gets the same ones."""
+    engine = {
+        "model": path,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.resolved_gpu_memory_utilization(gpu=not cpu),
+        # CUDA graphs and compilation stay on unless asked: in eager mode decode is launch-bound.
+        "enforce_eager": config.enforce_eager,
+        # Report log-probabilities of the raw (temperature 1) distribution, as the scorer computes them.
+        "logprobs_mode": "raw_logprobs",
+        "disable_log_stats": True,
+    }
+    if config.tensor_parallel_size > 1:
+        # The actor already holds its tensor_parallel_size GPUs (pipeline.actor_gpus): vLLM's
+        # multiprocessing workers use them, where its Ray backend would ask the cluster for more.
+        engine["distributed_executor_backend"] = "mp"
+    if config.max_model_len:
+        engine["max_model_len"] = config.max_model_len
+    return engine
+
+
 class VLLMGenerator:
+    """vLLM's `AsyncLLM`: every batch the actor holds feeds one engine, which schedules all their requests together."""
+
     name = "vllm"
 
     def __init__(self, path: str, config: RunConfig):
-        from vllm import LLM
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         self.config = config
         self.cpu = vllm_is_cpu_build()
-        engine = {
-            "model": path,
-            "seed": config.seed,
-            "dtype": config.dtype,
-            "tensor_parallel_size": config.tensor_parallel_size,
-            "gpu_memory_utilization": config.resolved_gpu_memory_utilization(gpu=not self.cpu),
-            "enforce_eager": config.enforce_eager,
-            # Report log-probabilities of the raw (temperature 1) distribution, as the scorer computes them.
-            "logprobs_mode": "raw_logprobs",
-        }
-        if config.tensor_parallel_size > 1:
-            # The actor already holds its tensor_parallel_size GPUs (pipeline.actor_gpus): vLLM's
-            # multiprocessing workers use them, where its Ray backend would ask the cluster for more.
-            engine["distributed_executor_backend"] = "mp"
-        if config.max_model_len:
-            engine["max_model_len"] = config.max_model_len
-        self.llm = LLM(**engine)
-        self.prefix = 0
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, config, self.cpu)))
+        self.fatal_errors = (EngineDeadError,)
+        self.ids = itertools.count()
 
-    def stream(
-        self, prompts: list[list[int]], keys: list[str], pad_id: int
-    ) -> Iterator[tuple[int, list[Sample] | str]]:
-        """Submit every problem at once and yield each as soon as all its n samples finish.
+    async def generate(
+        self, prompts: list[list[int]], keys: list[str]
+    ) -> AsyncIterator[tuple[int, list[Sample] | str]]:
+        """Submit every problem of the batch at once and yield each as soon as all its n samples finish."""
+        tasks = [asyncio.ensure_future(self._one(i, p, key)) for i, (p, key) in enumerate(zip(prompts, keys))]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
 
-        This is `LLM.generate`'s own loop (add requests, step the engine) made incremental, so
-        the engine batches the whole input like a plain generate call while finished problems
-        already flow on to the scorer.
-        """
+    async def _one(self, index: int, prompt: list[int], key: str) -> tuple[int, list[Sample] | str]:
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        engine = self.llm.llm_engine
-        for i, (prompt, key) in enumerate(zip(prompts, keys)):
-            params = sampling_params(self.config, key, cpu=self.cpu)
-            params.output_kind = RequestOutputKind.FINAL_ONLY
-            try:
-                engine.add_request(f"{self.prefix}-{i}", TokensPrompt(prompt_token_ids=prompt), params)
-            except ValueError as exc:
-                # The engine refuses this request alone (e.g. too long): it becomes the problem's error rows.
-                yield i, f"vLLM refused the request: {exc}"
-        self.prefix += 1
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    yield int(out.request_id.rsplit("-", 1)[1]), [_sample(c) for c in sorted(out.outputs, key=_index)]
+        params = sampling_params(self.config, key, cpu=self.cpu)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        try:
+            async for out in self.engine.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, f"{key}-{next(self.ids)}"
+            ):
+                final = out
+        except (VLLMValidationError, ValueError) as exc:
+            # The engine refuses this request alone (e.g. too long): it becomes the problem's error rows.
+            return index, f"vLLM refused the request: {exc}"
+        return index, [_sample(c) for c in sorted(final.outputs, key=_index)]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
 
 def sampling_params(config: RunConfig, key: str, cpu: bool):

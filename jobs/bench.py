@@ -1,12 +1,14 @@
 """Benchmark: raw vLLM `LLM.generate` against the full pipeline (generate + score + reduce), same prompts and N.
 
-    python -m jobs.bench --dataset ../shared/data/math500.jsonl --enforce_eager
-    python -m jobs.bench --dataset ../shared/data/math500.jsonl --dummy_shape qwen2.5-math-1.5b --enforce_eager
+    python -m jobs.bench --dataset math500.jsonl --record benchmarks/smollm2-1gpu.json
+    python -m jobs.bench --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b
 
 Both run in one Ray session on the same device: first raw vLLM in a Ray task that exits afterwards
 (freeing its memory), then the pipeline. Engine start is timed apart from generation on both
 sides; the ratio compares the pipeline's work (first generator call to the written best-answer
-file) with raw `LLM.generate`. Prints a table and writes bench.json under --bench_dir.
+file) with raw `LLM.generate`. Both engines get the same arguments (CUDA graphs on unless
+--enforce_eager). Prints a table and writes bench.json under --bench_dir, and the same result
+stamped with device, date, commit and command to --record.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
+from jobs.records import device_name, write_record
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError, exit_status
@@ -41,9 +44,9 @@ class TimedGenerator(GeneratorActor):
         super().__init__(config)
         self.log = Path(timing_dir) / f"generator-{id(self)}.jsonl"
 
-    def __call__(self, batch):
+    async def __call__(self, batch):
         start, tokens = time.time(), 0
-        for table in super().__call__(batch):
+        async for table in super().__call__(batch):
             tokens += sum(len(t) for t in table.column("token_ids").to_pylist())
             yield table
         _note(self.log, {"start": start, "end": time.time(), "tokens": tokens, "gpu": _visible_gpus()})
@@ -113,16 +116,19 @@ class GpuMemoryPeak:
 
 
 def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[str]) -> dict:
-    """Plain vLLM: build the engine, then one `LLM.generate` over every prompt."""
+    """Plain vLLM: build an `LLM` with the pipeline's engine arguments, then one `LLM.generate` over every prompt."""
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from actors.vllm_backend import VLLMGenerator, sampling_params
+    from actors.vllm_backend import engine_args, sampling_params
+    from ray_pipeline.sampling import vllm_is_cpu_build
 
+    cpu = vllm_is_cpu_build()
     started = time.time()
-    generator = VLLMGenerator(model_path, config)
+    llm = LLM(**engine_args(model_path, config, cpu))
     ready = time.time()
-    params = [sampling_params(config, key, cpu=generator.cpu) for key in keys]
-    outputs = generator.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    params = [sampling_params(config, key, cpu=cpu) for key in keys]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     done = time.time()
     tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
     return {"engine_start_s": ready - started, "generate_s": done - ready, "tokens": tokens}
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dummy_shape", choices=sorted(DUMMY_SHAPES), help="random-weight model of this shape")
     parser.add_argument("--bench_dir", default="/tmp/bestofn-bench", help="scratch folder for models and outputs")
     parser.add_argument("--skip_raw", action="store_true", help="time the pipeline only (no raw vLLM reference)")
+    parser.add_argument("--record", help="also write the result with device, date and commit to this JSON file")
     parser.set_defaults(backend="vllm")
     args = parser.parse_args(argv)
     return exit_status(lambda: _run(args))
@@ -201,12 +208,14 @@ def _run(args: argparse.Namespace) -> int:
     score_busy = sum(r["end"] - r["start"] for r in scores)
     scored_tokens = sum(r["tokens"] for r in scores)
     result = {
-        "device": _device_name(),
+        "device": device_name(),
         "model": path,
         "problems": problems.num_rows,
         "n": config.num_return_sequences,
         "max_tokens": config.max_tokens,
         "enforce_eager": config.enforce_eager,
+        "generate_batch_size": config.generate_batch_size,
+        "generate_in_flight": config.generate_in_flight,
         "gpus": gpus,
         "num_generators": config.num_generators,
         "num_scorers": config.num_scorers,
@@ -234,21 +243,10 @@ def _run(args: argparse.Namespace) -> int:
         "pass_at_n": summary.pass_at_n,
     }
     (bench_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        write_record(args.record, result)
     _print_table(result)
     return 0
-
-
-def _device_name() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True
-            )
-            .stdout.strip()
-            .splitlines()[0]
-        )
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "CPU"
 
 
 def _print_table(r: dict) -> None:
@@ -270,8 +268,7 @@ def _print_table(r: dict) -> None:
         ("  scoring tail after generation", r["score_tail_s"], None),
         ("  reduce", r["reduce_s"], None),
     ]
-    where = f"{r['gpus']} x {r['device']}" if r["gpus"] else r["device"]
-    print(f"\n{where} | {r['problems']} problems x n={r['n']} x {r['max_tokens']} tokens")
+    print(f"\n{r['device']} | {r['problems']} problems x n={r['n']} x {r['max_tokens']} tokens")
     print(f"| {'stage':40} | {'seconds':>8} | {'tokens/s':>9} |\n|{'-' * 42}|{'-' * 10}|{'-' * 11}|")
     for name, seconds, rate in rows:
         print(f"| {name:40} | {seconds:8.1f} | {'' if rate is None else f'{rate:9.0f}':>9} |")

@@ -1,12 +1,13 @@
 """Multi-GPU scaling: the same pipeline work on 1, 2, 4 ... GPUs, one generator and one scorer actor per GPU.
 
     python -m jobs.bench_scaling --gpus 1,2,4 --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b \\
-        --enforce_eager --score_batch_size 32
+        --score_batch_size 32 --record benchmarks/scaling-1.5b.json
 
 Each GPU count runs `jobs.bench --skip_raw` in its own process and Ray session, seeing only the
 first k GPUs (CUDA_VISIBLE_DEVICES), with --num_generators k --num_scorers k. A count whose
 bench.json exists under --scaling_dir is not run again (delete its folder to redo it), so a sweep
-can be split over several calls. Prints a table of work time and speed-up over the fewest GPUs.
+can be split over several calls. Prints a table of work time and speed-up over the fewest GPUs;
+--record writes every count's result and the speed-ups, stamped with device, date and commit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jobs.records import write_record
 from ray_pipeline.errors import PipelineError, exit_status
 
 
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="1,2,4", help="comma-separated GPU counts")
     parser.add_argument("--scaling_dir", default="/tmp/bestofn-scaling", help="one bench folder per GPU count")
     parser.add_argument("--dummy_shape", help="random-weight model of this shape (see jobs.bench), written once")
+    parser.add_argument("--record", help="also write the results and speed-ups with device, date and commit here")
     args, bench_args = parser.parse_known_args(argv)
     return exit_status(lambda: _run(args, bench_args))
 
@@ -57,7 +60,22 @@ def _run(args: argparse.Namespace, bench_args: list[str]) -> int:
         results[k] = json.loads((out / "bench.json").read_text())
     print_table(results)
     (root / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.record:
+        write_record(args.record, scaling_record(results))
     return 0
+
+
+def scaling_record(results: dict[int, dict]) -> dict:
+    """The sweep's settings, each count's bench result, and work and wall speed-ups over the fewest GPUs."""
+    base = results[min(results)]
+    first = next(iter(results.values()))
+    return {
+        **{key: first[key] for key in ("model", "problems", "n", "max_tokens", "enforce_eager")},
+        "gpus": sorted(results),
+        "work_speedup": {k: base["pipeline_work_s"] / r["pipeline_work_s"] for k, r in sorted(results.items())},
+        "wall_speedup": {k: base["pipeline_wall_s"] / r["pipeline_wall_s"] for k, r in sorted(results.items())},
+        "runs": {k: r for k, r in sorted(results.items())},
+    }
 
 
 def print_table(results: dict[int, dict]) -> None:

@@ -13,12 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def device_name() -> str:
-    """The GPU's name (CUDA), else "CPU: <model name> x <cores>"."""
+    """ "<count> x <GPU name>" (CUDA), else "CPU: <model name> x <cores>"."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
     model = "unknown CPU"

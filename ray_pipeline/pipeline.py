@@ -37,7 +37,7 @@ def init_ray(config: RunConfig) -> None:
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=config.verbose)
+            ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first}") from None
@@ -45,16 +45,10 @@ def init_ray(config: RunConfig) -> None:
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
     wanted = (config.pool_bounds("generators")[1] + config.pool_bounds("scorers")[1]) * config.cpus_per_actor + 1
-    # The actors' own output (model loading, warnings) reaches the driver only with --verbose.
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
     try:
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
-            include_dashboard=False,
-            log_to_driver=config.verbose,
-        )
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fix = "pass --ray_address to use a running cluster"
@@ -83,19 +77,20 @@ def cluster_has_gpu() -> bool:
 
 
 def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
-    """The config with 'auto' settings made concrete for this cluster: backend and batch size."""
+    """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in flight."""
     backend = resolve_backend(config.backend, cluster_has_gpu())
-    batch = config.generate_batch_size
-    if batch is None:
-        # vLLM schedules best when it sees every request at once. transformers pads a batch to its
-        # longest, so batches stay small; a size dividing shard_size keeps every batch inside one
-        # shard, so a resumed run samples each shard exactly as an uninterrupted one did.
-        if backend == "vllm":
-            # Sized for the largest pool, so actors an autoscaling pool adds have batches to take.
-            batch = math.ceil(num_problems / config.pool_bounds("generators")[1])
-        else:
-            batch = max(d for d in range(1, 9) if config.shard_size % d == 0)
-    return dataclasses.replace(config, backend=backend, generate_batch_size=batch)
+    # Small batches: engines that run at different speeds share the work, and a retry redoes a few
+    # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
+    # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.
+    batch = config.generate_batch_size or max(d for d in range(1, 9) if config.shard_size % d == 0)
+    in_flight = config.generate_in_flight
+    if in_flight is None:
+        # vLLM schedules best when it sees many requests at once: a generator holds up to its share of
+        # all problems (sized for the largest pool), so every problem is in flight once all engines run,
+        # and an engine that comes up first cannot take another's share. transformers runs one batch at a time.
+        share = math.ceil(num_problems / config.pool_bounds("generators")[1])
+        in_flight = math.ceil(share / batch) if backend == "vllm" else 1
+    return dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
 
 
 def actor_gpus(config: RunConfig) -> tuple[float, float]:
@@ -125,22 +120,54 @@ def pool_strategy(config: RunConfig, pool: str):
     import ray.data
 
     low, high = config.pool_bounds(pool)
-    # A vLLM generator batch is a 1/num_generators share of all problems. Ray Data's default of
-    # two tasks in flight per actor let the first engine to come up take two shares while the
-    # others idled (on 2 and 4 H200s all generation ran on half the generators), so a generator
-    # takes its next batch only when it is free. Scorer batches are small: they keep the default.
-    in_flight = 1 if pool == "generators" else None
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight)
+    if pool != "generators":
+        # Scorer batches are small and run one at a time: they keep Ray Data's defaults.
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    # A generator's async __call__ runs `generate_in_flight` batches at once, no more: Ray Data's default
+    # of more tasks than that per actor let the first engine to come up take others' shares while they
+    # idled (on 2 and 4 H200s all generation ran on half the generators).
+    in_flight = config.generate_in_flight or 1
+    return ray.data.ActorPoolStrategy(
+        min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight
+    )
 
 
 def _resources(name: str | None) -> dict[str, float] | None:
     return {name: 1.0} if name else None
 
 
-def shard_blocks(problems: pa.Table) -> list[pa.Table]:
-    """One input block per shard, so a generator batch rarely mixes shards."""
+def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
+    """Input blocks of `batch_size` problems cut within each shard: a generator batch is one block.
+
+    Ray Data bundles blocks up to batch_size rows before a task, so only a shard's short last block
+    can share a batch with the next shard's first; with a batch size dividing shard_size (the
+    default) only the last, short shard has one, and batches never mix shards.
+    """
     ids = problems.column("shard_id")
-    return [problems.filter(pc.equal(ids, s)) for s in sorted(set(ids.to_pylist()))]
+    blocks = []
+    for s in sorted(set(ids.to_pylist())):
+        shard = problems.filter(pc.equal(ids, s))
+        blocks += [shard.slice(start, batch_size) for start in range(0, shard.num_rows, batch_size)]
+    return blocks
+
+
+def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type):
+    """The generator pool's dataset: small batches of problems in, candidate rows out (resolved `config`)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
+    ds = ray.data.from_arrow(problem_blocks(problems, config.generate_batch_size))
+    return ds.map_batches(
+        generator_cls,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.generate_batch_size,
+        batch_format="pyarrow",
+        compute=pool_strategy(config, "generators"),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=actor_gpus(config)[0],
+        resources=_resources(config.generator_resource),
+        **_fault_tolerance(config),
+    )
 
 
 def run_stages(
@@ -157,22 +184,8 @@ def run_stages(
 
     `config` is the resolved one (see `resolve_execution`); `on_batch` sees each scored batch (progress).
     """
-    import ray.data
-
-    gen_gpus, score_gpus = actor_gpus(config)
-    ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
-    ds = ray.data.from_arrow(shard_blocks(problems))
-    ds = ds.map_batches(
-        generator_cls,
-        fn_constructor_kwargs={"config": config},
-        batch_size=config.generate_batch_size,
-        batch_format="pyarrow",
-        compute=pool_strategy(config, "generators"),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=gen_gpus,
-        resources=_resources(config.generator_resource),
-        **_fault_tolerance(config),
-    )
+    score_gpus = actor_gpus(config)[1]
+    ds = generate_stage(config, problems, generator_cls)
     ds = ds.map_batches(
         scorer_cls,
         fn_constructor_kwargs={"config": config},

@@ -1,7 +1,9 @@
-"""Actor pools on real Ray Data: every generator gets a share, even one that starts late; autoscaling grows."""
+"""Actor pools on real Ray Data: generators run several small batches at once and share the work, even
+one that starts late or runs slowly; autoscaling grows the scorer pool."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -12,19 +14,51 @@ from ray_pipeline.config import RunConfig
 from ray_pipeline.pipeline import pool_strategy
 
 
-def pids_per_batch(udf: type, batches: int, config: RunConfig, pool: str) -> list[int]:
-    """Run one-row batches through `udf` in the pool `pool_strategy` builds; the pid that ran each."""
+def run_batches(udf: type, batches: int, config: RunConfig, pool: str) -> list[dict]:
+    """One-row batches through `udf` in the pool `pool_strategy` builds: per batch the pid and its start/end."""
     import ray.data
 
-    class Stamped(udf):
-        def __call__(self, batch: pa.Table) -> pa.Table:
-            super().__call__(batch)
-            return batch.append_column("pid", pa.array([os.getpid()] * batch.num_rows))
+    # Defined here, not at module level: Ray's workers cannot import this test module.
+    def stamp(batch: pa.Table, start: float) -> pa.Table:
+        n = batch.num_rows
+        batch = batch.append_column("pid", pa.array([os.getpid()] * n))
+        return batch.append_column("start", pa.array([start] * n)).append_column("end", pa.array([time.time()] * n))
+
+    if pool == "generators":
+
+        class Stamped(udf):
+            async def __call__(self, batch: pa.Table):
+                start = time.time()
+                await super().__call__(batch)
+                yield stamp(batch, start)
+
+    else:
+
+        class Stamped(udf):
+            def __call__(self, batch: pa.Table) -> pa.Table:
+                start = time.time()
+                super().__call__(batch)
+                return stamp(batch, start)
 
     ds = ray.data.from_arrow([pa.table({"i": [i]}) for i in range(batches)]).map_batches(
         Stamped, batch_size=1, batch_format="pyarrow", compute=pool_strategy(config, pool), num_cpus=0.5
     )
-    return [row["pid"] for row in ds.take_all()]
+    return ds.take_all()
+
+
+def most_at_once(rows: list[dict]) -> int:
+    """The largest number of batches that ran at the same moment in one process."""
+    best = 0
+    for r in rows:
+        best = max(best, sum(o["pid"] == r["pid"] and o["start"] <= r["start"] < o["end"] for o in rows))
+    return best
+
+
+def per_actor(rows: list[dict]) -> list[int]:
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r["pid"]] = counts.get(r["pid"], 0) + 1
+    return sorted(counts.values())
 
 
 @pytest.fixture
@@ -36,12 +70,10 @@ def local_ray():
     ray.shutdown()
 
 
-def test_a_generator_that_starts_late_still_gets_its_batch(local_ray, tmp_path):
-    """Like vLLM engines, one actor comes up seconds after the other; each batch is one actor's share.
-
-    With Ray Data's default of two tasks in flight per actor, the first actor takes both shares and
-    runs them one after the other while the second idles.
-    """
+@pytest.mark.parametrize("in_flight", [2, 3])
+def test_a_generator_that_starts_late_still_gets_its_share(local_ray, tmp_path, in_flight):
+    """Like vLLM engines, one actor comes up seconds after the other. The first takes `in_flight` small
+    batches and runs them at once; it cannot take the late one's share, which would leave it idle."""
     first = tmp_path / "first"
 
     class StaggeredGenerator:
@@ -51,12 +83,35 @@ def test_a_generator_that_starts_late_still_gets_its_batch(local_ray, tmp_path):
             except FileExistsError:
                 time.sleep(4)  # the second engine is still starting
 
-        def __call__(self, batch: pa.Table) -> None:
-            time.sleep(8)  # generating the share
+        async def __call__(self, batch: pa.Table) -> None:
+            await asyncio.sleep(8)  # generating the batch
 
-    pids = pids_per_batch(StaggeredGenerator, 2, RunConfig(num_generators=2), "generators")
-    assert len(pids) == 2
-    assert len(set(pids)) == 2, "one actor ran both shares while the other idled"
+    config = RunConfig(num_generators=2, generate_in_flight=in_flight)
+    rows = run_batches(StaggeredGenerator, 2 * in_flight, config, "generators")
+    assert len(rows) == 2 * in_flight
+    assert per_actor(rows) == [in_flight, in_flight], "one actor ran the other's share while it idled"
+    assert most_at_once(rows) == in_flight, "an actor ran its batches one after the other"
+
+
+def test_a_fast_generator_takes_more_batches_than_a_slow_one(local_ray, tmp_path):
+    """Engines share the work: batches left in the queue go to whichever engine finishes one first."""
+    first = tmp_path / "first"
+
+    class UnevenGenerator:
+        def __init__(self):
+            try:
+                first.open("x").close()
+                self.seconds = 3.0
+            except FileExistsError:
+                self.seconds = 0.3
+
+        async def __call__(self, batch: pa.Table) -> None:
+            await asyncio.sleep(self.seconds)
+
+    rows = run_batches(UnevenGenerator, 12, RunConfig(num_generators=2, generate_in_flight=1), "generators")
+    assert len(rows) == 12
+    slow, fast = per_actor(rows)
+    assert fast >= 2 * slow, f"the fast engine ran {fast} batches, the slow one {slow}"
 
 
 def test_an_autoscaling_scorer_pool_grows_while_batches_queue(local_ray):
@@ -64,6 +119,6 @@ def test_an_autoscaling_scorer_pool_grows_while_batches_queue(local_ray):
         def __call__(self, batch: pa.Table) -> None:
             time.sleep(2)
 
-    pids = pids_per_batch(SlowScorer, 12, RunConfig(num_scorers=1, max_scorers=2).validate(), "scorers")
-    assert len(pids) == 12
-    assert len(set(pids)) == 2, "the pool never grew past its one starting actor"
+    rows = run_batches(SlowScorer, 12, RunConfig(num_scorers=1, max_scorers=2).validate(), "scorers")
+    assert len(rows) == 12
+    assert len(per_actor(rows)) == 2, "the pool never grew past its one starting actor"

@@ -31,16 +31,58 @@ def test_cpu_cluster_reserves_no_gpus(monkeypatch):
 
 
 def test_fixed_and_autoscaling_pools():
-    fixed = pipeline.pool_strategy(RunConfig(num_generators=3), "generators")
-    assert (fixed.min_size, fixed.max_size, fixed.max_tasks_in_flight_per_actor) == (3, 3, 1)
+    fixed = pipeline.pool_strategy(RunConfig(num_generators=3, generate_in_flight=5), "generators")
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    # An actor is sent exactly as many batches as its async __call__ runs at once.
+    assert (fixed.max_tasks_in_flight_per_actor, fixed.max_concurrent_calls_per_actor) == (5, 5)
     scaling = pipeline.pool_strategy(RunConfig(num_scorers=1, max_scorers=4).validate(), "scorers")
     assert (scaling.min_size, scaling.max_size) == (1, 4)
 
 
-def test_vllm_batches_are_sized_for_the_largest_pool(monkeypatch):
+@pytest.mark.parametrize("problems", [1, 7, 16, 499, 500])
+@pytest.mark.parametrize("pools", [(1, None), (2, None), (4, None), (1, 4), (3, 8)])
+@pytest.mark.parametrize("shard_size", [1, 7, 10, 50])
+def test_vllm_holds_every_problem_in_small_batches_no_engine_more_than_its_share(
+    monkeypatch, problems, pools, shard_size
+):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
-    config = RunConfig(num_generators=1, max_generators=4).validate()
-    assert pipeline.resolve_execution(config, 500).generate_batch_size == 125
+    config = RunConfig(
+        backend="vllm", num_generators=pools[0], max_generators=pools[1], shard_size=shard_size
+    ).validate()
+    got = pipeline.resolve_execution(config, problems)
+    largest = pools[1] or pools[0]
+    batch, in_flight = got.generate_batch_size, got.generate_in_flight
+    assert 1 <= batch <= 8 and shard_size % batch == 0
+    # Sized for the largest pool: all problems are in flight once it runs; an engine holds at most a
+    # share (plus less than one batch), so one that starts first cannot take the others' work.
+    assert in_flight * batch * largest >= problems
+    assert (in_flight - 1) * batch < -(-problems // largest)
+
+
+def test_transformers_runs_one_small_batch_at_a_time_and_flags_win(monkeypatch):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
+    got = pipeline.resolve_execution(RunConfig(backend="hf", shard_size=50), 500)
+    assert (got.generate_batch_size, got.generate_in_flight) == (5, 1)
+    config = RunConfig(backend="vllm", generate_batch_size=3, generate_in_flight=2)
+    got = pipeline.resolve_execution(config, 500)
+    assert (got.generate_batch_size, got.generate_in_flight) == (3, 2)
+
+
+@pytest.mark.parametrize("shard_size", [1, 3, 8, 50])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+@pytest.mark.parametrize("limit", [1, 9, 23])
+def test_problem_blocks_are_whole_batches_inside_shards(shard_size, batch, limit):
+    import pyarrow as pa
+
+    ids = list(range(limit))
+    problems = pa.table({"problem_index": ids, "shard_id": [i // shard_size for i in ids]})
+    blocks = pipeline.problem_blocks(problems, batch)
+    assert pa.concat_tables(blocks).column("problem_index").to_pylist() == ids
+    for block in blocks:
+        assert 1 <= block.num_rows <= batch and len(set(block.column("shard_id").to_pylist())) == 1
+    # Only a shard's last block is short.
+    starts = [b.column("problem_index")[0].as_py() for b in blocks]
+    assert all(s % shard_size % batch == 0 for s in starts)
 
 
 def test_stop_reason_names_the_cause_inside_an_actor_traceback():
