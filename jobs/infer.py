@@ -1,10 +1,11 @@
-"""Generate N candidates per MATH-500 problem, score them, and write the best answers.
+"""Generate N candidates per problem, score them, and write the best answers.
 
-python -m jobs.infer --dataset ../shared/data/math500.jsonl --limit 20
+python -m jobs.infer --dataset problems.jsonl --limit 20   (or: bestofn-infer ...)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,20 +17,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_pipeline.cli import Interrupted, program, quiet_ray, quiet_ray_warnings, resume_command, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.data import load_problems
-from ray_pipeline.errors import PipelineError, exit_status
-from ray_pipeline.manifest import COMMITTED, FAILED, PENDING, Manifest, fingerprint, shards_to_run
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.manifest import (
+    COMMITTED,
+    FAILED,
+    PENDING,
+    Manifest,
+    best_file_name,
+    default_run_id,
+    fingerprint,
+    shards_to_run,
+)
 from ray_pipeline.manifest import fingerprint_hash as fp_hash
 from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
+from ray_pipeline.progress import Progress
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.selection import SelectionParams, get_method
-from ray_pipeline.shards import expected_rows, remove_stale_temporaries
+from ray_pipeline.shards import check_no_unplanned_files, expected_rows, remove_stale_temporaries
 from ray_pipeline.storage import StorageError, StoragePath
 
 
-def run(config: RunConfig) -> dict:
-    """The whole job: plan, generate and score the shards not yet done, then reduce."""
+def run(config: RunConfig, command: str | None = None, argv: list[str] | None = None) -> dict:
+    """The whole job: plan, generate and score the shards not yet done, then reduce.
+
+    `command` and `argv` (how the user started the job) make the resume command in hints.
+    """
     get_method(config.method)
     problems = load_problems(
         config.dataset, split=config.dataset_split, limit=config.limit, shard_size=config.shard_size
@@ -41,36 +56,62 @@ def run(config: RunConfig) -> dict:
     check_tensor_parallel(resolved, config.tensor_parallel_size)
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
-    run_dir = output_dir / (config.run_id or f"math500_candidates_{name}_{stamp}")
+    # The backend as given ('auto' included): the same command names the same folder on any cluster.
+    run_id = config.run_id or default_run_id(config.dataset, name, fingerprint(config, problems, resolved))
+    run_dir = output_dir / run_id
+    resume = resume_command(command or "python -m jobs.infer", argv if argv is not None else [], run_id)
+    _make_folder(run_dir)
+    with run_dir.lock() as locked:
+        if not locked:
+            print(f"  note: {run_dir} is on an object store, which has no lock: run one job per run folder", flush=True)
+        try:
+            return _run_locked(config, problems, resolved, name, output_dir, run_dir, resume)
+        except KeyboardInterrupt:
+            raise Interrupted(f"committed shards are kept in {run_dir}; resume with: {resume}") from None
+
+
+def _run_locked(
+    config: RunConfig,
+    problems: pa.Table,
+    resolved: str,
+    name: str,
+    output_dir: StoragePath,
+    run_dir: StoragePath,
+    resume: str,
+) -> dict:
     shards_dir = run_dir / "shards"
-    manifest = Manifest.load(run_dir)
+    # A corrupt manifest must not stop --overwrite from starting over.
+    manifest = None if config.overwrite else Manifest.load(run_dir)
     if manifest is None and shards_dir.files() and not config.overwrite:
         raise PipelineError(f"{run_dir} holds shards but no manifest: pass --overwrite or a new --run_id")
-    if manifest is not None and not config.resume and not config.overwrite:
+    if manifest is not None and not config.resume:
         raise PipelineError(f"run folder {run_dir} exists: drop --no-resume to resume it, or pass --overwrite")
-    if manifest is not None and not config.overwrite:
+    if manifest is not None:
         # Before Ray starts: everything but the backend, which needs the cluster to resolve 'auto'.
         manifest.check_same_run(fingerprint(config, problems, resolved), run_dir, ignore=("backend",))
-    _make_folder(run_dir)
+        shards_to_run(manifest, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
 
     from actors.generator import GeneratorActor
     from actors.scorer import ScorerActor
     from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
     init_ray(config)
-    config = resolve_execution(config, problems.num_rows)
-    fp = fingerprint(config, problems, resolved)
+    quiet_ray_warnings(config.verbose)
+    resolved_config = resolve_execution(config, problems.num_rows)
+    # Only the backend is taken resolved: other cluster-derived defaults do not change the shards.
+    fp = fingerprint(dataclasses.replace(config, backend=resolved_config.backend), problems, resolved)
+    config = resolved_config
     n = config.num_return_sequences
-    if manifest is not None and config.overwrite:
+    if config.overwrite:
         shards_dir.delete_contents()
-        manifest = None
     if manifest is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
         manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
     else:
         manifest.check_same_run(fp, run_dir)
-    best = output_dir / f"math500_best_{manifest.model_name}_{manifest.stamp}.jsonl"
+    best = output_dir / best_file_name(config.dataset, manifest.model_name, run_dir.name)
     shards_dir.mkdir()
+    # Safe: this job holds the run folder's lock, so no other writer's temporary is in the making.
     remove_stale_temporaries(shards_dir)
     todo, notes = shards_to_run(manifest, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     for shard_id in todo:
@@ -98,18 +139,30 @@ def run(config: RunConfig) -> dict:
 
     if todo:
         wanted = pc.is_in(problems.column("shard_id"), pa.array(todo, pa.int32()))
-        run_stages(config, problems.filter(wanted), shards_dir, GeneratorActor, ScorerActor, committed, fp_hash(fp))
+        todo_problems = problems.filter(wanted)
+        progress = Progress(todo_problems.num_rows, n)
+        try:
+            run_stages(
+                config, todo_problems, shards_dir, GeneratorActor, ScorerActor, committed, fp_hash(fp), progress.add
+            )
+        except PipelineError as exc:
+            raise PipelineError(f"{exc} (committed shards are kept; resume with: {resume})") from None
     generate_s = time.monotonic() - started
 
     print(f"[2/2] Evaluating and selecting best answers -> {best}", flush=True)
-    summary = reduce_run(
-        shards_dir,
-        best,
-        method=config.method,
-        params=SelectionParams.from_config(config),
-        expected_shards=list(range(num_shards)),
-        allow_partial=config.allow_partial,
-    )
+    check_no_unplanned_files(shards_dir, list(range(num_shards)))
+    try:
+        summary = reduce_run(
+            shards_dir,
+            best,
+            method=config.method,
+            params=SelectionParams.from_config(config),
+            expected_shards=list(range(num_shards)),
+            allow_partial=config.allow_partial,
+        )
+    except PipelineError as exc:
+        # A shard lost or damaged since it was committed: the resume command redoes it.
+        raise PipelineError(f"{exc} (resume with: {resume})") from None
     report = json.loads(summary_json(summary)) | {
         # The fingerprint check guarantees every shard was made by this (resolved) backend.
         "backend": config.backend,
@@ -143,9 +196,11 @@ def _make_folder(run_dir: StoragePath) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
-    return exit_status(lambda: run(config_from_args(args)))
+    quiet_ray(args.verbose)
+    return run_entry(lambda: run(config_from_args(args), program("jobs.infer"), argv), verbose=args.verbose)
 
 
 if __name__ == "__main__":
