@@ -12,12 +12,14 @@ import dataclasses
 import sys
 import time
 
+from ray_pipeline.cli import run_entry
 from ray_pipeline.config import RunConfig, build_parser
-from ray_pipeline.errors import PipelineError, exit_status
+from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import Manifest
 from ray_pipeline.reduce import reduce_run, summary_json
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import SelectionParams, get_method
+from ray_pipeline.shards import check_no_unplanned_files
 from ray_pipeline.storage import Location, StoragePath
 
 REDUCE_FIELDS = (
@@ -27,6 +29,7 @@ REDUCE_FIELDS = (
     "borda_power",
     "borda_score",
     "answerless_last",
+    "answer_extraction",
     "deepconf_window",
     "num_return_sequences",
     "allow_partial",
@@ -51,6 +54,8 @@ def run(run_dir: Location, overrides: dict) -> dict:
     params = SelectionParams.from_config(config)
     num_candidates = overrides.get("num_return_sequences")
     manifest = Manifest.load(run_dir)
+    if manifest is not None:
+        check_no_unplanned_files(run_dir / "shards", sorted(manifest.expected_rows()))
     # The plan says which shards must exist: a missing one is refused unless --allow_partial.
     shards = {
         "expected_shards": sorted(manifest.expected_rows()) if manifest else None,
@@ -60,13 +65,17 @@ def run(run_dir: Location, overrides: dict) -> dict:
     if config.method == "all":
         comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
         print_comparison(comparison)
+        if manifest is None:
+            print(f"UNVERIFIED: {run_dir} has no manifest.json, so the comparison may be partial", flush=True)
         print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'} ({time.monotonic() - started:.1f} s)", flush=True)
         return comparison
     output = run_dir / f"best_{config.method}.jsonl"
     summary = reduce_run(
         run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates, **shards
     )
-    if summary.partial:
+    if summary.partial and manifest is None:
+        print(f"UNVERIFIED: {run_dir} has no manifest.json, so {output} may be partial", flush=True)
+    elif summary.partial:
         print(f"PARTIAL: shards {summary.missing_shards} are missing; their problems are not in {output}", flush=True)
     print(summary_json(summary), flush=True)
     print(f"✅ Done! Final results saved to: {output} ({time.monotonic() - started:.1f} s)", flush=True)
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run folder (holds config.json and shards/): a path or a URI such as s3://…")
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
-    return exit_status(lambda: run(run_dir, args))
+    return run_entry(lambda: run(run_dir, args))
 
 
 if __name__ == "__main__":

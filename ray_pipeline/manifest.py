@@ -1,21 +1,24 @@
 """The run manifest: what a run folder was made with, its shard plan, and each shard's status.
 
 A run folder is resumed only by the configuration that made it: the fingerprint holds every
-setting that changes the candidates or their scores, and a different one is refused with the
-fields that differ.
+RunConfig field whose role (its metadata) is "samples" or "scores", with the data set's and the
+model's content in place of their paths, and a different one is refused with the fields that differ.
+The default run folder name carries a hash of the same fingerprint, so the same command resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import HUB_DATASET, OUTPUT_ROLES, RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
 from ray_pipeline.storage import Location, StoragePath
@@ -25,6 +28,7 @@ MANIFEST_NAME = "manifest.json"
 SHARD_FORMAT_VERSION = 1
 
 COMMITTED, PENDING, FAILED = "committed", "pending", "failed"
+STATUSES = (COMMITTED, PENDING, FAILED)
 
 
 def code_version() -> str:
@@ -56,29 +60,51 @@ def model_identity(resolved: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def output_fields() -> list[str]:
+    """The RunConfig fields that change the samples or their scores (their metadata says so)."""
+    return [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("role") in OUTPUT_ROLES]
+
+
 def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> dict:
-    """Everything that changes a run's outputs. `config` must be resolved (concrete backend)."""
+    """Everything that changes a run's shards: every samples/scores field, the data and model contents.
+
+    Settings left to the cluster (generate_batch_size None) stay as given; only `backend` is
+    resolved by the caller, since 'auto' means another backend on another cluster.
+    """
+    fp = {name: getattr(config, name) for name in output_fields()}
     template = ORIGINAL_TEMPLATE if config.prompt == "original" else CHAT_INSTRUCTION
-    return {
-        "model_path": config.model_path,
+    fp |= {
         "model": model_identity(resolved_model),
+        # The content, so a moved or renamed copy of the same file resumes.
         "dataset": dataset_hash(problems),
-        "num_return_sequences": config.num_return_sequences,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_tokens": config.max_tokens,
-        "seed": config.seed,
         "prompt": f"{config.prompt}:{hashlib.sha256(template.encode()).hexdigest()[:12]}",
-        "backend": config.backend,
-        "dtype": config.dtype,
-        "shard_size": config.shard_size,
-        "self_eval": getattr(config, "self_eval", False),
         "code_version": code_version(),
     }
+    return fp
 
 
 def fingerprint_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_name(dataset: str) -> str:
+    """A short name for output files: 'math500' for MATH-500, else the file's or Hub id's last part."""
+    if dataset == HUB_DATASET:
+        return "math500"
+    stem = re.sub(r"\.(jsonl|json|parquet)$", "", dataset.rstrip("/").rsplit("/", 1)[-1], flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "", stem.lower())[:40] or "data"
+
+
+def default_run_id(dataset: str, model_name: str, fp: dict) -> str:
+    """`{dataset}_candidates_{model}_{hash}`: the same command and data give the same folder, so it resumes."""
+    return f"{dataset_name(dataset)}_candidates_{model_name}_{fingerprint_hash(fp)[:10]}"
+
+
+def best_file_name(dataset: str, model_name: str, run_id: str) -> str:
+    """`{dataset}_best_{model}_{run}.jsonl`, one per run folder (the run part of its name, else the whole)."""
+    prefix = f"{dataset_name(dataset)}_candidates_{model_name}_"
+    run = run_id.removeprefix(prefix) or run_id
+    return f"{dataset_name(dataset)}_best_{model_name}_{run}.jsonl"
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -110,10 +136,19 @@ class Manifest:
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+            manifest = cls(**json.loads(path.read_text()))
+            shards_ok = all(
+                isinstance(i, dict) and isinstance(i.get("rows"), int) and i.get("status") in STATUSES
+                for i in manifest.shards.values()
+            )
+            if not shards_ok or not isinstance(manifest.fingerprint, dict):
+                raise ValueError("its shard plan or fingerprint is malformed")
+            return manifest
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # ValueError covers broken JSON and bytes that are not UTF-8.
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise PipelineError(
-                f"{path} is not a readable manifest ({exc}); pass --overwrite to start afresh"
+                f"{path} is not a readable manifest ({reason}); pass --overwrite to start this run folder over"
             ) from None
 
     def save(self, run_dir: Location) -> None:
@@ -145,9 +180,10 @@ def shards_to_run(
     manifest: Manifest, shards_dir: Location, reprocess: list[int], reprocess_failed: bool
 ) -> tuple[list[int], list[str]]:
     """The shards a (re)run must produce, and a note for each committed one it redoes or distrusts."""
-    from ray_pipeline.shards import check_shard, shard_path
+    from ray_pipeline.shards import check_no_unplanned_files, check_shard, shard_path
 
     shards_dir = StoragePath.parse(shards_dir)
+    check_no_unplanned_files(shards_dir, sorted(manifest.expected_rows()))
     unknown = sorted(set(reprocess) - set(manifest.expected_rows()))
     if unknown:
         raise PipelineError(f"--reprocess_shards names shards {unknown} that the plan does not have")

@@ -37,7 +37,7 @@ def init_ray(config: RunConfig) -> None:
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first}") from None
@@ -45,10 +45,16 @@ def init_ray(config: RunConfig) -> None:
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
     wanted = (config.pool_bounds("generators")[1] + config.pool_bounds("scorers")[1]) * config.cpus_per_actor + 1
+    # The actors' own output (model loading, warnings) reaches the driver only with --verbose.
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+            include_dashboard=False,
+            log_to_driver=config.verbose,
+        )
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fix = "pass --ray_address to use a running cluster"

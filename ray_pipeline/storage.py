@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 
 from ray_pipeline.errors import PipelineError
 
+# The lock file a job holds in its run folder (see StoragePath.lock).
+LOCK_NAME = ".lock"
 # The schemes pyarrow.fs.FileSystem.from_uri understands.
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
@@ -190,6 +192,34 @@ class StoragePath:
         """Remove everything under this folder; a missing folder is no error."""
         with self._reaching("delete the contents of"):
             self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, what: str = "run folder") -> Iterator[bool]:
+        """Hold this local folder's lock file (`.lock`) for the block; a second holder is refused at once.
+
+        Yields True when locked. An object store has no lock (pyarrow offers none): the block runs
+        unlocked and yields False, so two jobs must not share a run folder there.
+        """
+        if not self.is_local:
+            yield False
+            return
+        from filelock import FileLock, Timeout
+
+        self.mkdir()
+        lock = FileLock(posixpath.join(self.path, LOCK_NAME))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise PipelineError(
+                f"{what} {self} is in use by another job (it holds {self / LOCK_NAME}): wait for that job to end, "
+                "or pass another --run_id"
+            ) from None
+        except OSError as exc:
+            raise StorageError("lock", str(self / LOCK_NAME), exc, remote=False) from None
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def mkdir(self) -> None:
         # An object store has no folders: a key's prefix is its folder, so there is nothing to make.

@@ -35,7 +35,7 @@ def test_flags_map_onto_fields():
     ("change", "message"),
     [
         ({"num_return_sequences": 0}, "num_return_sequences must be in [1, 1024], got 0"),
-        ({"temperature": -0.5}, "temperature must be in [0.0, 10.0], got -0.5"),
+        ({"temperature": -0.5}, "temperature must be in [0.0, 2.0], got -0.5"),
         ({"alpha": 1.5}, "alpha must be in [0.0, 1.0], got 1.5"),
         ({"max_tokens": 0}, "max_tokens must be in [1, 1000000], got 0"),
         ({"backend": "tpu"}, "backend must be one of auto, vllm, hf, got 'tpu'"),

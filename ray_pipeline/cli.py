@@ -1,0 +1,115 @@
+"""What every entry point does around its job: Ray kept quiet, the resume command, one last error line.
+
+The rule: a refused job ends with one `error: ...` line, the last line on stderr, and exit 2;
+Ctrl-C ends with one `interrupted: ...` line naming the command that resumes, and exit 130.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+
+from ray_pipeline.errors import PipelineError
+
+# Flags that must not be repeated when resuming: they would start over or redo finished shards.
+_NOT_REPEATED = {"--overwrite": 0, "--no-resume": 0, "--reprocess_failed": 0, "--reprocess_shards": 1}
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C during a job; the message says how to resume."""
+
+
+def program(module: str) -> str:
+    """How the user started the job: the console script's name, else `python -m module`."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return script if script.startswith("bestofn-") else f"python -m {module}"
+
+
+def resume_command(prog: str, argv: list[str], run_id: str) -> str:
+    """The command that resumes the run `run_id`: the given flags, less those that would redo work."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _NOT_REPEATED:
+            skip = _NOT_REPEATED[name] if "=" not in arg else 0
+            continue
+        kept.append(arg)
+    if not any(a == "--run_id" or a.startswith("--run_id=") for a in kept):
+        kept += ["--run_id", run_id]
+    return " ".join([prog, *map(shlex.quote, kept)])
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Hide Ray's INFO lines, Ray Data's progress log and the workers' output unless `verbose`.
+
+    Environment variables, since Ray reads them when it is imported and passes them to the
+    processes a local Ray starts; a value the user set wins.
+    """
+    if verbose:
+        return
+    for name, value in {
+        # Ray's own start-up notes (a local instance started, its token set-up) are warnings at most.
+        "RAY_LOGGER_LEVEL": "error",
+        # Ray Data's execution plan and its progress log lines when stdout is not a terminal.
+        "RAY_DATA_LOG_LEVEL": "WARNING",
+        # The C++ core's log lines (e.g. about large actor arguments) are for Ray's developers.
+        "RAY_BACKEND_LOG_LEVEL": "fatal",
+        # Progress bars (Ray Data's, the model loaders'): the job prints its own progress lines.
+        "TQDM_DISABLE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }.items():
+        os.environ.setdefault(name, value)
+
+
+def quiet_ray_warnings(verbose: bool) -> None:
+    """Hide Ray's deprecation notes about this code's own calls; call it after Ray is imported (it resets filters)."""
+    if not verbose:
+        warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in Ray")
+
+
+def _stop_ray() -> None:
+    """Shut a Ray this process started down first, so its exit messages come before our last line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the job is ending with its own message either way
+            pass
+
+
+def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
+    """Run `job`: 0 when it finishes, 2 with one `error:` line when it refuses or fails, 130 on Ctrl-C."""
+    try:
+        job()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        # A second Ctrl-C while Ray shuts down would end in a traceback: the job is stopping anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop_ray()
+        detail = str(exc) if isinstance(exc, Interrupted) else "stopped before any work was committed"
+        print(f"interrupted: {detail}", file=sys.stderr, flush=True)
+        return 130
+    except PipelineError as exc:
+        _stop_ray()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - an unforeseen failure still ends in one line; --verbose shows where
+        _stop_ray()
+        if verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+        print(
+            f"error: unexpected {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+    return 0

@@ -1,0 +1,232 @@
+"""Run folders: derived names, the lock, the resume command, config roles and refusals (no model, no Ray)."""
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from filelock import FileLock
+
+from conftest import ROOT
+from ray_pipeline.cli import resume_command
+from ray_pipeline.config import OUTPUT_ROLES, ROLES, RunConfig
+from ray_pipeline.data import load_problems
+from ray_pipeline.errors import ConfigError, PipelineError
+from ray_pipeline.manifest import (
+    Manifest,
+    best_file_name,
+    dataset_name,
+    default_run_id,
+    differences,
+    fingerprint,
+    shards_to_run,
+)
+from ray_pipeline.progress import Progress, duration
+from ray_pipeline.shards import check_no_unplanned_files, shard_path
+from ray_pipeline.storage import LOCK_NAME, StoragePath
+
+
+@pytest.fixture
+def problems(math500):
+    return load_problems(str(math500), limit=4, shard_size=2)
+
+
+def changed(value):
+    """Another valid value of a config field's type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return value + "x"
+    return 3  # a None default: every optional field here is a count or size
+
+
+def test_every_field_declares_its_role():
+    undeclared = [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("role") not in ROLES]
+    assert undeclared == [], f"fields without a role (one of {ROLES}): {undeclared}"
+
+
+def test_fingerprint_holds_exactly_the_sample_and_score_fields(problems):
+    base = RunConfig(backend="hf")
+    fp = fingerprint(base, problems, "some/hub-id")
+    for f in dataclasses.fields(RunConfig):
+        other = fingerprint(dataclasses.replace(base, **{f.name: changed(getattr(base, f.name))}), problems, "x")
+        named = {d.split(" ")[0] for d in differences(fp, other)} - {"model"}
+        if f.name in ("dataset", "prompt"):
+            # Stored as content: the data set's hash, the prompt template's hash.
+            assert f.name in fp
+        elif f.metadata["role"] in OUTPUT_ROLES:
+            assert named == {f.name}, f.name
+        else:
+            assert named == set(), f"{f.name} ({f.metadata['role']}) must not block a resume"
+
+
+def test_default_run_folder_is_the_same_for_the_same_command(problems):
+    fp = fingerprint(RunConfig(), problems, "x/y")
+    first = default_run_id("HuggingFaceH4/MATH-500", "SmolLM2", fp)
+    assert first == default_run_id("HuggingFaceH4/MATH-500", "SmolLM2", fingerprint(RunConfig(), problems, "x/y"))
+    assert first.startswith("math500_candidates_SmolLM2_")
+    other = fingerprint(RunConfig(temperature=0.7), problems, "x/y")
+    assert default_run_id("HuggingFaceH4/MATH-500", "SmolLM2", other) != first
+    # Selection and execution settings resume the same folder.
+    same = fingerprint(RunConfig(alpha=0.9, num_scorers=3, output_dir="elsewhere"), problems, "x/y")
+    assert default_run_id("HuggingFaceH4/MATH-500", "SmolLM2", same) == first
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"),
+    [
+        ("HuggingFaceH4/MATH-500", "math500"),
+        ("data/math500.jsonl", "math500"),
+        ("/x/GSM8K test.parquet", "gsm8ktest"),
+        ("openai/gsm8k", "gsm8k"),
+        ("./__.json", "data"),
+    ],
+)
+def test_dataset_names(dataset, name):
+    assert dataset_name(dataset) == name
+
+
+def test_each_run_has_its_own_best_file():
+    names = {best_file_name("d.jsonl", "M", run) for run in ("a", "b", "d_candidates_M_1234", "d_candidates_M_5678")}
+    assert len(names) == 4
+    assert best_file_name("d.jsonl", "M", "d_candidates_M_1234") == "d_best_M_1234.jsonl"
+    assert best_file_name("HuggingFaceH4/MATH-500", "M", "run") == "math500_best_M_run.jsonl"
+
+
+def test_sampling_settings_the_backends_refuse_are_refused_before_the_run():
+    cases = [
+        ({"temperature": 0.0, "num_return_sequences": 2}, "num_return_sequences must be 1 with temperature 0, got 2"),
+        ({"temperature": 2.5}, "temperature must be in [0.0, 2.0], got 2.5"),
+        ({"top_p": 0.0}, "top_p must be in (0.0, 1.0], got 0.0"),
+        ({"top_p": 1.5}, "top_p must be in (0.0, 1.0], got 1.5"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError) as err:
+            RunConfig(**change).validate()
+        assert message in str(err.value)
+    assert RunConfig(temperature=0.0, num_return_sequences=1).validate()
+    assert RunConfig(temperature=2.0, top_p=1e-6).validate()
+
+
+def test_run_ids_that_leave_the_output_folder_are_refused():
+    rng = random.Random(0)
+    bad = ["..", ".", "", " ", "../x", "a/b", "a\\b", "/abs", "x/..", "a\nb", "a\x00b"]
+    bad += ["".join(rng.choice("ab./\\") for _ in range(6)) for _ in range(50)]
+    for run_id in bad:
+        if run_id.strip() and run_id not in (".", "..") and not set(run_id) & set("/\\\n\x00"):
+            continue  # the random draw made a plain name
+        with pytest.raises(ConfigError, match="run_id must be a plain folder name"):
+            RunConfig(run_id=run_id).validate()
+    for good in ("run", "a.b", "math500_candidates_M_1f2e", "..x", "x y"):
+        assert RunConfig(run_id=good).validate().run_id == good
+
+
+def test_a_corrupt_manifest_is_named(tmp_path):
+    bad_plan = {"run_id": "r", "stamp": "s", "model_name": "m", "fingerprint": {}, "shards": {"0": {"rows": "many"}}}
+    for data in (b"{broken", b"[]", b'"x"', b'{"run_id": 1}', b"\xff", json.dumps(bad_plan).encode()):
+        (tmp_path / "manifest.json").write_bytes(data)
+        with pytest.raises(PipelineError, match="is not a readable manifest .* pass --overwrite"):
+            Manifest.load(tmp_path)
+
+
+def test_files_the_plan_does_not_know_are_refused(tmp_path, problems):
+    fp = fingerprint(RunConfig(backend="hf"), problems, "x/y")
+    manifest = Manifest.plan("run", "s", "M", fp, {0: 4, 1: 4}, 2)
+    check_no_unplanned_files(tmp_path, [0, 1])
+    (tmp_path / ".shard-00001.parquet.tmp-7").write_bytes(b"")  # a writer's temporary: known
+    for stray in ("shard-00002.parquet", "extra.parquet", "notes.txt"):
+        (tmp_path / stray).write_bytes(b"x")
+        with pytest.raises(PipelineError, match=f"does not know: {stray}"):
+            shards_to_run(manifest, tmp_path, [], False)
+        (tmp_path / stray).unlink()
+    shard_path(tmp_path, 1).write_bytes(b"x")
+    assert shards_to_run(manifest, tmp_path, [], False)[0] == [0, 1]
+
+
+def test_the_run_folder_lock_refuses_a_second_holder(tmp_path):
+    folder = StoragePath.parse(tmp_path / "run")
+    with folder.lock() as locked:
+        assert locked
+        with pytest.raises(PipelineError, match="is in use by another job"):
+            with folder.lock():
+                pass
+    with folder.lock():
+        pass
+
+
+def test_a_second_job_on_a_locked_run_folder_is_refused_and_cleans_nothing(tmp_path, math500):
+    """The refusal comes before the stale-temporary clean-up: the holder's shard in the making survives."""
+    shards = tmp_path / "run" / "shards"
+    shards.mkdir(parents=True)
+    writing = shards / ".shard-00000.parquet.tmp-4242"
+    writing.write_bytes(b"being written")
+    with FileLock(str(tmp_path / "run" / LOCK_NAME)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.infer", "--dataset", str(math500), "--limit", "2", "--output_dir",
+             str(tmp_path), "--run_id", "run", "--backend", "hf"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: run folder") and "is in use by another job" in lines[0]
+    assert writing.read_bytes() == b"being written"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--limit", "2"], "prog --limit 2 --run_id R"),
+        (["--run_id", "mine", "--overwrite"], "prog --run_id mine"),
+        (["--no-resume", "--reprocess_shards", "1,2", "--reprocess_failed", "--seed", "3"], "prog --seed 3 --run_id R"),
+        (["--reprocess_shards=1", "--dataset", "my file.jsonl"], "prog --dataset 'my file.jsonl' --run_id R"),
+    ],
+)
+def test_resume_command(argv, expected):
+    assert resume_command("prog", argv, "R") == expected
+
+
+def test_progress_lines_are_bounded_and_end_with_done():
+    now = [0.0]
+    lines = []
+    progress = Progress(10, 2, every_s=10, write=lines.append, clock=lambda: now[0])
+    batch = pa.table({"token_count": pa.array([50, 50], pa.int32())})
+    for _ in range(10):
+        now[0] += 4
+        progress.add(batch)
+    assert len(lines) == 4  # t=12, 24, 36, and the last batch
+    # 14 candidates left at 0.5 per second since the first batch (t=4): ETA 28 s.
+    assert lines[0] == "  progress: 3/10 problems scored (30%), 6/20 candidates, 25.0 tokens/s, elapsed 12 s, ETA 28 s"
+    assert lines[-1] == "  progress: 10/10 problems scored (100%), 20/20 candidates, 25.0 tokens/s, done in 40 s"
+    assert (duration(5), duration(125), duration(7325)) == ("5 s", "2 min 05 s", "2 h 02 min")
+
+
+def test_every_failure_ends_with_one_error_line(capsys):
+    """A refusal, an unforeseen exception and Ctrl-C each end with one line on stderr and their exit status."""
+    from ray_pipeline.cli import Interrupted, run_entry
+
+    VERBOSE = "(rerun with --verbose for the traceback)"
+
+    def raises(exc):
+        def job():
+            raise exc
+
+        return job
+
+    cases = [
+        (PipelineError("bad input"), 2, "error: bad input"),
+        (RuntimeError("boom\nmore"), 2, f"error: unexpected RuntimeError: boom {VERBOSE}"),
+        (ValueError(""), 2, f"error: unexpected ValueError: no message {VERBOSE}"),
+        (Interrupted("resume with: x"), 130, "interrupted: resume with: x"),
+        (KeyboardInterrupt(), 130, "interrupted: stopped before any work was committed"),
+    ]
+    for exc, status, line in cases:
+        assert run_entry(raises(exc)) == status
+        assert capsys.readouterr().err.splitlines() == [line]
+    assert run_entry(lambda: None) == 0
