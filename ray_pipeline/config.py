@@ -201,7 +201,12 @@ class RunConfig:
         low=1,
         role="execution",
     )
-    score_batch_size: int = _opt(8, "candidates per scorer forward pass", low=1, role="scores")
+    score_batch_size: int = _opt(
+        8,
+        "candidates per scorer call (each is its own forward pass); step prompts per self-eval pass",
+        low=1,
+        role="scores",
+    )
     score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1, role="scores")
     score_chunk_vocab: int = _opt(
         16384, "vocabulary entries per chunk of the chunked logit reduction", low=1, role="scores"
