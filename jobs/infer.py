@@ -116,6 +116,7 @@ def _run_locked(
     todo, notes = shards_to_run(manifest, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     for shard_id in todo:
         manifest.set_status(shard_id, PENDING)
+    manifest.command = resume
     manifest.save(run_dir)
     config.save(run_dir / "config.json")
 

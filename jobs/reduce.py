@@ -62,6 +62,16 @@ def run(run_dir: Location, overrides: dict) -> dict:
         "allow_partial": config.allow_partial,
     }
     started = time.monotonic()
+    try:
+        return _reduce(run_dir, config, params, num_candidates, manifest, shards, started)
+    except PipelineError as exc:
+        if manifest is None or not manifest.command or "shard" not in str(exc):
+            raise
+        # A missing or damaged shard: the job that made the folder redoes it.
+        raise PipelineError(f"{exc} (the run resumes with: {manifest.command})") from None
+
+
+def _reduce(run_dir, config, params, num_candidates, manifest, shards, started) -> dict:
     if config.method == "all":
         comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
         print_comparison(comparison)

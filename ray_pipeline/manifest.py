@@ -118,6 +118,8 @@ class Manifest:
     model_name: str
     fingerprint: dict
     shards: dict[str, dict] = field(default_factory=dict)
+    # The command that resumes this run (how its last job was started), for hints given elsewhere.
+    command: str = ""
 
     @property
     def fingerprint_hash(self) -> str:

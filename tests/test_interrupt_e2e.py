@@ -67,6 +67,7 @@ def test_ctrl_c_prints_the_resume_command_and_the_same_command_resumes(interrupt
     assert line.startswith("interrupted: committed shards are kept in ")
     resume = line.split("resume with: ", 1)[1]
     assert resume == "python -m jobs.infer " + " ".join(args(out)) + f" --run_id {run_dir.name}"
+    assert json.loads((run_dir / "manifest.json").read_text())["command"] == resume
     done = sorted(p.name for p in (run_dir / "shards").glob("shard-*.parquet"))
     assert 1 <= len(done) < 4, "SIGINT must land between the first and the last shard"
     kept = {name: (run_dir / "shards" / name).read_bytes() for name in done}

@@ -230,3 +230,21 @@ def test_every_failure_ends_with_one_error_line(capsys):
         assert run_entry(raises(exc)) == status
         assert capsys.readouterr().err.splitlines() == [line]
     assert run_entry(lambda: None) == 0
+
+
+def test_the_reducer_names_the_command_that_redoes_a_lost_shard(tmp_path, problems):
+    fp = fingerprint(RunConfig(backend="hf"), problems, "x/y")
+    manifest = Manifest.plan("run", "s", "M", fp, {0: 4, 1: 4}, 2)
+    manifest.command = "python -m jobs.infer --limit 4 --run_id run"
+    manifest.save(tmp_path)
+    RunConfig(backend="hf").save(tmp_path / "config.json")
+    (tmp_path / "shards").mkdir()
+    shard_path(tmp_path / "shards", 0).write_bytes(b"PAR1 truncated")
+    for extra, problem in (([], "shards 1 are missing"), (["--allow_partial"], "shard-00000.parquet cannot be read")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.reduce", str(tmp_path), "--method", "baseline", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert problem in lines[0] and lines[0].endswith(f"(the run resumes with: {manifest.command})")
