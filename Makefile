@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The embedded problem set needs no download; DATASET=HuggingFaceH4/MATH-500 (or a local .jsonl) runs MATH-500.
-DATASET ?= embedded:20
+DATASET ?= embedded:100
 # On the embedded set `make run` is the few-minute CPU demo: the chat prompt (the small model answers in
 # prose), math-verify's answer extraction, 4 candidates of at most 128 tokens. Any other data set runs
 # with RunConfig's defaults. ARGS adds or overrides flags (e.g. ARGS="--num_return_sequences 8").
