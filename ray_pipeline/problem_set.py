@@ -2,9 +2,10 @@
 
 `--dataset embedded` (500 problems) or `--dataset embedded:K` (the first K) needs no download. Problem i is
 level `i % 5 + 1`, so any prefix is spread evenly over the five levels, and its text and answer depend only on
-i (a seeded `random.Random` per problem), so a prefix of a larger set is the smaller set. Level 1 (one-step
-addition of small numbers) is what SmolLM2-135M-Instruct mostly solves; level 5 (probabilities, polynomials from
-their roots, least common multiples) what it mostly fails. Answers are written as MATH writes them: integers,
+i (a seeded `random.Random` per problem), so a prefix of a larger set is the smaller set. Levels run from one-step
+addition of small numbers (1) to probabilities, polynomials from their roots and least common multiples (5); with
+the chat prompt, 128 tokens and math-verify extraction SmolLM2-135M-Instruct got 54 %, 26 %, 0 %, 0 % and 1 % of
+its samples right on levels 1 to 5 (`make run`: 100 problems x 4). Answers are written as MATH writes them: integers,
 `\\frac{p}{q}` in lowest terms, and polynomials such as `x^2+5x+6`. From level 3 on, no problem holds an
 expression equal to its answer, so a model that echoes the question is not graded correct.
 """
