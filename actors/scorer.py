@@ -54,7 +54,12 @@ class ScorerActor:
         if not hasattr(self.decoder, "layers"):
             raise PipelineError(f"{config.model_path}: the decoder has no `layers` list, which CoE features need")
         head = self.model.get_output_embeddings()
-        self.weight, self.bias = head.weight, head.bias
+        # The statistics form float32 logits: convert the head once, not in every pass.
+        self.weight = head.weight.float()
+        self.bias = None if head.bias is None else head.bias.float()
+        if self.device == "cuda" and head.weight.dtype in (torch.bfloat16, torch.float16):
+            # TF32 holds bf16 and fp16 values exactly, so the head's float32 matmul loses nothing on tensor cores.
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
         # Step boundaries come from each token's decoded text: decode the vocabulary once, not every token.
