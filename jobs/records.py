@@ -33,7 +33,10 @@ def device_name() -> str:
 
 
 def git_commit() -> str | None:
-    """`git rev-parse --short HEAD`, with "-dirty" when tracked files differ from it; None outside a checkout."""
+    """`git rev-parse --short HEAD`, with "-dirty" when tracked files differ from it.
+
+    Outside a checkout (a copy of the tree on a GPU machine) it is $BESTOFN_COMMIT, or None.
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -42,7 +45,7 @@ def git_commit() -> str | None:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("BESTOFN_COMMIT")
     return commit + ("-dirty" if dirty else "")
 
 
