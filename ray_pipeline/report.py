@@ -215,6 +215,13 @@ def _pct(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def shown_sizes(n: int) -> list[int]:
+    """The N' a table or an axis names: every one up to 16, else the powers of two and N (64 columns do not read)."""
+    if n <= 16:
+        return list(range(1, n + 1))
+    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+
+
 def report_markdown(run_id: str, comparison: dict) -> str:
     """The report: one table per view (overall, by level, by subject, by N', by alpha) and the plots."""
     methods = comparison["methods"]
@@ -261,7 +268,7 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         lines.append("|---|" + "---:|" * len(groups))
         for name, m in methods.items():
             lines.append(f"| {name} | " + " | ".join(_pct(m[key][g]["accuracy"]) for g in groups) + " |")
-    sizes = list(range(1, n + 1))
+    sizes = shown_sizes(n)
     lines += ["", "## Accuracy vs N' (each question's first N' candidates)", ""]
     lines.append("| method | " + " | ".join(f"N'={k}" for k in sizes) + " |")
     lines.append("|---|" + "---:|" * len(sizes))
@@ -305,7 +312,11 @@ def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult
     for name, m in comparison["methods"].items():
         ax.plot(sizes, [m["accuracy_by_n"][k] for k in sizes], marker="o", color=colors[name], label=name)
     ax.plot(sizes, [comparison["pass_at_n_by_n"][k] for k in sizes], "k--", label="pass@N'")
-    ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'", xticks=sizes)
+    if n > 16:
+        ax.set_xscale("log", base=2)
+    ticks = shown_sizes(n)
+    ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'")
+    ax.set_xticks(ticks, labels=[str(k) for k in ticks])
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _save(fig, run_dir / PLOTS["accuracy_vs_n"])

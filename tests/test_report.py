@@ -214,3 +214,15 @@ def test_report_counts_the_picks_the_answerless_rule_changed():
     comparison["params"]["answerless_last"] = False
     report = report_markdown("run", comparison)
     assert next(line for line in report.splitlines() if line.startswith("| self-certainty |")).endswith("| — |")
+
+
+def test_shown_sizes_name_every_n_up_to_16_then_powers_of_two_and_n():
+    from ray_pipeline.report import shown_sizes
+
+    for n in range(1, 17):
+        assert shown_sizes(n) == list(range(1, n + 1))
+    for n in range(17, 300):
+        sizes = shown_sizes(n)
+        assert sizes[0] == 1 and sizes[-1] == n and sizes == sorted(set(sizes))
+        assert all(k == n or k & (k - 1) == 0 for k in sizes)
+        assert len(sizes) <= n.bit_length() + 1
