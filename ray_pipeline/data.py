@@ -54,12 +54,7 @@ def _read_hub(dataset: str, split: str) -> list[dict]:
     from ray_pipeline import hub
 
     fix = f"{LOCAL_FIX}, or the embedded problem set with --dataset embedded"
-    reason = None if hub.offline() else hub.unreachable_reason()
-    if reason:
-        raise PipelineError(
-            f"cannot load data set {dataset!r}: the Hugging Face Hub is unreachable ({reason}); {fix}, "
-            "or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache"
-        )
+    hub.refuse_if_unreachable(f"data set {dataset!r}", fix)
     try:
         with hub.quiet():
             import datasets

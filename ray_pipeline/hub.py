@@ -53,6 +53,18 @@ def unreachable_reason(timeout_s: float = 3.0) -> str | None:
     return None if outcome[0] is None else f"{host}:{port}: {outcome[0]}"
 
 
+def refuse_if_unreachable(what: str, fix: str) -> None:
+    """One line naming `what`, why the Hub cannot be reached and `fix`, before any client retries."""
+    from ray_pipeline.errors import PipelineError
+
+    reason = None if offline() else unreachable_reason()
+    if reason:
+        raise PipelineError(
+            f"cannot load {what}: the Hugging Face Hub is unreachable ({reason}); {fix}, "
+            "or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache"
+        )
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the Hub clients' retry and progress warnings for the duration."""

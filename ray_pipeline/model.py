@@ -185,12 +185,7 @@ def check_hub_model(model_id: str) -> None:
     from ray_pipeline import hub
 
     fix = f"pass a local model folder or .gguf file with --model_path, or the embedded model ({EMBEDDED_MODEL})"
-    reason = None if hub.offline() else hub.unreachable_reason()
-    if reason:
-        raise PipelineError(
-            f"cannot load model {model_id!r}: the Hugging Face Hub is unreachable ({reason}); {fix}, "
-            "or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache"
-        )
+    hub.refuse_if_unreachable(f"model {model_id!r}", fix)
     try:
         with hub.quiet():
             from transformers import AutoConfig
