@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -389,6 +390,17 @@ def _base_type(hint):
     return hint
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose refusal of a flag is one `error:` line and exit 2, like every other bad input.
+
+    argparse's own refusal prints the whole usage block first, which buries the one line that matters.
+    """
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def build_parser(
     description: str, fields: typing.Iterable[str] | None = None, *, with_defaults: bool = True
 ) -> argparse.ArgumentParser:
@@ -397,7 +409,7 @@ def build_parser(
     With `with_defaults=False` a flag that is not given is absent from the parsed namespace, so
     the given flags can override a saved configuration.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(RunConfig)
     wanted = set(fields) if fields is not None else None
     for f in dataclasses.fields(RunConfig):

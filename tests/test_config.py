@@ -1,6 +1,7 @@
 """The config: defaults, flag mapping, validation messages."""
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -99,3 +100,27 @@ def test_parser_without_defaults_only_returns_given_flags(tmp_path):
 def test_pool_bounds_fixed_and_autoscaling():
     assert RunConfig(num_generators=2).pool_bounds("generators") == (2, 2)
     assert RunConfig(num_scorers=1, max_scorers=4).validate().pool_bounds("scorers") == (1, 4)
+
+
+def _bad_flag_values() -> list[list[str]]:
+    """For every flag: a value of the wrong type, one outside its choices, or none at all; and unknown flags."""
+    hints = typing.get_type_hints(RunConfig)
+    cases = [["--no_such_flag", "1"], ["--temperature"], ["positional"]]
+    for f in dataclasses.fields(RunConfig):
+        kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        if kind[0] in (int, float):
+            cases += [[f"--{f.name}", "abc"], [f"--{f.name}", "1e400x"]]
+        elif f.metadata["choices"]:
+            cases.append([f"--{f.name}", "no-such-choice"])
+        elif kind[0] is bool:
+            cases.append([f"--{f.name}", "yes"])
+    return cases
+
+
+@pytest.mark.parametrize("argv", _bad_flag_values(), ids=" ".join)
+def test_a_refused_flag_is_one_error_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser("test").parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err, err
