@@ -35,8 +35,11 @@ def device_name() -> str:
 def git_commit() -> str | None:
     """`git rev-parse --short HEAD`, with "-dirty" when tracked files differ from it.
 
-    Outside a checkout (a copy of the tree on a GPU machine) it is $BESTOFN_COMMIT, or None.
+    $BESTOFN_COMMIT, when set, wins: the device tool's copy of the tree carries a git folder that
+    names the session's starting commit, not the one copied. Outside a checkout without it: None.
     """
+    if os.environ.get("BESTOFN_COMMIT"):
+        return os.environ["BESTOFN_COMMIT"]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -45,7 +48,7 @@ def git_commit() -> str | None:
         commit = git("rev-parse", "--short", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BESTOFN_COMMIT")
+        return None
     return commit + ("-dirty" if dirty else "")
 
 
