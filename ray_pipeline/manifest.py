@@ -25,7 +25,7 @@ from ray_pipeline.storage import Location, StoragePath
 
 MANIFEST_NAME = "manifest.json"
 # Bump when the shard layout or the meaning of a stored score changes.
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
 
 COMMITTED, PENDING, FAILED = "committed", "pending", "failed"
 STATUSES = (COMMITTED, PENDING, FAILED)

@@ -207,15 +207,14 @@ def run_stages(
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(batch)
-            if on_batch:
-                on_batch(batch)
+            fresh = writer.add(batch)
+            if on_batch and fresh.num_rows:
+                on_batch(fresh)
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stopped Ray Data, committed shards stay and the rest is redone
         raise PipelineError(
-            f"the pipeline stopped ({stop_reason(exc)[:300]}); shards {writer.missing()} are not done: "
-            "run the same command again to finish them"
+            f"the pipeline stopped ({stop_reason(exc)[:300]}); shards {writer.missing()} are not done"
         ) from None
     if writer.missing():
         raise PipelineError(f"shards {writer.missing()} did not receive all their rows")

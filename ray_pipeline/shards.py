@@ -75,22 +75,31 @@ class ShardWriter:
         self.committed: list[int] = []
         self.shards_dir.mkdir()
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> pa.Table:
+        """Takes a scored batch; returns its rows not seen before (a retried batch repeats rows)."""
         batch = batch.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
         keys = list(zip(batch.column("problem_id").to_pylist(), batch.column("candidate_index").to_pylist()))
         shard_ids = batch.column("shard_id").to_pylist()
+        fresh = []
         for shard_id in sorted(set(shard_ids)):
-            if shard_id not in self.expected or shard_id in self.committed:
+            if shard_id not in self.expected:
                 raise PipelineError(f"a row arrived for shard {shard_id}, which is not pending in the plan")
             seen = self.seen[shard_id]
-            fresh = []
+            rows = []
             for i, (s, key) in enumerate(zip(shard_ids, keys)):
                 if s == shard_id and key not in seen:
                     seen.add(key)
-                    fresh.append(i)
-            self.pending[shard_id].append(batch.take(pa.array(fresh, pa.int64())))
+                    rows.append(i)
+            if not rows:
+                continue
+            if shard_id in self.committed:
+                # Every row of a committed shard was seen: a new one means the plan and the rows disagree.
+                raise PipelineError(f"a row arrived for shard {shard_id}, which is already committed")
+            self.pending[shard_id].append(batch.take(pa.array(rows, pa.int64())))
+            fresh += rows
             if len(seen) == self.expected[shard_id]:
                 self._commit(shard_id)
+        return batch.take(pa.array(sorted(fresh), pa.int64()))
 
     def _commit(self, shard_id: int) -> None:
         table = pa.concat_tables(self.pending.pop(shard_id)).sort_by(

@@ -54,6 +54,23 @@ def test_shard_is_committed_only_when_complete(tmp_path):
         writer.add(fake_rows(9, 7, 1, 0, 0))
 
 
+def test_rows_delivered_again_are_kept_once_even_after_their_shard_committed(tmp_path):
+    """A retried batch may repeat rows, also rows of a shard already committed: dropped, never an error."""
+    writer = ShardWriter(tmp_path, {0: 4, 1: 2})
+    first = fake_rows(0, 0, 2, 0, 0)
+    assert writer.add(first).num_rows == 2
+    assert writer.add(first).num_rows == 0
+    shard0 = pa.concat_tables([fake_rows(1, 0, 2, 0, 0), first])
+    assert writer.add(shard0).num_rows == 2 and writer.missing() == [1]
+    committed = shard_path(tmp_path, 0).read_bytes()
+    again = writer.add(pa.concat_tables([shard0, fake_rows(2, 1, 2, 0, 0)]))
+    assert again.column("shard_id").to_pylist() == [1, 1] and writer.missing() == []
+    assert shard_path(tmp_path, 0).read_bytes() == committed
+    assert writer.add(shard0).num_rows == 0
+    with pytest.raises(PipelineError, match="already committed"):
+        writer.add(fake_rows(5, 0, 1, 0, 0))
+
+
 def test_reducer_picks_by_method_and_reports(tmp_path):
     shards = tmp_path / "shards"
     writer = ShardWriter(shards, {0: 6, 1: 3})
