@@ -33,6 +33,7 @@ REDUCE_FIELDS = (
     "deepconf_window",
     "num_return_sequences",
     "allow_partial",
+    "verbose",
 )
 
 
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run folder (holds config.json and shards/): a path or a URI such as s3://…")
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
-    return run_entry(lambda: run(run_dir, args))
+    # How the job reports, not what it selects: never part of the run's configuration.
+    verbose = args.pop("verbose", False)
+    return run_entry(lambda: run(run_dir, args), verbose=verbose)
 
 
 if __name__ == "__main__":

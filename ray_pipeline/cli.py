@@ -14,7 +14,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, os_error_text
 
 # Flags that must not be repeated when resuming: they would start over or redo finished shards.
 _NOT_REPEATED = {"--overwrite": 0, "--no-resume": 0, "--reprocess_failed": 0, "--reprocess_shards": 1}
@@ -100,6 +100,11 @@ def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
     except PipelineError as exc:
         _stop_ray()
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        # The system refused outside the storage layer (a full disk while caching a model, a log file).
+        _stop_ray()
+        print(f"error: {os_error_text(exc)}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - an unforeseen failure still ends in one line; --verbose shows where
         _stop_ray()

@@ -193,7 +193,11 @@ class RunConfig:
         role="samples",
     )
     stream_problems: int = _opt(
-        8, "a generator hands finished candidates on every this many problems", low=1, role="execution"
+        1,
+        "a generator hands finished candidates on every this many problems of a batch (1: each problem as soon "
+        "as its N samples finish, so scoring starts at once)",
+        low=1,
+        role="execution",
     )
     generate_in_flight: int | None = _opt(
         None,
@@ -409,7 +413,10 @@ def build_parser(
     With `with_defaults=False` a flag that is not given is absent from the parsed namespace, so
     the given flags can override a saved configuration.
     """
-    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No abbreviated flags: the resume command repeats the flags as given, and `--overw` must not pass as --overwrite.
+    parser = OneLineErrorParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
+    )
     hints = typing.get_type_hints(RunConfig)
     wanted = set(fields) if fields is not None else None
     for f in dataclasses.fields(RunConfig):
