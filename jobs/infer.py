@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,10 +41,16 @@ from ray_pipeline.shards import check_no_unplanned_files, expected_rows, remove_
 from ray_pipeline.storage import StorageError, StoragePath
 
 
-def run(config: RunConfig, command: str | None = None, argv: list[str] | None = None) -> dict:
+def run(
+    config: RunConfig,
+    command: str | None = None,
+    argv: list[str] | None = None,
+    after: Callable[[StoragePath], object] | None = None,
+) -> dict:
     """The whole job: plan, generate and score the shards not yet done, then reduce.
 
-    `command` and `argv` (how the user started the job) make the resume command in hints.
+    `command` and `argv` (how the user started the job) make the resume command in hints. `after`
+    runs on the run folder once the best answers are written, still under the folder's lock.
     """
     get_method(config.method)
     problems = load_problems(
@@ -65,7 +72,10 @@ def run(config: RunConfig, command: str | None = None, argv: list[str] | None = 
         if not locked:
             print(f"  note: {run_dir} is on an object store, which has no lock: run one job per run folder", flush=True)
         try:
-            return _run_locked(config, problems, resolved, name, output_dir, run_dir, resume)
+            report = _run_locked(config, problems, resolved, name, output_dir, run_dir, resume)
+            if after is not None:
+                after(run_dir)
+            return report
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {run_dir}; resume with: {resume}") from None
 

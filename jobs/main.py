@@ -6,7 +6,6 @@ python -m jobs.main --dataset problems.jsonl --limit 20 --n_repetitive_sampling 
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 import sys
 
 from jobs import infer
@@ -25,21 +24,26 @@ def run(config: RunConfig, command: str | None = None, argv: list[str] | None = 
     """The infer job with `config.method`; with 'all' it selects with the default method, then compares all."""
     compare_all = config.method == "all"
     selected = dataclasses.replace(config, method=DEFAULT_METHOD) if compare_all else config
-    report = infer.run(selected, command or "python -m jobs.main", argv)
-    if compare_all:
-        # report["run_dir"] is for reading: a URI's query options (an endpoint) are left out of it.
-        run_dir = StoragePath.parse(config.output_dir) / posixpath.basename(report["run_dir"])
+    comparison: dict = {}
+
+    def compare(run_dir: StoragePath) -> None:
+        # Inside the job's lock on the run folder: no other job rewrites the shards while they are read.
         print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
         plan = Manifest.load(run_dir)
-        comparison = compare_run(
-            run_dir,
-            SelectionParams.from_config(config),
-            expected_shards=sorted(plan.expected_rows()) if plan else None,
-            allow_partial=config.allow_partial,
+        comparison.update(
+            compare_run(
+                run_dir,
+                SelectionParams.from_config(config),
+                expected_shards=sorted(plan.expected_rows()) if plan else None,
+                allow_partial=config.allow_partial,
+            )
         )
         print_comparison(comparison)
         print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
         print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
+
+    report = infer.run(selected, command or "python -m jobs.main", argv, after=compare if compare_all else None)
+    if compare_all:
         report["comparison"] = comparison
     return report
 
