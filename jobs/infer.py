@@ -36,6 +36,7 @@ from ray_pipeline.manifest import fingerprint_hash as fp_hash
 from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.progress import Progress
 from ray_pipeline.reduce import reduce_run, summary_json
+from ray_pipeline.report import COMPARISON_FILES
 from ray_pipeline.selection import SelectionParams, get_method
 from ray_pipeline.shards import check_no_unplanned_files, expected_rows, remove_stale_temporaries
 from ray_pipeline.storage import StorageError, StoragePath
@@ -114,6 +115,10 @@ def _run_locked(
     n = config.num_return_sequences
     if config.overwrite:
         shards_dir.delete_contents()
+        # What the old shards produced goes with them: a report beside new shards would describe a run that is gone.
+        for stale in [run_dir / f for f in ("summary.json", *COMPARISON_FILES)] + run_dir.files("best_*.jsonl"):
+            if stale.is_file():
+                stale.delete()
     if manifest is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
         manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)

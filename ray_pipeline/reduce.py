@@ -121,7 +121,6 @@ def reduce_run(
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
-    answer_extraction: str | None = None,
 ) -> Summary:
     """Pick one candidate per problem with `method` and write `{"question", "answer", ...}` lines."""
     select = get_method(method)
@@ -131,7 +130,7 @@ def reduce_run(
         expected_shards=expected_shards,
         allow_partial=allow_partial,
         num_candidates=num_candidates,
-        answer_extraction=answer_extraction or params.answer_extraction,
+        answer_extraction=params.answer_extraction,
     )
     correct = any_correct = 0
     errors = {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]}

@@ -25,6 +25,8 @@ PLOTS = {
     "accuracy_vs_alpha": "accuracy_vs_alpha.png",
     "score_histograms": "score_histograms.png",
 }
+# Everything a comparison writes into the run folder beside summary.json.
+COMPARISON_FILES = ("report.md", "debug.jsonl", *PLOTS.values())
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -96,8 +96,12 @@ def test_rerun_redoes_nothing_and_a_lost_shard_only(finished, tmp_path):
 
     forced = run_ok(*job_args(tmp_path, "run", 4, 24, "--reprocess_shards", "1"))
     assert "1 of 2 shards to do" in forced.stdout and "shard 1: redo (--reprocess_shards)" in forced.stdout
+    stale = b"from the run --overwrite replaces"
+    for old_output in ("report.md", "debug.jsonl", "accuracy_vs_n.png", "best_borda.jsonl"):
+        (run_dir / old_output).write_bytes(stale)
     other = run_ok(*job_args(tmp_path, "run", 4, 24, "--temperature", "0.5", "--overwrite"))
     assert "2 of 2 shards to do" in other.stdout
+    assert not [f.name for f in run_dir.iterdir() if f.is_file() and f.read_bytes() == stale]
     assert json.loads((run_dir / "manifest.json").read_text())["fingerprint"]["temperature"] == 0.5
 
 
