@@ -30,6 +30,9 @@ from ray_pipeline.storage import Location, StoragePath
 
 # The columns, their types and which stage writes them: ray_pipeline/columns.py.
 CANDIDATE_SCHEMA = pa.schema(list(PROBLEM_SCHEMA) + CANDIDATE_FIELDS)
+# What the generators hand the scorers: one row per problem, its N candidates in one list, so that Ray
+# Data (which may cut a stream of rows anywhere) never splits a problem between two scorer batches.
+GENERATED_SCHEMA = pa.schema(list(PROBLEM_SCHEMA) + [("candidates", pa.list_(pa.struct(CANDIDATE_FIELDS)))])
 SHARD_SCHEMA = pa.schema(list(CANDIDATE_SCHEMA) + SCORE_FIELDS)
 
 
