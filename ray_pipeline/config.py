@@ -24,6 +24,7 @@ HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+SCORE_PASSES = ("auto", "candidate", "problem")
 # What a field changes: the sampled candidates, their stored scores, which candidate is picked, or
 # only how the job runs. The resume fingerprint holds every "samples" and "scores" field.
 ROLES = ("samples", "scores", "selection", "execution")
@@ -208,13 +209,29 @@ class RunConfig:
     )
     score_batch_size: int = _opt(
         8,
-        "candidates per scorer call (each is its own forward pass); step prompts per self-eval pass",
+        "candidates per scorer call (Ray Data batch; the forward passes follow --score_pass); step prompts "
+        "per self-eval pass",
         low=1,
         role="scores",
     )
-    score_chunk_tokens: int = _opt(256, "positions per chunk of the chunked logit reduction", low=1, role="scores")
-    score_chunk_vocab: int = _opt(
-        16384, "vocabulary entries per chunk of the chunked logit reduction", low=1, role="scores"
+    score_pass: str = _opt(
+        "auto",
+        "the scorer's forward passes: candidate (one per candidate, no padding), problem (one padded pass over "
+        "a problem's N candidates: fewer, larger passes), auto (problem on GPU, candidate on CPU)",
+        choices=SCORE_PASSES,
+        role="scores",
+    )
+    score_chunk_tokens: int | None = _opt(
+        None,
+        "positions per chunk of the chunked logit reduction (default: 256 on CPU, 4096 on GPU)",
+        low=1,
+        role="scores",
+    )
+    score_chunk_vocab: int | None = _opt(
+        None,
+        "vocabulary entries per chunk of the chunked logit reduction (default: 16384 on CPU, 32768 on GPU)",
+        low=1,
+        role="scores",
     )
     shard_size: int = _opt(50, "problems per Parquet shard", low=1, role="samples")
     # vLLM engine
