@@ -11,10 +11,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from ray_pipeline.backends import resolve_backend, stable_seed
 from ray_pipeline.config import RunConfig
 from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_prompt
-from ray_pipeline.sampling import resolve_backend, stable_seed
 from ray_pipeline.shards import CANDIDATE_SCHEMA
 
 

@@ -7,8 +7,8 @@ import itertools
 from collections.abc import AsyncIterator
 
 from actors.generator import Sample
+from ray_pipeline.backends import stable_seed, vllm_is_cpu_build
 from ray_pipeline.config import RunConfig
-from ray_pipeline.sampling import stable_seed, vllm_is_cpu_build
 
 
 def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:

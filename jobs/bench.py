@@ -121,7 +121,7 @@ def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[s
     from vllm.inputs import TokensPrompt
 
     from actors.vllm_backend import engine_args, sampling_params
-    from ray_pipeline.sampling import vllm_is_cpu_build
+    from ray_pipeline.backends import vllm_is_cpu_build
 
     cpu = vllm_is_cpu_build()
     started = time.time()

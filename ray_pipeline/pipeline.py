@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_pipeline.backends import resolve_backend
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.sampling import resolve_backend
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
 

@@ -1,9 +1,9 @@
-"""Backend choice and seeds."""
+"""Backend choice and seeds (ray_pipeline/backends.py)."""
 
 import pytest
 
-from ray_pipeline import sampling
-from ray_pipeline.sampling import resolve_backend, stable_seed
+from ray_pipeline import backends
+from ray_pipeline.backends import resolve_backend, stable_seed
 
 
 def test_explicit_backend_is_kept():
@@ -21,8 +21,8 @@ def test_explicit_backend_is_kept():
     ],
 )
 def test_auto_picks_vllm_only_with_a_device(monkeypatch, installed, cpu_build, gpu, want):
-    monkeypatch.setattr(sampling, "vllm_available", lambda: installed)
-    monkeypatch.setattr(sampling, "vllm_is_cpu_build", lambda: cpu_build)
+    monkeypatch.setattr(backends, "vllm_available", lambda: installed)
+    monkeypatch.setattr(backends, "vllm_is_cpu_build", lambda: cpu_build)
     assert resolve_backend("auto", has_gpu=gpu) == want
 
 

@@ -1,4 +1,4 @@
-"""Backend choice and sampling seeds, shared by the generator actors and the job."""
+"""Which generation backend runs (hf or vllm), and the per-problem seed both backends sample with."""
 
 from __future__ import annotations
 
