@@ -26,11 +26,12 @@ from pathlib import Path
 
 from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
+from jobs.dummy_model import QWEN25_MATH_15B_SHAPE, write_random_model
 from jobs.records import device_name, write_record
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError, exit_status
-from ray_pipeline.model import QWEN25_MATH_15B_SHAPE, resolve_model, write_random_model
+from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.reduce import reduce_run
 

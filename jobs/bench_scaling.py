@@ -40,8 +40,7 @@ def _run(args: argparse.Namespace, bench_args: list[str]) -> int:
         raise PipelineError(f"--gpus must be comma-separated GPU counts, got {args.gpus!r}") from None
     root = Path(args.scaling_dir)
     if args.dummy_shape:
-        from jobs.bench import DUMMY_SHAPES
-        from ray_pipeline.model import write_random_model
+        from jobs.dummy_model import DUMMY_SHAPES, write_random_model
 
         if args.dummy_shape not in DUMMY_SHAPES:
             raise PipelineError(f"--dummy_shape must be one of {', '.join(DUMMY_SHAPES)}, got {args.dummy_shape!r}")
