@@ -11,9 +11,9 @@ import math
 from dataclasses import asdict, dataclass
 from itertools import groupby
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from ray_pipeline.answers import extract_answer, grade
 from ray_pipeline.columns import selection_columns
@@ -50,18 +50,18 @@ def group_by_problem(rows: list[dict]) -> list[list[dict]]:
 
 
 def _rows(table: pa.Table, answer_extraction: str = "boxed") -> list[dict]:
-    """Table rows as dicts, with `token_confidence` as float32 tensors (the one long per-token list).
+    """Table rows as dicts, with `token_confidence` as float32 numpy arrays (the one long per-token list).
 
     Each row gains `pred` (its answer under `answer_extraction`) and `correct` (graded against
     `gold`; None without a gold answer): the reducer's, not the scorer's, so a re-reduce can re-grade.
     """
     confidence = table.column("token_confidence").combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(confidence), 0).to_numpy()
-    values = torch.from_numpy(pc.list_flatten(confidence).to_numpy(zero_copy_only=False).astype("float32"))
-    per_row = values.split(lengths.tolist())
+    values = pc.list_flatten(confidence).to_numpy(zero_copy_only=False).astype(np.float32)
+    per_row = np.split(values, np.cumsum(lengths)[:-1])
     rows = table.drop_columns(["token_confidence"]).to_pylist()
-    for row, tensor in zip(rows, per_row):
-        row["token_confidence"] = tensor
+    for row, values_of_row in zip(rows, per_row):
+        row["token_confidence"] = values_of_row
         row["pred"] = extract_answer(row["text"] or "", answer_extraction)
         row["correct"] = None if row["gold"] is None else grade(row["pred"], row["gold"])
     return rows

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
-from ray_pipeline.answers import answers_equivalent
-from ray_pipeline.errors import ConfigError, PipelineError
-from ray_pipeline.scores import (
+from ray_pipeline.aggregates import (
     coe_scores,
     combined_self_certainty,
     lowest_group_confidence,
     mixed_certainty,
     tail_confidence,
 )
+from ray_pipeline.answers import answers_equivalent
+from ray_pipeline.errors import ConfigError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def best_scored(candidates: list[dict], scores: list[float], params: SelectionPa
 
 
 def certainty_levels(candidate: dict, lambda_weight: float) -> tuple[float, list[float]]:
-    """Token-level certainty and the certainty of each step (`scores.mixed_certainty`) of one candidate."""
+    """Token-level certainty and the certainty of each step (`aggregates.mixed_certainty`) of one candidate."""
     vocab = candidate["vocab_size"]
     token = mixed_certainty(candidate["mean_self_certainty"], candidate["mean_entropy"], lambda_weight, vocab)
     # Plain floats: a few dozen steps, and the reducer calls this for every candidate, N' and alpha.
@@ -234,7 +233,7 @@ def highest_tail_confidence(candidates: list[dict], params: SelectionParams) -> 
 
 
 def _token_confidence(candidate: dict, reduce: Callable, window: int) -> float:
-    return reduce(torch.as_tensor(candidate["token_confidence"], dtype=torch.float32), window)
+    return reduce(np.asarray(candidate["token_confidence"], dtype=np.float32), window)
 
 
 @lru_cache(maxsize=1 << 16)

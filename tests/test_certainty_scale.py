@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ray_pipeline.scores import logit_statistics, mixed_certainty
+from ray_pipeline.aggregates import mixed_certainty
+from ray_pipeline.scores import logit_statistics
 
 
 def distributions(vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -21,13 +23,12 @@ def distributions(vocab: int, seed: int) -> dict[str, torch.Tensor]:
     return {"uniform": uniform, "random": random, "peaked": peaked, "one-hot": one_hot}
 
 
-def terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def terms(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The self-certainty term (lambda 1) and the negative-entropy term (lambda 0) of each token."""
     stats = logit_statistics(logits, torch.zeros(logits.shape[0], dtype=torch.long))
     vocab = logits.shape[-1]
-    return mixed_certainty(stats.self_certainty, stats.entropy, 1.0, vocab), mixed_certainty(
-        stats.self_certainty, stats.entropy, 0.0, vocab
-    )
+    sc, h = stats.self_certainty.numpy(), stats.entropy.numpy()
+    return mixed_certainty(sc, h, 1.0, vocab), mixed_certainty(sc, h, 0.0, vocab)
 
 
 @pytest.mark.parametrize("vocab", [2, 17, 1000, 49152])
@@ -42,7 +43,7 @@ def test_both_terms_lie_in_zero_one_and_span_uniform_to_one_hot(vocab, seed):
             mix = lam * sc_term + (1 - lam) * h_term
             assert ((mix >= -1e-12) & (mix <= 1.0)).all()
     uniform_sc, uniform_h = terms(cases["uniform"])
-    assert uniform_sc.abs().max() < 1e-9 and uniform_h.abs().max() < 1e-9
+    assert np.abs(uniform_sc).max() < 1e-9 and np.abs(uniform_h).max() < 1e-9
     one_hot_sc, one_hot_h = terms(cases["one-hot"])
     assert one_hot_sc.min() > 1 - 1e-9 and one_hot_h.min() > 1 - 1e-9
 
@@ -66,8 +67,8 @@ def test_both_terms_grow_as_a_distribution_sharpens(vocab):
         previous = current
 
 
-def test_the_mix_applies_to_span_means_and_tensors_as_to_floats():
-    sc, h = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64), torch.tensor([3.0, 1.0, 0.1], dtype=torch.float64)
+def test_the_mix_applies_to_span_means_and_arrays_as_to_floats():
+    sc, h = np.array([0.5, 2.0, 7.0]), np.array([3.0, 1.0, 0.1])
     mixed = mixed_certainty(sc, h, 0.6, 100)
     for i in range(3):
         want = 0.6 * (1 - math.exp(-sc[i].item())) + 0.4 * (1 - h[i].item() / math.log(100))

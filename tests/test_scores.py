@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from ray_pipeline.scores import (
-    coe_scores,
     coe_transitions,
-    combined_self_certainty,
     logit_statistics,
-    lowest_group_confidence,
     masked_mean,
     masked_token_scores,
-    mixed_certainty,
     option_probability,
-    sliding_window_means,
     step_index,
     step_means,
     step_texts,
-    tail_confidence,
     token_scores,
 )
 
@@ -120,7 +114,7 @@ def test_step_index_splits_at_blank_lines_then_single_newlines():
     assert step_index([]) == []
 
 
-def test_step_means_texts_and_combined_score():
+def test_step_means_and_texts():
     values = torch.tensor([1.0, 3.0, 10.0, 2.0, 4.0])
     means = step_means(values, [0, 0, 1, 2, 2])
     torch.testing.assert_close(means, torch.tensor([2.0, 10.0, 3.0]))
@@ -128,45 +122,10 @@ def test_step_means_texts_and_combined_score():
     pieces = ["First", ".\n\n", "Then", "\n\n", "5"]
     assert step_texts(pieces, step_index(pieces)) == ["First.\n\n", "Then\n\n", "5"]
     assert step_texts([], []) == []
-    assert combined_self_certainty(token_level=0.8, step_min=0.2, alpha=0.25) == pytest.approx(0.25 * 0.8 + 0.75 * 0.2)
-
-
-def test_mixed_certainty_spans_uniform_to_one_hot():
-    vocab = 50
-    log_v = math.log(vocab)
-    # Uniform: SC = 0, H = log V -> 0 for every lambda. One-hot: SC -> inf, H = 0 -> 1.
-    for lam in (0.0, 0.3, 1.0):
-        assert mixed_certainty(0.0, log_v, lam, vocab) == pytest.approx(0.0)
-        assert mixed_certainty(math.inf, 0.0, lam, vocab) == pytest.approx(1.0)
-    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == pytest.approx(1.0 - math.exp(-2.0))
-    assert mixed_certainty(2.0, 1.0, 0.0, vocab) == pytest.approx(1.0 - 1.0 / log_v)
-    want = 0.25 * (1.0 - math.exp(-2.0)) + 0.75 * (1 - 1.0 / log_v)
-    assert mixed_certainty(2.0, 1.0, 0.25, vocab) == pytest.approx(want)
-    # Tensors elementwise, as floats. (The scale itself: tests/test_certainty_scale.py.)
-    sc, h = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64), torch.tensor([3.0, 1.0, 0.2], dtype=torch.float64)
-    mixed = mixed_certainty(sc, h, 0.6, vocab)
-    assert mixed[1].item() == pytest.approx(mixed_certainty(2.0, 1.0, 0.6, vocab))
-
-
-def test_deepconf_window_confidences_match_float64_reference():
-    gen = torch.Generator().manual_seed(3)
-    confidence = torch.rand(50, generator=gen) * 5
-    values = confidence.double().tolist()
-    for window in (1, 7, 50, 2048):
-        width = min(window, len(values))
-        naive = [sum(values[i : i + width]) / width for i in range(len(values) - width + 1)]
-        torch.testing.assert_close(sliding_window_means(confidence, window), torch.tensor(naive, dtype=torch.float64))
-        assert lowest_group_confidence(confidence, window) == pytest.approx(min(naive), rel=1e-12)
-        assert tail_confidence(confidence, window) == pytest.approx(sum(values[-width:]) / width, rel=1e-6)
-    # A dip in the middle: the lowest window finds it, the tail does not.
-    dip = torch.tensor([5.0] * 10 + [1.0] * 3 + [5.0] * 10)
-    assert lowest_group_confidence(dip, 3) == pytest.approx(1.0)
-    assert tail_confidence(dip, 3) == pytest.approx(5.0)
-    assert math.isnan(lowest_group_confidence(torch.zeros(0), 4)) and math.isnan(tail_confidence(torch.zeros(0), 4))
 
 
 def coe_reference(layers):
-    """CoE features and scores with plain float64 Python loops, as the paper defines them."""
+    """CoE features with plain float64 Python loops, as the paper defines them."""
     import numpy as np
 
     h = [np.asarray(x, dtype=np.float64) for x in layers]
@@ -177,28 +136,21 @@ def coe_reference(layers):
     mags = [float(np.linalg.norm(h[i + 1] - h[i])) for i in range(len(h) - 1)]
     angs = [angle(h[i + 1], h[i]) for i in range(len(h) - 1)]
     span_m, span_a = float(np.linalg.norm(h[-1] - h[0])), angle(h[-1], h[0])
-    m = [x / span_m for x in mags]
-    a = [x / span_a for x in angs]
-    coe_r = sum(m) / len(m) - sum(a) / len(a)
-    x = sum(mi * math.cos(ai) for mi, ai in zip(m, a)) / len(m)
-    y = sum(mi * math.sin(ai) for mi, ai in zip(m, a)) / len(m)
-    return mags, angs, span_m, span_a, coe_r, math.hypot(x, y)
+    return mags, angs, span_m, span_a
 
 
-def test_coe_matches_float64_reference():
+def test_coe_transitions_match_float64_reference():
     gen = torch.Generator().manual_seed(5)
     layers = torch.randn(13, 32, generator=gen).cumsum(0)  # a drifting chain of 12 transitions
     got = coe_transitions(layers)
-    mags, angs, span_m, span_a, coe_r, coe_c = coe_reference(layers.double().numpy())
+    mags, angs, span_m, span_a = coe_reference(layers.double().numpy())
     torch.testing.assert_close(got.magnitude, torch.tensor(mags, dtype=torch.float64))
     torch.testing.assert_close(got.angle, torch.tensor(angs, dtype=torch.float64))
     assert (got.span_magnitude, got.span_angle) == (pytest.approx(span_m), pytest.approx(span_a))
-    r, c = coe_scores(got.magnitude.tolist(), got.angle.tolist(), got.span_magnitude, got.span_angle)
-    assert (r, c) == (pytest.approx(coe_r, rel=1e-9), pytest.approx(coe_c, rel=1e-9))
-    # Points on one ray from the origin: every angle, so the angle span too, is 0 and CoE is undefined.
-    line = torch.arange(1.0, 5.0)[:, None] * torch.ones(1, 4)
-    assert all(math.isnan(v) for v in coe_scores(*vars(coe_transitions(line)).values()))
-    assert all(math.isnan(v) for v in coe_scores([], [], 1.0, 1.0))
+    # Points on one ray from the origin: every angle, so the angle span too, is 0 (CoE is undefined:
+    # tests/test_aggregates.py).
+    line = coe_transitions(torch.arange(1.0, 5.0)[:, None] * torch.ones(1, 4))
+    assert line.span_angle == 0.0 and (line.angle == 0).all()
 
 
 def test_masked_mean_ignores_padding():

@@ -2,8 +2,8 @@
 
 import math
 
+import numpy as np
 import pytest
-import torch
 
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.selection import (
@@ -156,7 +156,7 @@ def test_deepconf_lowest_group_and_tail():
     # A window longer than the response is clipped to it: both reduce to the mean.
     assert pick("lowest-group", [a, b], deepconf_window=2048).scores == (pytest.approx(22 / 6), pytest.approx(17 / 6))
     assert pick("lowest-group", [a, b], deepconf_window=2048).index == 0
-    assert pick("tail", [a, candidate(confidence=torch.tensor([4.0]))], deepconf_window=2048).index == 1
+    assert pick("tail", [a, candidate(confidence=np.array([4.0], dtype=np.float32))], deepconf_window=2048).index == 1
 
 
 def test_self_consistency_groups_equivalent_answers():

@@ -1,0 +1,84 @@
+"""A candidate's scores from its stored per-token, per-step and per-layer values, in numpy.
+
+The scorer (`scores.py`, torch) stores per-token confidences, per-step means and Chain-of-Embedding
+layer transitions in the shards; the functions here turn those columns into the numbers the
+selection methods rank by: the certainty mix of a span, the combined token/step certainty,
+DeepConf's window confidences and CoE-R/CoE-C. Nothing here needs torch or a model, so the
+reducer re-selects from shards with numpy and pyarrow alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def mixed_certainty(self_certainty, entropy, lambda_weight: float, vocab_size: int):
+    """Certainty in [0, 1] of a span (its mean SC and H): lambda * (1 - exp(-SC)) + (1 - lambda) * (1 - H / log V).
+
+    SC = KL(U || p) has no upper bound (it grows without limit as p nears one-hot), so it is
+    mapped by 1 - exp(-SC) = 1 - GM(p) / AM(p) (geometric over arithmetic mean of the
+    probabilities), and H, at most log V, is divided by log V. Both terms are 0 for the uniform
+    distribution, approach 1 for a one-hot one and lie in [0, 1] in between, so `lambda_weight`
+    mixes two certainties on one scale: 1 is pure self-certainty, 0 pure negative entropy. Both
+    maps are monotone, so at lambda 1 or 0 a span's certainty ranks spans as its mean SC or mean H
+    does. Takes floats or numpy arrays (elementwise).
+    """
+    # Plain floats through math: the reducer calls this for every step of every candidate, N' and alpha.
+    exp = np.exp if isinstance(self_certainty, np.ndarray) else math.exp
+    log_v = math.log(vocab_size)
+    return lambda_weight * (1.0 - exp(-self_certainty)) + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
+
+
+def combined_self_certainty(token_level: float, step_min: float, alpha: float) -> float:
+    """alpha * token level + (1 - alpha) * step level.
+
+    Token level is the mean certainty over the response's tokens; step level is the certainty
+    of its least certain step (the weakest link of the reasoning, the original's "key step").
+    """
+    return alpha * token_level + (1.0 - alpha) * step_min
+
+
+def sliding_window_means(values, window: int) -> np.ndarray:
+    """Means of every run of `min(window, T)` consecutive values of `values [T]`, float64 `[T - w + 1]`."""
+    values = np.asarray(values)
+    width = min(window, values.size)
+    if width == 0:
+        return np.zeros(0, dtype=np.float64)
+    sums = np.concatenate([np.zeros(1), np.cumsum(values, dtype=np.float64)])
+    return (sums[width:] - sums[:-width]) / width
+
+
+def lowest_group_confidence(confidence, window: int) -> float:
+    """DeepConf's lowest group confidence: the smallest mean token confidence over a sliding window.
+
+    The window is clipped to the response length; an empty response has none (NaN).
+    """
+    means = sliding_window_means(confidence, window)
+    return float(means.min()) if means.size else math.nan
+
+
+def tail_confidence(confidence, window: int) -> float:
+    """DeepConf's tail confidence: the mean token confidence of the last `window` tokens (NaN when empty)."""
+    confidence = np.asarray(confidence)
+    if confidence.size == 0:
+        return math.nan
+    return float(confidence[-window:].astype(np.float64).mean())
+
+
+def coe_scores(magnitude, angle, span_magnitude: float, span_angle: float) -> tuple[float, float]:
+    """CoE-R and CoE-C ("Latent Space Chain-of-Embedding Enables Output-free LLM Self-Evaluation", ICLR 2025).
+
+    With M_l = magnitude_l / span_magnitude and A_l = angle_l / span_angle:
+    CoE-R = mean(M) - mean(A) and CoE-C = |mean_l M_l e^{i A_l}|. Higher means more confident.
+    NaN when there are no transitions or a span is zero.
+    """
+    m = np.asarray(magnitude, dtype=np.float64)
+    a = np.asarray(angle, dtype=np.float64)
+    if m.size == 0 or not span_magnitude or not span_angle:
+        return math.nan, math.nan
+    m, a = m / span_magnitude, a / span_angle
+    coe_r = float(m.mean() - a.mean())
+    coe_c = float(np.hypot((m * np.cos(a)).mean(), (m * np.sin(a)).mean()))
+    return coe_r, coe_c
