@@ -15,7 +15,7 @@ from ray_pipeline.backends import resolve_backend, stable_seed
 from ray_pipeline.config import RunConfig
 from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_prompt
-from ray_pipeline.shards import CANDIDATE_SCHEMA
+from ray_pipeline.shards import GENERATED_SCHEMA
 
 
 @dataclass
@@ -110,7 +110,10 @@ class HFGenerator:
 
 
 class GeneratorActor:
-    """Ray Data callable class: a small batch of problems in, one row per (problem, candidate) out.
+    """Ray Data callable class: a small batch of problems in, each problem with its N candidates out.
+
+    Each output row is one problem with a `candidates` list (`GENERATED_SCHEMA`): Ray Data can cut a
+    stream of rows anywhere, and a problem's candidates must reach one scorer batch together.
 
     `__call__` is an async generator, so one actor works on several batches at once (the pool's
     `generate_in_flight`) and its engine schedules all their requests together. It yields rows in
@@ -167,18 +170,17 @@ class GeneratorActor:
                     rows += self._rows(problems[i], prompts[i], result)
                 done += 1
                 if done % self.config.stream_problems == 0:
-                    yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+                    yield pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
                     rows = []
         except self.backend.fatal_errors as exc:
             exit_for_restart(exc)
         if rows:
-            yield pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+            yield pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
     def _error_rows(self, problem: dict, error: str) -> list[dict]:
-        """N rows without text that name why: the shard stays complete and the report lists the problem."""
-        return [
+        """N candidates without text that name why: the shard stays complete and the report lists the problem."""
+        candidates = [
             {
-                **problem,
                 "candidate_index": index,
                 "prompt_token_ids": [],
                 "token_ids": [],
@@ -190,11 +192,11 @@ class GeneratorActor:
             }
             for index in range(self.config.num_return_sequences)
         ]
+        return [problem | {"candidates": candidates}]
 
-    def _rows(self, problem: dict, prompt_ids: list[int], candidates: list[Sample]) -> list[dict]:
-        return [
+    def _rows(self, problem: dict, prompt_ids: list[int], samples: list[Sample]) -> list[dict]:
+        candidates = [
             {
-                **problem,
                 "candidate_index": index,
                 "prompt_token_ids": prompt_ids,
                 "token_ids": sample.token_ids,
@@ -203,8 +205,9 @@ class GeneratorActor:
                 "generator_logprobs": sample.logprobs,
                 "backend": self.backend_name,
             }
-            for index, sample in enumerate(candidates)
+            for index, sample in enumerate(samples)
         ]
+        return [problem | {"candidates": candidates}]
 
 
 async def _nothing() -> AsyncIterator:

@@ -1,13 +1,15 @@
-"""Scorer actor: one teacher-forced forward pass of the model over prompt + candidate.
+"""Scorer actor: teacher-forced forward passes of the model over prompt + candidate.
 
-The pass yields every per-token score (from the final hidden states), the response-mean hidden
+A pass yields every per-token score (from the final hidden states), the response-mean hidden
 state of every layer (for Chain-of-Embedding) and, with --self_eval, extra passes asking the
 model whether each reasoning step is correct.
 
-Each candidate is its own forward pass (no padding, so no compute on it), and nothing else
-shares it: a candidate's stored values never depend on which rows Ray Data put in its batch,
-so a shard redone after an interruption equals the uninterrupted one bit for bit. While the
-device runs one candidate's pass, the host turns the previous candidate's results into columns.
+Passes (`--score_pass`): one per candidate (no padding: best on CPU), or one right-padded pass
+over a problem's N candidates (N times fewer, larger passes: a GPU is launch-bound on one
+candidate). Either way a pass holds one fixed group of candidates, and the generators hand on
+whole problems (one row per problem), so a candidate's stored values never depend on which rows
+Ray Data put in its batch: a shard redone after an interruption equals the uninterrupted one.
+While the device runs one pass, the host turns the previous pass's results into columns.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 
-from ray_pipeline.columns import empty_scores
+from ray_pipeline.columns import candidate_rows, empty_scores
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_self_eval_prompt, self_eval_options
 from ray_pipeline.scores import (
     coe_transitions,
+    half_head,
     newline_table,
     option_probability,
     step_means,
@@ -34,6 +37,10 @@ from ray_pipeline.scores import (
     token_steps,
 )
 from ray_pipeline.shards import SHARD_SCHEMA
+
+# Logit tile sizes of the chunked statistics when the config leaves them open: small tiles stay in a
+# CPU's cache; on a GPU a tile is one kernel launch per step, and a few large ones keep it busy.
+CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
 
 
 class ScorerActor:
@@ -58,12 +65,20 @@ class ScorerActor:
         if not hasattr(self.decoder, "layers"):
             raise PipelineError(f"{config.model_path}: the decoder has no `layers` list, which CoE features need")
         head = self.model.get_output_embeddings()
-        # The statistics form float32 logits: convert the head once, not in every pass.
-        self.weight = head.weight.float()
+        # The statistics form float32 logits: from a bf16/fp16 head directly where the device can
+        # (float32 accumulation and output), else from a float32 copy made once, not in every pass.
+        self.weight = head.weight if half_head(head.weight) else head.weight.float()
         self.bias = None if head.bias is None else head.bias.float()
         if self.device == "cuda" and head.weight.dtype in (torch.bfloat16, torch.float16):
-            # TF32 holds bf16 and fp16 values exactly, so the head's float32 matmul loses nothing on tensor cores.
+            # TF32 holds bf16 and fp16 values exactly, so a float32 matmul of them loses nothing on tensor cores.
             torch.backends.cuda.matmul.allow_tf32 = True
+        tokens, vocab = CHUNKS[self.device]
+        self.token_chunk = config.score_chunk_tokens or tokens
+        self.vocab_chunk = config.score_chunk_vocab or vocab
+        self.group_passes = config.score_pass == "problem" or (config.score_pass == "auto" and self.device == "cuda")
+        if self.tokenizer.pad_token is None:
+            # Padded passes read only real positions (the attention mask), so any token can pad.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
         # Step boundaries come from each token's decoded text: decode the vocabulary once, not every token.
@@ -76,15 +91,22 @@ class ScorerActor:
         self.synchronize = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        """Problem rows (`GENERATED_SCHEMA`, from the generators) or candidate rows in; scored candidate rows out."""
+        rows = candidate_rows(batch)
         pending = None
-        for row in rows:
-            measured = self._measure(row) if row["token_ids"] and not row.get("error") else None
+        for group in self.passes(rows):
+            measured = self._measure(group)
             if pending is not None:
                 self._finish(*pending)
-            pending = (row, measured)
+            pending = (group, measured)
         if pending is not None:
             self._finish(*pending)
+        start = time.perf_counter()
+        for row in rows:
+            if not scorable(row):
+                # No response tokens (an empty response or an error row): NaN scores rank it last in every method.
+                row.update(empty_scores(self.vocab_size))
+        self._tick("host", start)
         if self.config.self_eval:
             start = time.perf_counter()
             for row in rows:
@@ -92,9 +114,28 @@ class ScorerActor:
             self._tick("self_eval", start)
         return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
-    def pass_ids(self, row: dict):
-        """The token ids `[1, prompt + response]` of one candidate's forward pass (the benchmark reuses them)."""
-        return self.torch.tensor([row["prompt_token_ids"] + row["token_ids"]], device=self.device)
+    def passes(self, rows: list[dict]) -> list[list[dict]]:
+        """The candidates of each forward pass: one each, or a problem's candidates together (`--score_pass`).
+
+        A problem's group is the same whichever batch it arrives in, since the generators hand on whole problems.
+        """
+        rows = [r for r in rows if scorable(r)]
+        if not self.group_passes:
+            return [[r] for r in rows]
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(row["problem_id"], []).append(row)
+        return list(groups.values())
+
+    def pass_inputs(self, group: list[dict]):
+        """`(input_ids [B, L], attention_mask or None)` of one pass, right-padded (the benchmark reuses them)."""
+        torch = self.torch
+        seqs = [r["prompt_token_ids"] + r["token_ids"] for r in group]
+        if len(seqs) == 1:
+            return torch.tensor(seqs, device=self.device), None
+        # Right padding: positions count from 0 in every row, and padded positions are never read.
+        padded = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt")
+        return padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
 
     def _tick(self, stage: str, start: float) -> float:
         if self.synchronize and self.device == "cuda":
@@ -103,30 +144,39 @@ class ScorerActor:
         self.profile[stage] += now - start
         return now
 
-    def _measure(self, row: dict):
-        """Queues one candidate's forward pass and scores; returns its results (on the host once copied)."""
+    def _measure(self, group: list[dict]):
+        """Queues one pass and its scores; returns the results (on the host once copied) and their copy event."""
         torch = self.torch
-        first, n = len(row["prompt_token_ids"]) - 1, len(row["token_ids"])
-        # Position p predicts token p + 1: response token j is predicted at len(prompt) - 1 + j.
-        span = slice(first, first + n)
-        targets = torch.tensor(row["token_ids"], dtype=torch.long).to(self.device, non_blocking=True)
+        ids, attention = self.pass_inputs(group)
+        width = ids.shape[1]
+        # Position p predicts token p + 1: response token j of a row is predicted at len(prompt) - 1 + j.
+        # The response positions as flat indices into [B * L] and as averaging weights [B, L], built on the
+        # host, so that nothing on the device waits for the host to learn their shapes.
+        positions, weights = [], torch.zeros(ids.shape, dtype=torch.float32)
+        for b, row in enumerate(group):
+            first, n = len(row["prompt_token_ids"]) - 1, len(row["token_ids"])
+            positions.append(torch.arange(b * width + first, b * width + first + n))
+            weights[b, first : first + n] = 1.0 / n
+        index = torch.cat(positions).to(self.device, non_blocking=True)
+        weights = weights.to(self.device, non_blocking=True)
+        targets = torch.tensor([t for r in group for t in r["token_ids"]], dtype=torch.long)
+        targets = targets.to(self.device, non_blocking=True)
         start = time.perf_counter()
-        with torch.inference_mode(), self._layer_means(span) as layer_means:
-            hidden = self.decoder(input_ids=self.pass_ids(row)).last_hidden_state[0]
+        with torch.inference_mode(), self._layer_means(weights) as layer_means:
+            hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
             start = self._tick("forward", start)
-            cfg = self.config
             scores = token_scores(
-                hidden[span],
+                hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
                 self.weight,
                 targets,
                 bias=self.bias,
-                token_chunk=cfg.score_chunk_tokens,
-                vocab_chunk=cfg.score_chunk_vocab,
-                top_k=cfg.deepconf_top_k,
+                token_chunk=self.token_chunk,
+                vocab_chunk=self.vocab_chunk,
+                top_k=self.config.deepconf_top_k,
             )
             start = self._tick("statistics", start)
             # h_0..h_{L-1} are the layers' inputs, h_L the final (normed) output: HF's hidden_states.
-            means = torch.stack([*layer_means, hidden[span].float().mean(0)])
+            means = torch.stack([*layer_means, response_means(hidden, weights)], dim=1)
             values = torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
         if self.device == "cuda":
             # Pinned host memory and a non-blocking copy: the host waits only when it reads the results.
@@ -139,14 +189,13 @@ class ScorerActor:
         return (values, means), None
 
     @contextmanager
-    def _layer_means(self, span: slice):
-        """Collects each decoder layer's input hidden state, averaged over the response positions."""
+    def _layer_means(self, weights):
+        """Collects each decoder layer's input hidden state, averaged over each row's response positions."""
         means = []
 
         def record(module, args, kwargs):
             start = time.perf_counter()
-            hidden = args[0] if args else kwargs["hidden_states"]
-            means.append(hidden[0, span].float().mean(0))
+            means.append(response_means(args[0] if args else kwargs["hidden_states"], weights))
             self._tick("coe_hooks", start)
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.decoder.layers]
@@ -156,47 +205,45 @@ class ScorerActor:
             for handle in handles:
                 handle.remove()
 
-    def _finish(self, row: dict, measured) -> None:
-        """Fills the row's score columns from its pass's results (host work: steps, texts, lists)."""
+    def _finish(self, group: list[dict], measured) -> None:
+        """Fills each row's score columns from its pass's results (host work: steps, texts, lists)."""
         start = time.perf_counter()
-        if measured is None:
-            # No response tokens (an empty response or an error row): NaN scores rank it last in every method.
-            row.update(empty_scores(self.vocab_size))
-            self._tick("host", start)
-            return
         (values, means), event = measured
         if event is not None:
             event.synchronize()
-        entropy, certainty, logprob, confidence = values
-        ids = row["token_ids"]
-        steps = token_steps(self.torch.tensor(ids), self.newlines)
-        spans = step_spans(steps)
-        step_sc, step_h = step_means(certainty, steps), step_means(entropy, steps)
-        coe = coe_transitions(means)
-        row.update(
-            {
-                "token_count": len(ids),
-                "token_entropy": entropy.tolist(),
-                "token_self_certainty": certainty.tolist(),
-                "token_logprob": logprob.tolist(),
-                "token_confidence": confidence.tolist(),
-                "step_self_certainty": step_sc.tolist(),
-                "step_entropy": step_h.tolist(),
-                # Decoding spans, not single tokens: a character split across tokens comes out whole.
-                "step_texts": self.tokenizer.batch_decode([ids[a:b] for a, b in spans]),
-                "step_self_eval": None,
-                "coe_magnitude": coe.magnitude.tolist(),
-                "coe_angle": coe.angle.tolist(),
-                "coe_span_magnitude": coe.span_magnitude,
-                "coe_span_angle": coe.span_angle,
-                "mean_entropy": entropy.double().mean().item(),
-                "mean_self_certainty": certainty.double().mean().item(),
-                "mean_logprob": logprob.double().mean().item(),
-                "step_min_self_certainty": step_sc.min().item(),
-                "step_mean_self_certainty": step_sc.double().mean().item(),
-                "vocab_size": self.vocab_size,
-            }
-        )
+        offset = 0
+        for row, row_means in zip(group, means):
+            ids = row["token_ids"]
+            entropy, certainty, logprob, confidence = values[:, offset : offset + len(ids)]
+            offset += len(ids)
+            steps = token_steps(self.torch.tensor(ids), self.newlines)
+            spans = step_spans(steps)
+            step_sc, step_h = step_means(certainty, steps), step_means(entropy, steps)
+            coe = coe_transitions(row_means)
+            row.update(
+                {
+                    "token_count": len(ids),
+                    "token_entropy": entropy.tolist(),
+                    "token_self_certainty": certainty.tolist(),
+                    "token_logprob": logprob.tolist(),
+                    "token_confidence": confidence.tolist(),
+                    "step_self_certainty": step_sc.tolist(),
+                    "step_entropy": step_h.tolist(),
+                    # Decoding spans, not single tokens: a character split across tokens comes out whole.
+                    "step_texts": self.tokenizer.batch_decode([ids[a:b] for a, b in spans]),
+                    "step_self_eval": None,
+                    "coe_magnitude": coe.magnitude.tolist(),
+                    "coe_angle": coe.angle.tolist(),
+                    "coe_span_magnitude": coe.span_magnitude,
+                    "coe_span_angle": coe.span_angle,
+                    "mean_entropy": entropy.double().mean().item(),
+                    "mean_self_certainty": certainty.double().mean().item(),
+                    "mean_logprob": logprob.double().mean().item(),
+                    "step_min_self_certainty": step_sc.min().item(),
+                    "step_mean_self_certainty": step_sc.double().mean().item(),
+                    "vocab_size": self.vocab_size,
+                }
+            )
         self._tick("host", start)
 
     def _option_ids(self) -> list[int]:
@@ -227,14 +274,22 @@ class ScorerActor:
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         lengths = torch.tensor([len(e) for e in encoded])
         # Right padding: positions count from 0 in every row, and only each row's last position is read.
-        ids = torch.zeros(len(encoded), int(lengths.max()), dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):
-            ids[b, : len(e)] = torch.tensor(e)
-            attention[b, : len(e)] = 1
+        padded = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
         with torch.inference_mode():
-            hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
+            hidden = self.decoder(
+                input_ids=padded["input_ids"].to(self.device), attention_mask=padded["attention_mask"].to(self.device)
+            )
             rows = torch.arange(len(encoded), device=self.device)
             last = hidden.last_hidden_state[rows, (lengths - 1).to(self.device)]
             bias = None if self.bias is None else self.bias[self.options]
             return option_probability(last, self.weight[self.options], bias).cpu().tolist()
+
+
+def scorable(row: dict) -> bool:
+    """Whether a candidate gets a forward pass: it has response tokens and no error."""
+    return bool(row["token_ids"]) and not row.get("error")
+
+
+def response_means(hidden, weights):
+    """Each row's mean hidden state over its response: `hidden [B, L, D]`, `weights [B, L]` -> float32 `[B, D]`."""
+    return (weights[:, None, :] @ hidden.float()).squeeze(1)

@@ -6,12 +6,12 @@
 
 Responses are synthetic: `--max_tokens` random token ids per candidate (seeded), with a newline
 about every 16 tokens and a blank line about every 64, so responses have steps. The scorer runs
-one forward pass per candidate; the bare pass is the model's decoder (no head, no hooks, no
-statistics) on exactly those token ids, same dtype and device (CUDA and bf16 when a GPU is
-there, with `--dtype auto`). The two alternate batch by batch, so a busy machine slows both
-alike. A second, synchronized scorer run splits its time into stages (forward, CoE hooks,
-chunked statistics, host work, self-eval). Also shown, for reference: the bare forward over
-right-padded batches of `--score_batch_size` candidates.
+its forward passes (`--score_pass`: one per candidate, or one per problem's N candidates); the
+bare pass is the model's decoder (no head, no hooks, no statistics) on exactly those passes,
+same dtype and device (CUDA and bf16 when a GPU is there, with `--dtype auto`). The two
+alternate batch by batch, so a busy machine slows both alike. A second, synchronized scorer run
+splits its time into stages (forward, CoE hooks, chunked statistics, host work, self-eval). Also
+shown, for reference: the bare forward over right-padded batches of `--score_batch_size` candidates.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ FIELDS = (
     "prompt",
     "self_eval",
     "score_batch_size",
+    "score_pass",
     "score_chunk_tokens",
     "score_chunk_vocab",
     "cpus_per_actor",
@@ -107,7 +108,8 @@ def _run(args: argparse.Namespace) -> None:
     batches = [(rows[s : s + size], table.slice(s, size)) for s in range(0, len(rows), size)]
     model = model_name(config.model_path) if not args.dummy_shape else f"{args.dummy_shape} (random weights)"
     print(f"model {model} | {len(problems)} problems x N={config.num_return_sequences} x {config.max_tokens} tokens"
-          f" | {scorer.device} {next(scorer.model.parameters()).dtype} | {len(batches)} batches of {size}", flush=True)
+          f" | {scorer.device} {next(scorer.model.parameters()).dtype} | {len(batches)} batches of {size}"
+          f" | {'problem' if scorer.group_passes else 'candidate'} passes", flush=True)
 
     def sync():
         if cuda:
@@ -115,8 +117,9 @@ def _run(args: argparse.Namespace) -> None:
 
     def bare(batch_rows):
         with torch.inference_mode():
-            for row in batch_rows:
-                scorer.decoder(input_ids=scorer.pass_ids(row))
+            for group in scorer.passes(batch_rows):
+                ids, attention = scorer.pass_inputs(group)
+                scorer.decoder(input_ids=ids, attention_mask=attention)
 
     def padded(batch_rows):
         seqs = [r["prompt_token_ids"] + r["token_ids"] for r in batch_rows]
@@ -182,6 +185,8 @@ def _run(args: argparse.Namespace) -> None:
                 "max_tokens": config.max_tokens,
                 "dtype": str(next(scorer.model.parameters()).dtype),
                 "score_batch_size": size,
+                "score_pass": "problem" if scorer.group_passes else "candidate",
+                "chunks": [scorer.token_chunk, scorer.vocab_chunk],
                 "pass_tokens": pass_tokens,
                 "response_tokens": response_tokens,
                 "stages": {n: {"seconds": s, "tokens_per_s": pass_tokens / s} for n, s in seconds.items()},

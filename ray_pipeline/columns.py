@@ -76,3 +76,14 @@ def empty_scores(vocab_size: int) -> dict:
 def selection_columns(problem_columns: list[str]) -> list[str]:
     """What the reducer reads from the shards: the problem's columns and each selection column."""
     return [*problem_columns, *(c.name for c in COLUMNS if c.selection)]
+
+
+def candidate_rows(batch: pa.Table) -> list[dict]:
+    """One dict per candidate: problem rows (with the generators' `candidates` lists) spread out; others kept."""
+    if "candidates" not in batch.column_names:
+        return batch.to_pylist()
+    rows = []
+    for problem in batch.to_pylist():
+        candidates = problem.pop("candidates")
+        rows += [problem | candidate for candidate in candidates]
+    return rows

@@ -182,7 +182,7 @@ def run_stages(
     shards_dir: StoragePath | Path,
     generator_cls: type,
     scorer_cls: type,
-    on_commit: Callable[[int, StoragePath], None] | None = None,
+    on_commit: Callable[[int, StoragePath, int], None] | None = None,
     fingerprint: str = "",
     on_batch: Callable[[pa.Table], None] | None = None,
 ) -> ShardWriter:
@@ -195,13 +195,15 @@ def run_stages(
     ds = ds.map_batches(
         scorer_cls,
         fn_constructor_kwargs={"config": config},
-        batch_size=config.score_batch_size,
+        # Rows here are problems (N candidates each, see GENERATED_SCHEMA): about score_batch_size candidates.
+        batch_size=max(1, config.score_batch_size // config.num_return_sequences),
         batch_format="pyarrow",
         compute=pool_strategy(config, "scorers"),
         num_cpus=config.cpus_per_actor,
         num_gpus=score_gpus,
         resources=_resources(config.scorer_resource),
-        udf_modifying_row_count=False,
+        # A problem row in, its N candidate rows out.
+        udf_modifying_row_count=True,
         **_fault_tolerance(config),
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)

@@ -1,6 +1,7 @@
 """Generator and scorer actors on a small batch, without Ray, with the real SmolLM2 weights."""
 
 import asyncio
+import dataclasses
 
 import pyarrow as pa
 import pytest
@@ -8,9 +9,10 @@ import torch
 
 from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
+from ray_pipeline.columns import candidate_rows
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
-from ray_pipeline.shards import CANDIDATE_SCHEMA, SHARD_SCHEMA
+from ray_pipeline.shards import CANDIDATE_SCHEMA, GENERATED_SCHEMA, SHARD_SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,28 @@ def problems():
     return load_problems(str(require_math500()), limit=3, shard_size=2)
 
 
-def generate(config, problems):
-    """All candidates of the generator's stream, in problem and candidate order."""
+def generate_problems(config, problems):
+    """The generator's stream as it comes: one row per problem, with its candidates."""
 
     async def collect():
         return [table async for table in GeneratorActor(config)(problems)]
 
-    table = pa.concat_tables(asyncio.run(collect()))
+    return pa.concat_tables(asyncio.run(collect()))
+
+
+def generate(config, problems):
+    """All candidates of the generator's stream, one row each, in problem and candidate order."""
+    table = pa.Table.from_pylist(candidate_rows(generate_problems(config, problems)), schema=CANDIDATE_SCHEMA)
     return table.sort_by([("problem_index", "ascending"), ("candidate_index", "ascending")])
+
+
+def test_generator_hands_on_whole_problems(config, problems):
+    """One row per problem holding its N candidates: Ray Data cannot split a problem between scorer batches."""
+    table = generate_problems(config, problems)
+    assert table.schema == GENERATED_SCHEMA
+    assert sorted(table.column("problem_index").to_pylist()) == [0, 1, 2]
+    for candidates in table.column("candidates").to_pylist():
+        assert [c["candidate_index"] for c in candidates] == [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +125,42 @@ def test_empty_response_gets_nan_scores(scorer, candidates):
     scored = scorer(pa.Table.from_pylist([row], schema=CANDIDATE_SCHEMA)).to_pylist()[0]
     assert scored["token_count"] == 0 and scored["token_entropy"] == []
     assert scored["mean_self_certainty"] != scored["mean_self_certainty"]  # NaN
+
+
+@pytest.fixture(scope="module")
+def problem_scorer(config):
+    return ScorerActor(dataclasses.replace(config, score_pass="problem"))
+
+
+def problem_rows(candidates: pa.Table) -> pa.Table:
+    """Candidate rows regrouped as the generators hand them on (GENERATED_SCHEMA)."""
+    problems: dict[str, dict] = {}
+    for row in candidates.to_pylist():
+        problem = {k: row[k] for k in GENERATED_SCHEMA.names if k != "candidates"}
+        candidate = {k: v for k, v in row.items() if k not in problem}
+        problems.setdefault(row["problem_id"], problem | {"candidates": []})["candidates"].append(candidate)
+    return pa.Table.from_pylist(list(problems.values()), schema=GENERATED_SCHEMA)
+
+
+def test_problem_passes_match_candidate_passes(scorer, problem_scorer, candidates):
+    """One right-padded pass over a problem's candidates gives each candidate its own pass's values."""
+    lengths = [len(t) for t in candidates.column("token_ids").to_pylist()]
+    assert len(set(lengths)) > 1, "the test needs candidates of different lengths, so that padding happens"
+    assert [len(g) for g in problem_scorer.passes(candidates.to_pylist())] == [2, 2, 2]
+    grouped, single = problem_scorer(candidates).to_pylist(), scorer(candidates).to_pylist()
+    for g, s in zip(grouped, single):
+        assert g["step_texts"] == s["step_texts"] and g["token_count"] == s["token_count"]
+        for name in ("token_entropy", "token_self_certainty", "token_logprob", "token_confidence", "coe_magnitude"):
+            torch.testing.assert_close(torch.tensor(g[name]), torch.tensor(s[name]), atol=1e-3, rtol=1e-4)
+
+
+def test_problem_passes_do_not_depend_on_the_batch(problem_scorer, candidates):
+    """Problem rows in any batch split and order get identical values, and equal the candidate rows' values."""
+    problems = problem_rows(candidates)
+    together = problem_scorer(problems)
+    alone = pa.concat_tables([problem_scorer(problems.slice(i, 1)) for i in range(problems.num_rows)])
+    shuffled = pa.concat_tables([problem_scorer(problems.take([2, 0])), problem_scorer(problems.take([1]))])
+    order = [("problem_index", "ascending"), ("candidate_index", "ascending")]
+    assert together.schema == SHARD_SCHEMA and together.num_rows == candidates.num_rows
+    assert alone.equals(together) and shuffled.sort_by(order).equals(together)
+    assert problem_scorer(candidates).equals(together)

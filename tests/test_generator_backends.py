@@ -145,5 +145,5 @@ def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(proble
     finally:
         ray.shutdown()
     assert died.exists()
-    keys = sorted((r["problem_id"], r["candidate_index"]) for r in rows)
+    keys = sorted((r["problem_id"], c["candidate_index"]) for r in rows for c in r["candidates"])
     assert keys == sorted((p, k) for p in problems.column("problem_id").to_pylist() for k in range(2))
