@@ -92,6 +92,8 @@ TORCHLESS_SELECTION = textwrap.dedent(
 
     sys.modules["torch"] = None  # `import torch` anywhere below raises ImportError
     import ray_pipeline.aggregates
+    import ray_pipeline.metrics
+    import ray_pipeline.plots
     import ray_pipeline.reduce
     import ray_pipeline.report
     from ray_pipeline.selection import METHODS, SelectionParams

@@ -10,7 +10,9 @@ import pytest
 from conftest import run_job
 from jobs.reduce import main as reduce_main
 from ray_pipeline.config import RunConfig
-from ray_pipeline.report import ALPHA_GRID, PLOTS, auroc, compare, compare_run, report_markdown, wilson_interval
+from ray_pipeline.metrics import ALPHA_GRID, auroc, compare, wilson_interval
+from ray_pipeline.plots import PLOTS, shown_sizes
+from ray_pipeline.report import compare_run, report_markdown
 from ray_pipeline.selection import METHODS, SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
 
@@ -217,8 +219,6 @@ def test_report_counts_the_picks_the_answerless_rule_changed():
 
 
 def test_shown_sizes_name_every_n_up_to_16_then_powers_of_two_and_n():
-    from ray_pipeline.report import shown_sizes
-
     for n in range(1, 17):
         assert shown_sizes(n) == list(range(1, n + 1))
     for n in range(17, 300):

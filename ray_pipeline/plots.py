@@ -1,0 +1,90 @@
+"""The comparison's plots (matplotlib, imported only when drawing): accuracy vs N', vs alpha, score histograms."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from ray_pipeline.metrics import ALPHA_GRID, MethodResult
+from ray_pipeline.storage import StoragePath
+
+PLOTS = {
+    "accuracy_vs_n": "accuracy_vs_n.png",
+    "accuracy_vs_alpha": "accuracy_vs_alpha.png",
+    "score_histograms": "score_histograms.png",
+}
+
+
+def shown_sizes(n: int) -> list[int]:
+    """The N' a table or an axis names: every one up to 16, else the powers of two and N (64 columns do not read)."""
+    if n <= 16:
+        return list(range(1, n + 1))
+    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+
+
+def _save(fig, target: StoragePath) -> None:
+    """Render into memory, then write the bytes: a store takes whole objects, not matplotlib's file."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    target.write_bytes(png.getvalue())
+
+
+def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult], comparison: dict) -> None:
+    """Accuracy vs N', accuracy vs alpha, and per-method score histograms of correct vs wrong candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = comparison["candidates_per_problem"]
+    sizes = list(range(1, n + 1))
+    # A colour of its own for each of the (more than ten) methods.
+    colors = dict(zip(comparison["methods"], plt.get_cmap("tab20").colors))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, m in comparison["methods"].items():
+        ax.plot(sizes, [m["accuracy_by_n"][k] for k in sizes], marker="o", color=colors[name], label=name)
+    ax.plot(sizes, [comparison["pass_at_n_by_n"][k] for k in sizes], "k--", label="pass@N'")
+    if n > 16:
+        ax.set_xscale("log", base=2)
+    ticks = shown_sizes(n)
+    ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'")
+    ax.set_xticks(ticks, labels=[str(k) for k in ticks])
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, run_dir / PLOTS["accuracy_vs_n"])
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, row in comparison["accuracy_by_alpha"].items():
+        ax.plot(ALPHA_GRID, [row[str(a)] for a in ALPHA_GRID], marker="o", color=colors[name], label=name)
+    ax.set(xlabel="alpha (1 = token level, 0 = step level)", ylabel="accuracy", title="Accuracy vs alpha")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, run_dir / PLOTS["accuracy_vs_alpha"])
+
+    scored = {name: r for name, r in results.items() if any(not math.isnan(s) for c in r.choices for s in c.scores)}
+    cols = 4
+    rows = max(1, math.ceil(len(scored) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    labels = [cand["correct"] for q in questions for cand in q]
+    for ax, (name, r) in zip(axes.flat, scored.items()):
+        scores = [s for c in r.choices for s in c.scores]
+        finite = [s for s in scores if not math.isnan(s)]
+        low, high = min(finite), max(finite)
+        # Shared bins, so the two histograms line up (a single value gets numpy's default range).
+        bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 20
+        # Densities: correct candidates are usually far fewer than wrong ones.
+        for want, color in ((True, "tab:green"), (False, "tab:red")):
+            values = [s for s, y in zip(scores, labels) if bool(y) == want and not math.isnan(s)]
+            if values:
+                label = f"{'correct' if want else 'wrong'} ({len(values)})"
+                ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.5, color=color, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(scored) :]:
+        ax.axis("off")
+    fig.suptitle("Per-candidate score: correct vs wrong candidates")
+    fig.tight_layout()
+    _save(fig, run_dir / PLOTS["score_histograms"])
