@@ -178,32 +178,55 @@ class Manifest:
             )
 
 
-def shards_to_run(
-    manifest: Manifest, shards_dir: Location, reprocess: list[int], reprocess_failed: bool
-) -> tuple[list[int], list[str]]:
-    """The shards a (re)run must produce, and a note for each committed one it redoes or distrusts."""
+def shard_faults(manifest: Manifest, shards_dir: Location) -> dict[int, str | None]:
+    """Why each planned shard in `shards_dir` cannot be trusted ("missing", "unreadable ..."), or None when it can."""
     from ray_pipeline.shards import check_no_unplanned_files, check_shard, shard_path
 
     shards_dir = StoragePath.parse(shards_dir)
     check_no_unplanned_files(shards_dir, sorted(manifest.expected_rows()))
+    return {
+        shard_id: check_shard(shard_path(shards_dir, shard_id), rows, manifest.fingerprint_hash)
+        for shard_id, rows in sorted(manifest.expected_rows().items())
+    }
+
+
+def choose_shards(
+    manifest: Manifest,
+    faults: dict[int, str | None],
+    shards_dir: Location,
+    reprocess: list[int],
+    reprocess_failed: bool,
+) -> tuple[list[int], list[str]]:
+    """The shards a (re)run must produce, given each one's fault in `shards_dir` (shard_faults; a new run's are all
+    "missing"), and a note for each committed one it redoes or distrusts."""
+    from ray_pipeline.shards import FOREIGN_SHARD
+
     unknown = sorted(set(reprocess) - set(manifest.expected_rows()))
     if unknown:
         raise PipelineError(f"--reprocess_shards names shards {unknown} that the plan does not have")
     todo, notes = [], []
-    for shard_id, rows in sorted(manifest.expected_rows().items()):
-        problem = check_shard(shard_path(shards_dir, shard_id), rows, manifest.fingerprint_hash)
+    for shard_id in sorted(manifest.expected_rows()):
+        fault = faults[shard_id]
         if shard_id in reprocess:
             todo.append(shard_id)
             notes.append(f"shard {shard_id}: redo (--reprocess_shards)")
-        elif problem and problem.startswith("written by another configuration"):
+        elif fault and fault.startswith(FOREIGN_SHARD):
             raise PipelineError(
-                f"shard {shard_id} in {shards_dir} was {problem}: remove it, or pass --reprocess_shards {shard_id}"
+                f"shard {shard_id} in {shards_dir} was {fault}: remove it, or pass --reprocess_shards {shard_id}"
             )
-        elif problem:
+        elif fault:
             todo.append(shard_id)
-            if problem != "missing":
-                notes.append(f"shard {shard_id}: {problem}: redo")
+            if fault != "missing":
+                notes.append(f"shard {shard_id}: {fault}: redo")
         elif reprocess_failed and manifest.shards[str(shard_id)]["status"] == FAILED:
             todo.append(shard_id)
             notes.append(f"shard {shard_id}: redo (--reprocess_failed)")
     return todo, notes
+
+
+def shards_to_run(
+    manifest: Manifest, shards_dir: Location, reprocess: list[int], reprocess_failed: bool
+) -> tuple[list[int], list[str]]:
+    """The shards a (re)run must produce, and a note for each committed one it redoes or distrusts."""
+    faults = shard_faults(manifest, shards_dir)
+    return choose_shards(manifest, faults, shards_dir, reprocess, reprocess_failed)

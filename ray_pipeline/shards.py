@@ -118,6 +118,10 @@ class ShardWriter:
         return sorted(set(self.expected) - set(self.committed))
 
 
+# How check_shard's reason for a shard of another run's configuration begins: such a shard is never redone unasked.
+FOREIGN_SHARD = "written by another configuration"
+
+
 def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | None:
     """Why the committed shard at `path` cannot be trusted, or None when it can.
 
@@ -139,7 +143,7 @@ def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | N
         return f"{meta.num_rows} rows, expected {expected_rows}"
     written_by = (schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
     if written_by != fingerprint:
-        return f"written by another configuration ({written_by or 'unknown'}, this run is {fingerprint})"
+        return f"{FOREIGN_SHARD} ({written_by or 'unknown'}, this run is {fingerprint})"
     return None
 
 
