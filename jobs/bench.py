@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
 
     with GpuMemoryPeak() as pipe_memory:
         started = time.time()
-        run_stages(config, problems, run_dir / "shards", Gen, Score, on_commit=lambda s, p: commits.append(time.time()))
+        run_stages(config, problems, run_dir / "shards", Gen, Score, on_commit=lambda *_: commits.append(time.time()))
         scored = time.time()
         summary = reduce_run(run_dir / "shards", run_dir / "best.jsonl", method=config.method)
         finished = time.time()

@@ -59,14 +59,15 @@ class ShardWriter:
     """Buffers scored rows per shard and commits each shard once it is complete.
 
     `fingerprint` (the run's configuration hash) is stored in each file's metadata, so a shard
-    copied from another run is recognised.
+    copied from another run is recognised. `on_commit(shard_id, path, error_rows)` follows each
+    commit, with the number of the shard's rows that hold an error (the writer has them at hand).
     """
 
     def __init__(
         self,
         shards_dir: Location,
         expected: dict[int, int],
-        on_commit: Callable[[int, StoragePath], None] | None = None,
+        on_commit: Callable[[int, StoragePath, int], None] | None = None,
         fingerprint: str = "",
     ):
         self.shards_dir = StoragePath.parse(shards_dir)
@@ -112,7 +113,7 @@ class ShardWriter:
         final.write_parquet(table.replace_schema_metadata(self.schema.metadata))
         self.committed.append(shard_id)
         if self.on_commit:
-            self.on_commit(shard_id, final)
+            self.on_commit(shard_id, final, table.num_rows - table.column("error").null_count)
 
     def missing(self) -> list[int]:
         return sorted(set(self.expected) - set(self.committed))

@@ -43,11 +43,16 @@ def fake_rows(problem_index, shard_id, n, correct_index, best_index):
 
 def test_shard_is_committed_only_when_complete(tmp_path):
     commits = []
-    writer = ShardWriter(tmp_path, {0: 4, 1: 2}, on_commit=lambda s, p: commits.append(s))
+    writer = ShardWriter(tmp_path, {0: 4, 1: 2}, on_commit=lambda s, p, errors: commits.append((s, p.name, errors)))
     writer.add(fake_rows(0, 0, 2, 0, 0))
     assert not shard_path(tmp_path, 0).exists() and writer.missing() == [0, 1]
-    writer.add(pa.concat_tables([fake_rows(2, 1, 2, 0, 0), fake_rows(1, 0, 2, 0, 0)]))
-    assert commits == [0, 1] and writer.missing() == []
+    failed = fake_rows(2, 1, 2, 0, 0).set_column(
+        SHARD_SCHEMA.get_field_index("error"), "error", pa.array(["prompt too long", None], pa.string())
+    )
+    writer.add(pa.concat_tables([failed, fake_rows(1, 0, 2, 0, 0)]))
+    # Each commit names the shard's error rows, counted from the rows the writer holds (the manifest marks it failed).
+    assert commits == [(0, shard_path(tmp_path, 0).name, 0), (1, shard_path(tmp_path, 1).name, 1)]
+    assert writer.missing() == []
     assert pq.read_table(shard_path(tmp_path, 0)).num_rows == 4
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(PipelineError, match="not pending in the plan"):

@@ -124,7 +124,7 @@ def test_shards_manifest_and_reducer_on_s3(s3, tmp_path):
     run = s3.path("unit/run")
     shards = run / "shards"
     commits = []
-    writer = ShardWriter(shards, {0: 6, 1: 3}, on_commit=lambda s, p: commits.append(str(p)), fingerprint="abc")
+    writer = ShardWriter(shards, {0: 6, 1: 3}, on_commit=lambda s, p, e: commits.append(str(p)), fingerprint="abc")
     writer.add(pa.concat_tables([fake_rows(0, 0, 3, 1, 1), fake_rows(1, 0, 3, 0, 2), fake_rows(2, 1, 3, -1, 0)]))
     assert commits == [
         "s3://bucket/unit/run/shards/shard-00000.parquet",

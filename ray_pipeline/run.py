@@ -1,0 +1,358 @@
+"""One run in three steps, which every job calls: plan, execute, select.
+
+`plan` names and locks the run folder and decides, from its manifest and shards, what there is to
+do (no Ray); `execute` starts Ray and generates and scores the shards to do; `select` reduces the
+shards to the best-answer file and summary.json. `compare` adds every method's report (jobs.main
+--method all) and `reselect` re-selects from a finished run folder without a model (jobs.reduce).
+
+    with plan(config) as run:
+        select(run, execute(run))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
+from ray_pipeline.config import RunConfig
+from ray_pipeline.data import load_problems
+from ray_pipeline.errors import PipelineError
+from ray_pipeline.manifest import (
+    COMMITTED,
+    FAILED,
+    PENDING,
+    Manifest,
+    best_file_name,
+    choose_shards,
+    default_run_id,
+    fingerprint,
+    fingerprint_hash,
+    shard_faults,
+)
+from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
+from ray_pipeline.plots import PLOTS
+from ray_pipeline.progress import Progress
+from ray_pipeline.reduce import Summary, reduce_run, summary_json
+from ray_pipeline.report import COMPARISON_FILES, compare_run
+from ray_pipeline.selection import SelectionParams, get_method
+from ray_pipeline.shards import check_no_unplanned_files, expected_rows, remove_stale_temporaries
+from ray_pipeline.storage import Location, StorageError, StoragePath
+
+
+@dataclass
+class RunPlan:
+    """What a run will do: its problems, its run folder and manifest, the shards to do and where results go."""
+
+    # As given: the backend may still be 'auto', which only the cluster resolves (execute).
+    config: RunConfig
+    problems: pa.Table
+    # The model path as the actors open it (a GGUF is materialized to a folder).
+    model: str
+    run_dir: StoragePath
+    # The command that resumes this run, for every hint that names it.
+    resume: str
+    manifest: Manifest
+    # True when this job plans the manifest (its fingerprint gets the resolved backend); False when it was loaded.
+    new: bool
+    todo: list[int]
+    # One line per committed shard that is redone or distrusted, and why.
+    notes: list[str]
+    best: StoragePath
+
+    @property
+    def shards_dir(self) -> StoragePath:
+        return self.run_dir / "shards"
+
+    @property
+    def shard_ids(self) -> list[int]:
+        """Every planned shard: the reducer refuses a run that lacks one."""
+        return sorted(self.manifest.expected_rows())
+
+
+@dataclass
+class RunStats:
+    """What `execute` did: the configuration with the cluster's settings resolved, and how long it took."""
+
+    config: RunConfig
+    generate_and_score_s: float
+
+
+@contextmanager
+def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[str] | None = None) -> Iterator[RunPlan]:
+    """The run's plan, with its folder made and locked until the block ends; no Ray.
+
+    Refuses bad input (an unknown method, a missing model or data set, an unwritable folder, a run
+    folder made with another configuration) before anything is written. `command` and `argv` (how
+    the user started the job) make the resume command. Ctrl-C inside the block ends in Interrupted,
+    whose message names the resume command.
+    """
+    get_method(config.method)
+    problems = load_problems(
+        config.dataset, split=config.dataset_split, limit=config.limit, shard_size=config.shard_size
+    )
+    # Resolving here fails fast on a bad path and materializes a GGUF once before actors start.
+    model = resolve_model(config.model_path)
+    if model == config.model_path and not Path(model).exists():
+        check_hub_model(model)
+    check_tensor_parallel(model, config.tensor_parallel_size)
+    name = model_name(config.model_path)
+    output_dir = StoragePath.parse(config.output_dir)
+    # The backend as given ('auto' included): the same command names the same folder on any cluster.
+    run_id = config.run_id or default_run_id(config.dataset, name, fingerprint(config, problems, model))
+    run_dir = output_dir / run_id
+    resume = resume_command(command, argv if argv is not None else [], run_id)
+    _make_folder(run_dir)
+    with run_dir.lock() as locked:
+        if not locked:
+            print(f"  note: {run_dir} is on an object store, which has no lock: run one job per run folder", flush=True)
+        try:
+            yield _plan_locked(config, problems, model, name, output_dir, run_dir, resume)
+        except KeyboardInterrupt:
+            raise Interrupted(f"committed shards are kept in {run_dir}; resume with: {resume}") from None
+
+
+def _plan_locked(
+    config: RunConfig,
+    problems: pa.Table,
+    model: str,
+    name: str,
+    output_dir: StoragePath,
+    run_dir: StoragePath,
+    resume: str,
+) -> RunPlan:
+    shards_dir = run_dir / "shards"
+    # A corrupt manifest must not stop --overwrite from starting over.
+    manifest = None if config.overwrite else Manifest.load(run_dir)
+    if manifest is None and shards_dir.files() and not config.overwrite:
+        raise PipelineError(f"{run_dir} holds shards but no manifest: pass --overwrite or a new --run_id")
+    if manifest is not None and not config.resume:
+        raise PipelineError(f"run folder {run_dir} exists: drop --no-resume to resume it, or pass --overwrite")
+    fp = fingerprint(config, problems, model)
+    new = manifest is None
+    if manifest is None:
+        # Every shard is to do: the folder has none, or --overwrite removes them (execute, once Ray is up).
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+        n = config.num_return_sequences
+        manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
+        faults = dict.fromkeys(manifest.expected_rows(), "missing")
+    else:
+        # Everything but the backend, which needs the cluster to resolve 'auto' (execute checks it).
+        manifest.check_same_run(fp, run_dir, ignore=("backend",))
+        faults = shard_faults(manifest, shards_dir)
+    todo, notes = choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
+    best = output_dir / best_file_name(config.dataset, manifest.model_name, run_dir.name)
+    return RunPlan(config, problems, model, run_dir, resume, manifest, new, todo, notes, best)
+
+
+def _make_folder(run_dir: StoragePath) -> None:
+    """Create the run folder and prove it writable before any work starts."""
+    try:
+        run_dir.mkdir()
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.delete()
+    except StorageError as exc:
+        what = "pass a writable --output_dir" if run_dir.is_local else f"{exc.hint}, or pass another --output_dir"
+        raise PipelineError(f"cannot write the run folder {run_dir}: {exc.reason}; {what}") from None
+
+
+def execute(plan: RunPlan) -> RunStats:
+    """Start Ray, resolve the cluster's settings, and generate and score the plan's shards to do, committing each.
+
+    The one step that needs a cluster and the actors (imported here, so planning and selecting load no model code).
+    """
+    from actors.generator import GeneratorActor
+    from actors.scorer import ScorerActor
+    from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
+
+    init_ray(plan.config)
+    quiet_ray_warnings(plan.config.verbose)
+    config = resolve_execution(plan.config, plan.problems.num_rows)
+    # Only the backend is taken resolved: other cluster-derived defaults do not change the shards.
+    fp = fingerprint(dataclasses.replace(plan.config, backend=config.backend), plan.problems, plan.model)
+    manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
+    if plan.new:
+        manifest.fingerprint = fp
+    else:
+        manifest.check_same_run(fp, run_dir)
+    if config.overwrite:
+        shards_dir.delete_contents()
+        # What the old shards produced goes with them: a report beside new shards would describe a run that is gone.
+        for stale in [run_dir / f for f in ("summary.json", *COMPARISON_FILES)] + run_dir.files("best_*.jsonl"):
+            if stale.is_file():
+                stale.delete()
+    shards_dir.mkdir()
+    # Safe: this job holds the run folder's lock, so no other writer's temporary is in the making.
+    remove_stale_temporaries(shards_dir)
+    for shard_id in plan.todo:
+        manifest.set_status(shard_id, PENDING)
+    manifest.command = plan.resume
+    manifest.save(run_dir)
+    config.save(run_dir / "config.json")
+
+    n = config.num_return_sequences
+    print(
+        f"[1/2] Generating candidates -> {run_dir}/ ({plan.problems.num_rows} problems x {n} candidates, "
+        f"{len(plan.todo)} of {len(manifest.shards)} shards to do, backend {config.backend})",
+        flush=True,
+    )
+    for note in plan.notes:
+        print(f"  {note}", flush=True)
+    started = time.monotonic()
+
+    def committed(shard_id: int, path: StoragePath, error_rows: int) -> None:
+        manifest.set_status(shard_id, FAILED if error_rows else COMMITTED)
+        manifest.save(run_dir)
+        failed = f", {error_rows} error rows" if error_rows else ""
+        print(f"  shard {shard_id} committed -> {path} ({time.monotonic() - started:.0f} s{failed})", flush=True)
+
+    if plan.todo:
+        wanted = pc.is_in(plan.problems.column("shard_id"), pa.array(plan.todo, pa.int32()))
+        todo_problems = plan.problems.filter(wanted)
+        progress = Progress(todo_problems.num_rows, n)
+        try:
+            run_stages(
+                config, todo_problems, shards_dir, GeneratorActor, ScorerActor, committed, fingerprint_hash(fp),
+                progress.add,
+            )  # fmt: skip
+        except PipelineError as exc:
+            raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None
+    return RunStats(config, time.monotonic() - started)
+
+
+def select(plan: RunPlan, stats: RunStats) -> Summary:
+    """Reduce the run's shards to its best-answer file (the method of `stats.config`) and write summary.json."""
+    config = stats.config
+    print(f"[2/2] Evaluating and selecting best answers -> {plan.best}", flush=True)
+    check_no_unplanned_files(plan.shards_dir, plan.shard_ids)
+    try:
+        summary = reduce_run(
+            plan.shards_dir,
+            plan.best,
+            method=config.method,
+            params=SelectionParams.from_config(config),
+            expected_shards=plan.shard_ids,
+            allow_partial=config.allow_partial,
+        )
+    except PipelineError as exc:
+        # A shard lost or damaged since it was committed: the resume command redoes it.
+        raise PipelineError(f"{exc} (resume with: {plan.resume})") from None
+    report = json.loads(summary_json(summary)) | {
+        # The fingerprint check guarantees every shard was made by this (resolved) backend.
+        "backend": config.backend,
+        "generate_and_score_s": stats.generate_and_score_s,
+        "run_dir": str(plan.run_dir),
+    }
+    (plan.run_dir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    partial = f" PARTIAL: shards {summary.missing_shards} missing," if summary.partial else ""
+    n = config.num_return_sequences
+    print(
+        f"  backend {config.backend}:{partial} {summary.problems} problems, {summary.candidates} candidates, "
+        f"accuracy ({config.method}) {summary.accuracy:.3f}, pass@{n} {summary.pass_at_n:.3f}, "
+        f"generate+score {stats.generate_and_score_s:.0f} s",
+        flush=True,
+    )
+    for problem_id, error in summary.error_problems.items():
+        print(f"  no candidates for {problem_id}: {error}", flush=True)
+    print(f"✅ Done! Final results saved to: {plan.best}", flush=True)
+    return summary
+
+
+def compare(plan: RunPlan) -> dict:
+    """Compare every selection method on the run's shards: report.md, debug.jsonl, the plots and summary.json.
+
+    Call it inside `plan`'s block: under the folder's lock no other job rewrites the shards while they are read.
+    """
+    run_dir = plan.run_dir
+    print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
+    params = SelectionParams.from_config(plan.config)
+    comparison = compare_run(run_dir, params, expected_shards=plan.shard_ids, allow_partial=plan.config.allow_partial)
+    print_comparison(comparison)
+    print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
+    print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
+    return comparison
+
+
+def print_comparison(comparison: dict) -> None:
+    n = comparison["candidates_per_problem"]
+    print(f"{comparison['problems']} problems x {n} candidates, pass@{n} {comparison['pass_at_n']:.3f}", flush=True)
+    for name, m in comparison["methods"].items():
+        auroc = "—" if m["auroc"] is None else f"{m['auroc']:.3f}"
+        low, high = m["ci95"]
+        print(f"  {name:<22} accuracy {m['accuracy']:.3f} [{low:.3f}, {high:.3f}]  AUROC {auroc}", flush=True)
+    for name, reason in comparison["unavailable"].items():
+        print(f"  {name:<22} not available: {reason}", flush=True)
+
+
+def reselect_config(run_dir: StoragePath, overrides: dict) -> RunConfig:
+    """The run's saved configuration with the given flags replacing its values, validated."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise PipelineError(f"{run_dir} has no config.json: pass a run folder written by jobs.infer or jobs.main")
+    config = dataclasses.replace(RunConfig.load(saved), **overrides).validate()
+    if config.method != "all":
+        get_method(config.method)
+    return config
+
+
+def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
+    """Re-select from a run folder's shards without a model: `best_<method>.jsonl`, or with method 'all' the comparison.
+
+    `overrides` are the flags given, which replace the run's saved values; `num_return_sequences` K
+    takes each question's first K candidates.
+    """
+    run_dir = StoragePath.parse(run_dir)
+    config = reselect_config(run_dir, overrides)
+    manifest = Manifest.load(run_dir)
+    # The plan says which shards must exist: a missing one is refused unless --allow_partial.
+    expected_shards = sorted(manifest.expected_rows()) if manifest else None
+    if expected_shards is not None:
+        check_no_unplanned_files(run_dir / "shards", expected_shards)
+    started = time.monotonic()
+    try:
+        return _reselect(run_dir, config, overrides.get("num_return_sequences"), expected_shards, started)
+    except PipelineError as exc:
+        if manifest is None or not manifest.command or "shard" not in str(exc):
+            raise
+        # A missing or damaged shard: the job that made the folder redoes it.
+        raise PipelineError(f"{exc} (the run resumes with: {manifest.command})") from None
+
+
+def _reselect(
+    run_dir: StoragePath,
+    config: RunConfig,
+    num_candidates: int | None,
+    expected_shards: list[int] | None,
+    started: float,
+) -> Summary | dict:
+    params = SelectionParams.from_config(config)
+    shards = {"expected_shards": expected_shards, "allow_partial": config.allow_partial}
+    if config.method == "all":
+        comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
+        print_comparison(comparison)
+        if expected_shards is None:
+            print(f"UNVERIFIED: {run_dir} has no manifest.json, so the comparison may be partial", flush=True)
+        print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'} ({time.monotonic() - started:.1f} s)", flush=True)
+        return comparison
+    output = run_dir / f"best_{config.method}.jsonl"
+    summary = reduce_run(
+        run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates, **shards
+    )
+    if summary.partial and expected_shards is None:
+        print(f"UNVERIFIED: {run_dir} has no manifest.json, so {output} may be partial", flush=True)
+    elif summary.partial:
+        print(f"PARTIAL: shards {summary.missing_shards} are missing; their problems are not in {output}", flush=True)
+    print(summary_json(summary), flush=True)
+    print(f"✅ Done! Final results saved to: {output} ({time.monotonic() - started:.1f} s)", flush=True)
+    return summary
