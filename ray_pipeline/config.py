@@ -80,7 +80,8 @@ class RunConfig:
     top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, low_open=True, high=1.0, role="samples")
     max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000, role="samples")
     seed: int = _opt(0, "random seed for sampling", low=0, role="samples")
-    # Selection
+    # Selection: every field but `method` is a parameter of the methods (selection.SelectionParams), in the
+    # order summary.json and report.md name them.
     alpha: float = _opt(
         0.4,
         "weight of token-level certainty against step-level in the combined score",
@@ -101,13 +102,6 @@ class RunConfig:
         "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')",
         role="selection",
     )
-    answer_extraction: str = _opt(
-        "boxed",
-        "how a candidate's answer is read: the last \\boxed{} (boxed), that else the last number "
-        "(boxed-then-last-number), or math-verify's LaTeX/expression extraction (math-verify)",
-        choices=ANSWER_EXTRACTIONS,
-        role="selection",
-    )
     borda_power: float = _opt(
         0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0, role="selection"
     )
@@ -118,16 +112,23 @@ class RunConfig:
         choices=("token", "combined"),
         role="selection",
     )
+    deepconf_window: int = _opt(
+        2048,
+        "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)",
+        low=1,
+        role="selection",
+    )
     answerless_last: bool = _opt(
         True,
         "candidates without an extracted answer rank below every candidate with one in every score-based "
         "method, and DeepConf's filtered votes leave them out (--no-answerless_last: rank by score alone)",
         role="selection",
     )
-    deepconf_window: int = _opt(
-        2048,
-        "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)",
-        low=1,
+    answer_extraction: str = _opt(
+        "boxed",
+        "how a candidate's answer is read: the last \\boxed{} (boxed), that else the last number "
+        "(boxed-then-last-number), or math-verify's LaTeX/expression extraction (math-verify)",
+        choices=ANSWER_EXTRACTIONS,
         role="selection",
     )
     deepconf_top_k: int = _opt(
@@ -382,6 +383,11 @@ class RunConfig:
 
     def save(self, path: Location) -> None:
         StoragePath.parse(path).write_text(self.to_json() + "\n")
+
+
+def config_fields(role: str) -> list[dataclasses.Field]:
+    """RunConfig's fields of one role (one of ROLES), in declaration order."""
+    return [f for f in dataclasses.fields(RunConfig) if f.metadata["role"] == role]
 
 
 def is_plain_name(name: str) -> bool:

@@ -7,6 +7,7 @@ into the run's summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -67,15 +68,8 @@ def compare_run(
     comparison = {
         "problems": len(questions),
         "candidates_per_problem": n,
-        "params": {
-            "alpha": params.alpha,
-            "lambda_weight": params.lambda_weight,
-            "borda_power": params.borda_power,
-            "borda_score": params.borda_score,
-            "deepconf_window": params.deepconf_window,
-            "answerless_last": params.answerless_last,
-            "answer_extraction": params.answer_extraction,
-        },
+        # Every selection parameter, in RunConfig's order (a new one appears here and in report.md by itself).
+        "params": dataclasses.asdict(params),
         "pass_at_n": pass_at(questions),
         "pass_at_n_by_n": {k: pass_at([q[:k] for q in questions]) for k in range(1, n + 1)},
         "methods": {name: r.summary for name, r in results.items()},
@@ -102,18 +96,19 @@ def _pct(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def _setting(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def report_markdown(run_id: str, comparison: dict) -> str:
     """The report: one table per view (overall, by level, by subject, by N', by alpha) and the plots."""
     methods = comparison["methods"]
-    n, p = comparison["candidates_per_problem"], comparison["params"]
-    answerless = "on" if p["answerless_last"] else "off"
+    n = comparison["candidates_per_problem"]
+    settings = ", ".join(f"{name} {_setting(value)}" for name, value in comparison["params"].items())
     lines = [
         f"# Best-of-N selection: {run_id}",
         "",
-        f"{comparison['problems']} problems × N = {n} candidates; alpha {p['alpha']}, lambda_weight "
-        f"{p['lambda_weight']}, borda_power {p['borda_power']}, borda_score {p['borda_score']}, "
-        f"deepconf_window {p['deepconf_window']}, answerless_last {answerless}, "
-        f"answer_extraction {p.get('answer_extraction', 'boxed')}. "
+        f"{comparison['problems']} problems × N = {n} candidates; {settings}. "
         "Accuracy in %, with its 95 % Wilson interval; AUROC of the method's per-candidate score for "
         "the candidate's correctness; answerless-last changed: on how many questions ranking candidates "
         "without an extracted answer last changed the pick (— when the rule is off).",

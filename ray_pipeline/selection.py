@@ -10,6 +10,7 @@ Nothing here needs a model: every input is a column of the shards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,33 +26,28 @@ from ray_pipeline.aggregates import (
     tail_confidence,
 )
 from ray_pipeline.answers import answers_equivalent
+from ray_pipeline.config import RunConfig, config_fields
 from ray_pipeline.errors import ConfigError, PipelineError
 
+# A selection parameter is declared once, as a RunConfig field of role "selection" (its default, flag, help and
+# range); every such field but `method`, which names the method they parameterize, is a SelectionParams field.
+PARAM_FIELDS = [f for f in config_fields("selection") if f.name != "method"]
 
-@dataclass(frozen=True)
-class SelectionParams:
-    alpha: float = 0.4
-    lambda_weight: float = 1.0
-    borda_power: float = 0.5
-    deepconf_window: int = 2048
-    # Candidates without an extracted answer rank below every candidate with one.
-    answerless_last: bool = True
-    # What borda ranks by: "token" (mean token self-certainty, the Self-Certainty paper) or "combined".
-    borda_score: str = "token"
-    # How a candidate's answer is read from its text (answers.extract_answer's mode).
-    answer_extraction: str = "boxed"
 
-    @classmethod
-    def from_config(cls, config) -> SelectionParams:
-        return cls(
-            alpha=config.alpha,
-            lambda_weight=config.lambda_weight,
-            borda_power=config.borda_power,
-            deepconf_window=config.deepconf_window,
-            answerless_last=config.answerless_last,
-            borda_score=config.borda_score,
-            answer_extraction=config.answer_extraction,
-        )
+def _from_config(cls, config: RunConfig) -> SelectionParams:
+    return cls(**{f.name: getattr(config, f.name) for f in PARAM_FIELDS})
+
+
+SelectionParams = dataclasses.make_dataclass(
+    "SelectionParams",
+    [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory)) for f in PARAM_FIELDS],
+    frozen=True,
+    namespace={
+        "__doc__": "What the methods read besides the candidates: RunConfig's selection parameters (see PARAM_FIELDS).",
+        "__module__": __name__,
+        "from_config": classmethod(_from_config),
+    },
+)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The comparison report and the reduce job, on small hand-made shards (no model)."""
 
+import dataclasses
 import json
 import math
 from itertools import product
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import run_job
 from jobs.reduce import main as reduce_main
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import RunConfig, config_fields
 from ray_pipeline.metrics import ALPHA_GRID, auroc, compare, wilson_interval
 from ray_pipeline.plots import PLOTS, shown_sizes
 from ray_pipeline.report import compare_run, report_markdown
@@ -122,6 +123,30 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     chosen = debug[0]["methods"]["self-certainty"]
     assert chosen["candidate_index"] == 0 and chosen["correct"] is True
     assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(1 - math.exp(-3.0))}
+
+
+def other_value(f: dataclasses.Field):
+    """A valid value of config field `f` other than its default."""
+    meta = f.metadata
+    if isinstance(f.default, bool):
+        return not f.default
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != f.default)
+    step = 1 if isinstance(f.default, int) else 0.25
+    return f.default + step if meta["high"] is None or f.default + step <= meta["high"] else f.default - step
+
+
+def test_every_selection_parameter_reaches_summary_and_report(run_dir):
+    fields = [f for f in config_fields("selection") if f.name != "method"]
+    values = {f.name: other_value(f) for f in fields}
+    params = SelectionParams.from_config(dataclasses.replace(RunConfig(), **values).validate())
+    comparison = compare_run(run_dir, params)
+    assert comparison["params"] == values and list(comparison["params"]) == [f.name for f in fields]
+    assert json.loads((run_dir / "summary.json").read_text())["comparison"]["params"] == values
+    report = (run_dir / "report.md").read_text()
+    for name, value in values.items():
+        shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        assert f"{name} {shown}" in report, name
 
 
 def test_reduce_job_reselects_with_fewer_candidates_and_other_flags(run_dir):

@@ -1,5 +1,6 @@
 """Selection methods on hand-made candidates whose right pick is known."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -237,6 +238,18 @@ def test_selection_defaults_are_the_configs():
     from ray_pipeline.config import RunConfig
 
     assert SelectionParams.from_config(RunConfig()) == SelectionParams()
+
+
+def test_every_selection_field_of_the_config_is_a_parameter_carried_from_the_config():
+    from ray_pipeline.config import RunConfig, config_fields
+
+    names = [f.name for f in config_fields("selection") if f.name != "method"]
+    assert [f.name for f in dataclasses.fields(SelectionParams)] == names
+    # A distinct marker in every field: from_config must carry each one, none left at its default.
+    config = dataclasses.replace(RunConfig(), **{name: f"marker-{name}" for name in names})
+    params = SelectionParams.from_config(config)
+    assert dataclasses.asdict(params) == {name: f"marker-{name}" for name in names}
+    assert dataclasses.replace(params, alpha=0.9).lambda_weight == "marker-lambda_weight"
 
 
 def random_candidates(rng, n, *, answerless_share=0.4):
