@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ray_pipeline.answers import ANSWER_EXTRACTIONS
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.model import EMBEDDED_MODEL
-from ray_pipeline.storage import Location, StoragePath, uri_problem
+from ray_pipeline.storage import Location, StoragePath, uri_fault
 
 HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
@@ -319,10 +319,10 @@ class RunConfig:
             raise ConfigError(
                 f"run_id must be a plain folder name (no '/', '\\', '..' or control characters), got {self.run_id!r}"
             )
-        problem = uri_problem(self.output_dir)
-        if problem:
+        fault = uri_fault(self.output_dir)
+        if fault:
             raise ConfigError(
-                f"output_dir must be a path or a URI scheme://bucket/path ({problem}), got {self.output_dir!r}"
+                f"output_dir must be a path or a URI scheme://bucket/path ({fault}), got {self.output_dir!r}"
             )
         for pool in ("generators", "scorers"):
             low, high = self.pool_bounds(pool)

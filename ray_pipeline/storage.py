@@ -32,7 +32,7 @@ URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 
 
-def uri_problem(location: str) -> str | None:
+def uri_fault(location: str) -> str | None:
     """Why `location` is a malformed URI (unknown scheme, nothing after `scheme://`), or None."""
     match = _URI.match(location)
     if match is None:
@@ -78,9 +78,9 @@ class StoragePath:
         text = os.fspath(location)
         if _URI.match(text) is None:
             return cls(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text)))
-        problem = uri_problem(text)
-        if problem:
-            raise PipelineError(f"{text!r} is not a usable location: {problem}")
+        fault = uri_fault(text)
+        if fault:
+            raise PipelineError(f"{text!r} is not a usable location: {fault}")
         parts = urlsplit(text)
         shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
         try:
