@@ -13,8 +13,10 @@ z_{y_t} and the k largest z_j. `token_scores` computes them chunk by chunk over 
 over the vocabulary (an online log-sum-exp and an online top-k merge), so at most
 `[token_chunk, vocab_chunk]` float32 logits exist at once, never `[batch, tokens, vocab]`.
 
-The rest of the module aggregates those per-token scores (steps, the certainty mix, DeepConf's
-window confidences) and turns per-layer hidden states into Chain-of-Embedding features.
+The rest of the module finds the response's steps, averages the per-token scores within them and
+turns per-layer hidden states into Chain-of-Embedding features: what the scorer stores. What the
+selection methods compute from the stored values (the certainty mix, DeepConf's window
+confidences, CoE-R/CoE-C) is in `aggregates.py`, in numpy.
 """
 
 from __future__ import annotations
@@ -269,56 +271,6 @@ def step_texts(pieces: list[str], steps: list[int]) -> list[str]:
     return texts
 
 
-def mixed_certainty(self_certainty, entropy, lambda_weight: float, vocab_size: int):
-    """Certainty in [0, 1] of a span (its mean SC and H): lambda * (1 - exp(-SC)) + (1 - lambda) * (1 - H / log V).
-
-    SC = KL(U || p) has no upper bound (it grows without limit as p nears one-hot), so it is
-    mapped by 1 - exp(-SC) = 1 - GM(p) / AM(p) (geometric over arithmetic mean of the
-    probabilities), and H, at most log V, is divided by log V. Both terms are 0 for the uniform
-    distribution, approach 1 for a one-hot one and lie in [0, 1] in between, so `lambda_weight`
-    mixes two certainties on one scale: 1 is pure self-certainty, 0 pure negative entropy. Both
-    maps are monotone, so at lambda 1 or 0 a span's certainty ranks spans as its mean SC or mean H
-    does. Takes floats or tensors.
-    """
-    exp = torch.exp if isinstance(self_certainty, torch.Tensor) else math.exp
-    log_v = math.log(vocab_size)
-    return lambda_weight * (1.0 - exp(-self_certainty)) + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
-
-
-def combined_self_certainty(token_level: float, step_min: float, alpha: float) -> float:
-    """alpha * token level + (1 - alpha) * step level.
-
-    Token level is the mean certainty over the response's tokens; step level is the certainty
-    of its least certain step (the weakest link of the reasoning, the original's "key step").
-    """
-    return alpha * token_level + (1.0 - alpha) * step_min
-
-
-def sliding_window_means(values: torch.Tensor, window: int) -> torch.Tensor:
-    """Means of every run of `min(window, T)` consecutive values of `values [T]`, float64 `[T - w + 1]`."""
-    width = min(window, values.numel())
-    if width == 0:
-        return values.new_zeros(0, dtype=torch.float64)
-    sums = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
-    return (sums[width:] - sums[:-width]) / width
-
-
-def lowest_group_confidence(confidence: torch.Tensor, window: int) -> float:
-    """DeepConf's lowest group confidence: the smallest mean token confidence over a sliding window.
-
-    The window is clipped to the response length; an empty response has none (NaN).
-    """
-    means = sliding_window_means(confidence, window)
-    return means.min().item() if means.numel() else math.nan
-
-
-def tail_confidence(confidence: torch.Tensor, window: int) -> float:
-    """DeepConf's tail confidence: the mean token confidence of the last `window` tokens (NaN when empty)."""
-    if confidence.numel() == 0:
-        return math.nan
-    return confidence[-window:].double().mean().item()
-
-
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `hidden [B, L, D]` over the positions where `mask [B, L]` is true: float32 `[B, D]`.
 
@@ -358,23 +310,6 @@ def coe_transitions(layer_means: torch.Tensor) -> CoeTransitions:
         span_magnitude=(h[-1] - h[0]).norm().item(),
         span_angle=_angle(h[-1], h[0]).item(),
     )
-
-
-def coe_scores(magnitude, angle, span_magnitude: float, span_angle: float) -> tuple[float, float]:
-    """CoE-R and CoE-C ("Latent Space Chain-of-Embedding Enables Output-free LLM Self-Evaluation", ICLR 2025).
-
-    With M_l = magnitude_l / span_magnitude and A_l = angle_l / span_angle:
-    CoE-R = mean(M) - mean(A) and CoE-C = |mean_l M_l e^{i A_l}|. Higher means more confident.
-    NaN when there are no transitions or a span is zero.
-    """
-    m = torch.as_tensor(magnitude, dtype=torch.float64)
-    a = torch.as_tensor(angle, dtype=torch.float64)
-    if m.numel() == 0 or not span_magnitude or not span_angle:
-        return math.nan, math.nan
-    m, a = m / span_magnitude, a / span_angle
-    coe_r = (m.mean() - a.mean()).item()
-    coe_c = torch.hypot((m * torch.cos(a)).mean(), (m * torch.sin(a)).mean()).item()
-    return coe_r, coe_c
 
 
 def option_probability(hidden: torch.Tensor, option_weight: torch.Tensor, option_bias: torch.Tensor | None = None):
