@@ -93,7 +93,7 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     """The run's plan, with its folder made and locked until the block ends; no Ray.
 
     Refuses bad input (an unknown method, a missing model or data set, an unwritable folder, a run
-    folder made with another configuration) before anything is written. `command` and `argv` (how
+    folder made with another configuration) before a manifest or shard is written. `command` and `argv` (how
     the user started the job) make the resume command. Ctrl-C inside the block ends in Interrupted,
     whose message names the resume command.
     """
@@ -109,7 +109,8 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
     # The backend as given ('auto' included): the same command names the same folder on any cluster.
-    run_id = config.run_id or default_run_id(config.dataset, name, fingerprint(config, problems, model))
+    fp = fingerprint(config, problems, model)
+    run_id = config.run_id or default_run_id(config.dataset, name, fp)
     run_dir = output_dir / run_id
     resume = resume_command(command, argv if argv is not None else [], run_id)
     _make_folder(run_dir)
@@ -117,7 +118,7 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
         if not locked:
             print(f"  note: {run_dir} is on an object store, which has no lock: run one job per run folder", flush=True)
         try:
-            yield _plan_locked(config, problems, model, name, output_dir, run_dir, resume)
+            yield _plan_locked(config, problems, model, fp, name, output_dir, run_dir, resume)
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {run_dir}; resume with: {resume}") from None
 
@@ -126,6 +127,7 @@ def _plan_locked(
     config: RunConfig,
     problems: pa.Table,
     model: str,
+    fp: dict,
     name: str,
     output_dir: StoragePath,
     run_dir: StoragePath,
@@ -138,7 +140,6 @@ def _plan_locked(
         raise PipelineError(f"{run_dir} holds shards but no manifest: pass --overwrite or a new --run_id")
     if manifest is not None and not config.resume:
         raise PipelineError(f"run folder {run_dir} exists: drop --no-resume to resume it, or pass --overwrite")
-    fp = fingerprint(config, problems, model)
     new = manifest is None
     if manifest is None:
         # Every shard is to do: the folder has none, or --overwrite removes them (execute, once Ray is up).
@@ -223,9 +224,15 @@ def execute(plan: RunPlan) -> RunStats:
         progress = Progress(todo_problems.num_rows, n)
         try:
             run_stages(
-                config, todo_problems, shards_dir, GeneratorActor, ScorerActor, committed, fingerprint_hash(fp),
-                progress.add,
-            )  # fmt: skip
+                config,
+                todo_problems,
+                shards_dir,
+                GeneratorActor,
+                ScorerActor,
+                on_commit=committed,
+                fingerprint=fingerprint_hash(fp),
+                on_batch=progress.add,
+            )
         except PipelineError as exc:
             raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None
     return RunStats(config, time.monotonic() - started)
