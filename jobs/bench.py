@@ -26,16 +26,15 @@ from pathlib import Path
 
 from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
-from jobs.dummy_model import QWEN25_MATH_15B_SHAPE, write_random_model
+from jobs.dummy_model import DUMMY_SHAPES, write_random_model
 from jobs.records import device_name, write_record
+from ray_pipeline.columns import candidate_rows
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError, exit_status
 from ray_pipeline.model import resolve_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.reduce import reduce_run
-
-DUMMY_SHAPES = {"qwen2.5-math-1.5b": QWEN25_MATH_15B_SHAPE}
 
 
 class TimedGenerator(GeneratorActor):
@@ -48,7 +47,7 @@ class TimedGenerator(GeneratorActor):
     async def __call__(self, batch):
         start, tokens = time.time(), 0
         async for table in super().__call__(batch):
-            tokens += sum(len(t) for t in table.column("token_ids").to_pylist())
+            tokens += sum(len(r["token_ids"]) for r in candidate_rows(table))
             yield table
         _note(self.log, {"start": start, "end": time.time(), "tokens": tokens, "gpu": _visible_gpus()})
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from actors.scorer import ScorerActor
-from jobs.dummy_model import QWEN25_MATH_15B_SHAPE, write_random_model
+from jobs.dummy_model import DUMMY_SHAPES, write_random_model
 from jobs.records import write_record
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
@@ -34,7 +34,6 @@ from ray_pipeline.model import model_name
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.shards import CANDIDATE_SCHEMA
 
-DUMMY_SHAPES = {"qwen2.5-math-1.5b": QWEN25_MATH_15B_SHAPE}
 FIELDS = (
     "dataset",
     "limit",
