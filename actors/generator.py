@@ -117,7 +117,7 @@ class GeneratorActor:
 
     `__call__` is an async generator, so one actor works on several batches at once (the pool's
     `generate_in_flight`) and its engine schedules all their requests together. It yields rows in
-    pieces as problems finish (`stream_problems`).
+    pieces as problems finish (`stream_every`).
     """
 
     def __init__(self, config: RunConfig):
@@ -169,7 +169,7 @@ class GeneratorActor:
                 else:
                     rows += self._rows(problems[i], prompts[i], result)
                 done += 1
-                if done % self.config.stream_problems == 0:
+                if done % self.config.stream_every == 0:
                     yield pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
                     rows = []
         except self.backend.fatal_errors as exc:

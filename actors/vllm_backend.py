@@ -80,9 +80,6 @@ class VLLMGenerator:
             return index, f"vLLM refused the request: {exc}"
         return index, [_sample(c) for c in sorted(final.outputs, key=_index)]
 
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
 
 def sampling_params(config: RunConfig, key: str, cpu: bool):
     """One request's SamplingParams: n samples of one prompt share its prefill."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from actors import pipeline_actors
 from ray_pipeline import run
 from ray_pipeline.cli import program, quiet_ray, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
@@ -15,7 +16,7 @@ from ray_pipeline.config import RunConfig, build_parser, config_from_args
 def infer(config: RunConfig, command: str, argv: list[str]) -> None:
     """Plan the run, generate and score the shards it lacks, then select the best answers."""
     with run.plan(config, command, argv) as plan:
-        run.select(plan, run.execute(plan))
+        run.select(plan, run.execute(plan, *pipeline_actors()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from actors import pipeline_actors
 from ray_pipeline import run
 from ray_pipeline.cli import program, quiet_ray, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
@@ -18,7 +19,7 @@ def main_job(config: RunConfig, command: str, argv: list[str]) -> None:
     compare_all = config.method == "all"
     selected = dataclasses.replace(config, method=RunConfig().method) if compare_all else config
     with run.plan(selected, command, argv) as plan:
-        run.select(plan, run.execute(plan))
+        run.select(plan, run.execute(plan, *pipeline_actors()))
         if compare_all:
             run.compare(plan)
 

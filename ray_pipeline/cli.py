@@ -14,7 +14,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 
-from ray_pipeline.errors import PipelineError, os_error_text
+from ray_pipeline.errors import PipelineError, first_line, os_error_text
 
 # Flags that must not be repeated when resuming: they would start over or redo finished shards.
 _NOT_REPEATED = {"--overwrite": 0, "--no-resume": 0, "--reprocess_failed": 0, "--reprocess_shards": 1}
@@ -110,7 +110,7 @@ def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
         _stop_ray()
         if verbose:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+        first = first_line(exc, 300, default="no message")
         print(
             f"error: unexpected {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
             file=sys.stderr,

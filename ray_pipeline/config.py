@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ray_pipeline.answers import ANSWER_EXTRACTIONS
-from ray_pipeline.errors import ConfigError
+from ray_pipeline.errors import ConfigError, first_line
 from ray_pipeline.model import EMBEDDED_MODEL
 from ray_pipeline.storage import Location, StoragePath, uri_fault
 
@@ -194,11 +194,12 @@ class RunConfig:
         low=1,
         role="samples",
     )
-    stream_problems: int = _opt(
+    stream_every: int = _opt(
         1,
-        "a generator hands finished candidates on every this many problems of a batch (1: each problem as soon "
+        "a generator hands on finished problems every this many problems of a batch (1: each problem as soon "
         "as its N samples finish, so scoring starts at once)",
         low=1,
+        aliases=("stream_problems",),
         role="execution",
     )
     generate_in_flight: int | None = _opt(
@@ -373,7 +374,7 @@ class RunConfig:
             saved = json.loads(StoragePath.parse(path).read_text())
             why = "not a JSON object"
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            saved, why = None, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            saved, why = None, first_line(exc, 160)
         if not isinstance(saved, dict):
             raise ConfigError(
                 f"run configuration {path} is not a valid config.json ({why}): run the jobs.infer command that made "

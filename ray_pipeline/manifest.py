@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ray_pipeline.config import HUB_DATASET, OUTPUT_ROLES, RunConfig
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
 from ray_pipeline.storage import Location, StoragePath
 
@@ -148,7 +148,7 @@ class Manifest:
             return manifest
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # ValueError covers broken JSON and bytes that are not UTF-8.
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise PipelineError(
                 f"{path} is not a readable manifest ({reason}); pass --overwrite to start this run folder over"
             ) from None

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
 from ray_pipeline.config import RunConfig
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
 
@@ -39,8 +39,7 @@ def init_ray(config: RunConfig) -> None:
         try:
             ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"cannot reach the Ray cluster at {address}: {first}") from None
+            raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
         return
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
@@ -56,9 +55,8 @@ def init_ray(config: RunConfig) -> None:
             log_to_driver=config.verbose,
         )
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fix = "pass --ray_address to use a running cluster"
-        raise PipelineError(f"cannot start a local Ray ({first[:200]}); {fix}") from None
+        raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -168,13 +168,11 @@ def _make_folder(run_dir: StoragePath) -> None:
         raise PipelineError(f"cannot write the run folder {run_dir}: {exc.reason}; {what}") from None
 
 
-def execute(plan: RunPlan) -> RunStats:
+def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     """Start Ray, resolve the cluster's settings, and generate and score the plan's shards to do, committing each.
 
-    The one step that needs a cluster and the actors (imported here, so planning and selecting load no model code).
+    The one step that needs a cluster; the job hands in the actor classes, so the library never imports `actors/`.
     """
-    from actors.generator import GeneratorActor
-    from actors.scorer import ScorerActor
     from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
     init_ray(plan.config)
@@ -227,8 +225,8 @@ def execute(plan: RunPlan) -> RunStats:
                 config,
                 todo_problems,
                 shards_dir,
-                GeneratorActor,
-                ScorerActor,
+                generator_cls,
+                scorer_cls,
                 on_commit=committed,
                 fingerprint=fingerprint_hash(fp),
                 on_batch=progress.add,

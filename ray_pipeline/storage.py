@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import PipelineError, first_line
 
 # The lock file a job holds in its run folder (see StoragePath.lock).
 LOCK_NAME = ".lock"
@@ -232,8 +232,7 @@ def _reason(exc: BaseException) -> str:
     # pyarrow's local errors carry an errno; the store's own message otherwise (first line).
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    return first_line(exc, 300)
 
 
 # What the run-folder functions accept: a StoragePath, a location string, or a local Path.

@@ -26,7 +26,7 @@ FAST_MODULES = {
     "test_problem_set",
     "test_report",
     "test_run_folder",
-    "test_sampling",
+    "test_backends",
     "test_scores",
     "test_selection",
     "test_shards_reduce",

@@ -103,7 +103,7 @@ def test_a_dead_engine_exits_the_actor_process(problems, monkeypatch):
 
     exits = []
     monkeypatch.setattr(generator.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(SystemExit))
-    config = RunConfig(backend="hf", num_return_sequences=2, stream_problems=1)
+    config = RunConfig(backend="hf", num_return_sequences=2, stream_every=1)
     actor = GeneratorActor(config)
     actor.backend = scripted_backend(2, problems.column("problem_id")[1].as_py(), EngineDeadError)
 

@@ -82,7 +82,9 @@ def test_reducer_picks_by_method_and_reports(tmp_path):
     # p0: the confident candidate (1) is right; p1: confident (2) wrong, 0 right; p2: none right.
     writer.add(pa.concat_tables([fake_rows(0, 0, 3, 1, 1), fake_rows(1, 0, 3, 0, 2), fake_rows(2, 1, 3, -1, 0)]))
     out = tmp_path / "best.jsonl"
-    summary = reduce_run(shards, out, method="self-certainty", params=SelectionParams(0.4), expected_shards=[0, 1])
+    summary = reduce_run(
+        shards, out, method="self-certainty", params=SelectionParams(alpha=0.4), expected_shards=[0, 1]
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(line)[:2] for line in lines] == [["question", "answer"]] * 3
     assert [line["candidate_index"] for line in lines] == [1, 2, 0]
