@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from ray_pipeline.backends import resolve_backend, stable_seed
 from ray_pipeline.config import RunConfig
-from ray_pipeline.model import resolve_model
+from ray_pipeline.model import ensure_pad_token, resolve_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.shards import GENERATED_SCHEMA
 
@@ -52,13 +52,13 @@ class HFGenerator:
     name = "hf"
     fatal_errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, path: str, config: RunConfig, pad_id: int):
+    def __init__(self, path: str, config: RunConfig, tokenizer):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
         self.config = config
-        self.pad_id = pad_id
+        self.tokenizer = tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=config.dtype).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
@@ -77,10 +77,10 @@ class HFGenerator:
     def generate_batch(self, prompts: list[list[int]], keys: list[str]) -> Iterator[tuple[int, list[Sample]]]:
         """All problems in one padded batch, yielded in order."""
         torch, cfg = self.torch, self.config
-        width = max(len(p) for p in prompts)
         # Left padding keeps every prompt's last token at the same position.
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+        ids, mask = padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
+        width = ids.shape[1]
         torch.manual_seed(stable_seed(cfg.seed, *keys))
         sampling = (
             {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
@@ -93,7 +93,7 @@ class HFGenerator:
                 attention_mask=mask,
                 max_new_tokens=cfg.max_tokens,
                 num_return_sequences=cfg.num_return_sequences,
-                pad_token_id=self.pad_id,
+                pad_token_id=self.tokenizer.pad_token_id,
                 top_k=None,
                 **sampling,
             )
@@ -132,9 +132,7 @@ class GeneratorActor:
         self.context = config.max_model_len or getattr(
             AutoConfig.from_pretrained(path), "max_position_embeddings", None
         )
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
+        ensure_pad_token(self.tokenizer)
         self.backend_name = resolve_backend(config.backend, torch.cuda.is_available())
         self.backend = self.make_backend(path)
 
@@ -143,7 +141,7 @@ class GeneratorActor:
             from actors.vllm_backend import VLLMGenerator
 
             return VLLMGenerator(path, self.config)
-        return HFGenerator(path, self.config, self.pad_id)
+        return HFGenerator(path, self.config, self.tokenizer)
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         problems = batch.to_pylist()

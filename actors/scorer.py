@@ -22,15 +22,16 @@ from contextlib import contextmanager
 import pyarrow as pa
 
 from ray_pipeline.columns import candidate_rows, empty_scores
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.model import resolve_model
+from ray_pipeline.model import ensure_pad_token, resolve_model
 from ray_pipeline.prompts import build_self_eval_prompt, self_eval_options
 from ray_pipeline.scores import (
     coe_transitions,
     half_head,
     newline_table,
     option_probability,
+    response_means,
     step_means,
     step_spans,
     token_scores,
@@ -38,21 +39,21 @@ from ray_pipeline.scores import (
 )
 from ray_pipeline.shards import SHARD_SCHEMA
 
-# Logit tile sizes of the chunked statistics when the config leaves them open: small tiles stay in a
-# CPU's cache; on a GPU a tile is one kernel launch per step, and a few large ones keep it busy.
-CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
-
 
 class ScorerActor:
-    """Ray Data callable class: candidate rows in, the same rows with their scores out."""
+    """Ray Data callable class: problem rows (each with its N candidates) in, one scored row per candidate out.
+
+    Candidate rows are taken too (tests, benchmarks): a problem's candidates are then those in the batch.
+    """
 
     def __init__(self, config: RunConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The pipeline resolves these for the cluster; an actor made directly resolves them for its own device.
+        self.config = config = resolve_scoring(config, on_gpu=self.device == "cuda")
         # Host work here is many small ops on short tensors, where thread pools only add overhead: the
         # actor's CPUs bound torch's threads and the tokenizer's (on a 64-core GPU machine, unbounded,
         # jobs.bench_scorer's host stage took 63 ms a candidate against 1.3 ms on 2 cores).
@@ -72,13 +73,9 @@ class ScorerActor:
         if self.device == "cuda" and head.weight.dtype in (torch.bfloat16, torch.float16):
             # TF32 holds bf16 and fp16 values exactly, so a float32 matmul of them loses nothing on tensor cores.
             torch.backends.cuda.matmul.allow_tf32 = True
-        tokens, vocab = CHUNKS[self.device]
-        self.token_chunk = config.score_chunk_tokens or tokens
-        self.vocab_chunk = config.score_chunk_vocab or vocab
-        self.group_passes = config.score_pass == "problem" or (config.score_pass == "auto" and self.device == "cuda")
-        if self.tokenizer.pad_token is None:
-            # Padded passes read only real positions (the attention mask), so any token can pad.
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
+        self.token_chunk, self.vocab_chunk = config.score_chunk_tokens, config.score_chunk_vocab
+        self.group_passes = config.score_pass == "problem"
+        ensure_pad_token(self.tokenizer)
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
         # Step boundaries come from each token's decoded text: decode the vocabulary once, not every token.
@@ -117,25 +114,41 @@ class ScorerActor:
     def passes(self, rows: list[dict]) -> list[list[dict]]:
         """The candidates of each forward pass: one each, or a problem's candidates together (`--score_pass`).
 
-        A problem's group is the same whichever batch it arrives in, since the generators hand on whole problems.
+        A problem's candidates, in candidate order, fill passes of at most `score_pass_tokens` padded tokens.
+        That grouping depends only on the problem, which the generators hand on whole, never on the batch.
         """
         rows = [r for r in rows if scorable(r)]
         if not self.group_passes:
             return [[r] for r in rows]
-        groups: dict[str, list[dict]] = {}
+        problems: dict[str, list[dict]] = {}
         for row in rows:
-            groups.setdefault(row["problem_id"], []).append(row)
-        return list(groups.values())
+            problems.setdefault(row["problem_id"], []).append(row)
+        passes = []
+        for candidates in problems.values():
+            group, width = [], 0
+            for row in sorted(candidates, key=lambda r: r["candidate_index"]):
+                length = len(row["prompt_token_ids"]) + len(row["token_ids"])
+                if group and (len(group) + 1) * max(width, length) > self.config.score_pass_tokens:
+                    passes.append(group)
+                    group, width = [], 0
+                group.append(row)
+                width = max(width, length)
+            passes.append(group)
+        return passes
 
     def pass_inputs(self, group: list[dict]):
-        """`(input_ids [B, L], attention_mask or None)` of one pass, right-padded (the benchmark reuses them)."""
-        torch = self.torch
-        seqs = [r["prompt_token_ids"] + r["token_ids"] for r in group]
-        if len(seqs) == 1:
-            return torch.tensor(seqs, device=self.device), None
-        # Right padding: positions count from 0 in every row, and padded positions are never read.
-        padded = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt")
-        return padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
+        """The token ids `[B, L]` of one pass, right-padded (the benchmark reuses them)."""
+        return self._right_padded([r["prompt_token_ids"] + r["token_ids"] for r in group])
+
+    def _right_padded(self, seqs: list[list[int]]):
+        """`seqs` as one `[B, L]` batch padded on the right, whatever side the tokenizer pads by default.
+
+        Right padding needs no attention mask: positions count from 0 in every row, and causal attention
+        never lets a real position see the padding after it. So a padded row's real positions compute what
+        the row alone would (the values read are only those), and the kernels keep their causal fast path.
+        """
+        padded = self.tokenizer.pad({"input_ids": seqs}, padding=True, padding_side="right", return_tensors="pt")
+        return padded["input_ids"].to(self.device)
 
     def _tick(self, stage: str, start: float) -> float:
         if self.synchronize and self.device == "cuda":
@@ -147,7 +160,7 @@ class ScorerActor:
     def _measure(self, group: list[dict]):
         """Queues one pass and its scores; returns the results (on the host once copied) and their copy event."""
         torch = self.torch
-        ids, attention = self.pass_inputs(group)
+        ids = self.pass_inputs(group)
         width = ids.shape[1]
         # Position p predicts token p + 1: response token j of a row is predicted at len(prompt) - 1 + j.
         # The response positions as flat indices into [B * L] and as averaging weights [B, L], built on the
@@ -163,7 +176,7 @@ class ScorerActor:
         targets = targets.to(self.device, non_blocking=True)
         start = time.perf_counter()
         with torch.inference_mode(), self._layer_means(weights) as layer_means:
-            hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
             start = self._tick("forward", start)
             scores = token_scores(
                 hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
@@ -273,12 +286,9 @@ class ScorerActor:
         torch = self.torch
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         lengths = torch.tensor([len(e) for e in encoded])
-        # Right padding: positions count from 0 in every row, and only each row's last position is read.
-        padded = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
         with torch.inference_mode():
-            hidden = self.decoder(
-                input_ids=padded["input_ids"].to(self.device), attention_mask=padded["attention_mask"].to(self.device)
-            )
+            # Each row's last real position is read: right padding (see _right_padded).
+            hidden = self.decoder(input_ids=self._right_padded(encoded), use_cache=False)
             rows = torch.arange(len(encoded), device=self.device)
             last = hidden.last_hidden_state[rows, (lengths - 1).to(self.device)]
             bias = None if self.bias is None else self.bias[self.options]
@@ -289,7 +299,3 @@ def scorable(row: dict) -> bool:
     """Whether a candidate gets a forward pass: it has response tokens and no error."""
     return bool(row["token_ids"]) and not row.get("error")
 
-
-def response_means(hidden, weights):
-    """Each row's mean hidden state over its response: `hidden [B, L, D]`, `weights [B, L]` -> float32 `[B, D]`."""
-    return (weights[:, None, :] @ hidden.float()).squeeze(1)

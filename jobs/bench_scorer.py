@@ -103,7 +103,9 @@ def _run(args: argparse.Namespace) -> None:
     scorer = ScorerActor(config)
     rows = synthetic_rows(problems, scorer.tokenizer, config)
     table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
-    size = config.score_batch_size
+    # As the pipeline hands them on: whole problems, score_batch_size // N of them a batch.
+    n = config.num_return_sequences
+    size = max(1, config.score_batch_size // n) * n
     batches = [(rows[s : s + size], table.slice(s, size)) for s in range(0, len(rows), size)]
     model = model_name(config.model_path) if not args.dummy_shape else f"{args.dummy_shape} (random weights)"
     print(f"model {model} | {len(problems)} problems x N={config.num_return_sequences} x {config.max_tokens} tokens"
@@ -117,15 +119,12 @@ def _run(args: argparse.Namespace) -> None:
     def bare(batch_rows):
         with torch.inference_mode():
             for group in scorer.passes(batch_rows):
-                ids, attention = scorer.pass_inputs(group)
-                scorer.decoder(input_ids=ids, attention_mask=attention)
+                scorer.decoder(input_ids=scorer.pass_inputs(group), use_cache=False)
 
     def padded(batch_rows):
         seqs = [r["prompt_token_ids"] + r["token_ids"] for r in batch_rows]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+        batch = scorer.tokenizer.pad({"input_ids": seqs}, padding=True, padding_side="right", return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.inference_mode():
             scorer.decoder(input_ids=ids.to(scorer.device), attention_mask=mask.to(scorer.device))
 

@@ -8,15 +8,14 @@ question's first K candidates (K <= the run's N).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from ray_pipeline import run
 from ray_pipeline.cli import run_entry
-from ray_pipeline.config import RunConfig, build_parser
+from ray_pipeline.config import build_parser, config_fields
 
 # Every selection setting, how many candidates to take, and how the job reports.
-RESELECT_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.metadata["role"] == "selection"] + [
+RESELECT_FIELDS = [f.name for f in config_fields("selection")] + [
     "num_return_sequences",
     "allow_partial",
     "verbose",

@@ -25,6 +25,12 @@ PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCORE_PASSES = ("auto", "candidate", "problem")
+# The scorer's logit tiles (positions x vocabulary entries) by device: small tiles stay in a CPU's cache;
+# on a GPU each tile costs kernel launches, and a few large ones keep it busy.
+SCORE_CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
+# Settings whose 'auto' or unset value the machine the actors run on decides: a run's fingerprint
+# holds them resolved, so they are compared only once the cluster is known.
+DEVICE_RESOLVED_FIELDS = ("backend", "score_pass", "score_chunk_tokens", "score_chunk_vocab")
 # What a field changes: the sampled candidates, their stored scores, which candidate is picked, or
 # only how the job runs. The resume fingerprint holds every "samples" and "scores" field.
 ROLES = ("samples", "scores", "selection", "execution")
@@ -219,8 +225,16 @@ class RunConfig:
     score_pass: str = _opt(
         "auto",
         "the scorer's forward passes: candidate (one per candidate, no padding), problem (one padded pass over "
-        "a problem's N candidates: fewer, larger passes), auto (problem on GPU, candidate on CPU)",
+        "a problem's N candidates, up to --score_pass_tokens: fewer, larger passes), auto (problem on GPU, "
+        "candidate on CPU)",
         choices=SCORE_PASSES,
+        role="scores",
+    )
+    score_pass_tokens: int = _opt(
+        16384,
+        "most tokens in one problem pass (candidates x the longest): a problem's further candidates go to "
+        "further passes, so a large N or long responses do not exhaust the GPU's memory",
+        low=1,
         role="scores",
     )
     score_chunk_tokens: int | None = _opt(
@@ -384,6 +398,18 @@ class RunConfig:
 
     def save(self, path: Location) -> None:
         StoragePath.parse(path).write_text(self.to_json() + "\n")
+
+
+def resolve_scoring(config: RunConfig, on_gpu: bool) -> RunConfig:
+    """The config with the scorer's passes and logit tiles made concrete for a scorer on a GPU or a CPU."""
+    tokens, vocab = SCORE_CHUNKS["cuda" if on_gpu else "cpu"]
+    score_pass = config.score_pass if config.score_pass != "auto" else ("problem" if on_gpu else "candidate")
+    return dataclasses.replace(
+        config,
+        score_pass=score_pass,
+        score_chunk_tokens=config.score_chunk_tokens or tokens,
+        score_chunk_vocab=config.score_chunk_vocab or vocab,
+    )
 
 
 def config_fields(role: str) -> list[dataclasses.Field]:

@@ -163,6 +163,16 @@ def resolve_model(model_path: str) -> str:
     return str(path)
 
 
+def ensure_pad_token(tokenizer) -> None:
+    """Gives a tokenizer without a padding token one (its end-of-sequence token, else token 0).
+
+    The actors pad only where padded positions are never read (masked, or after the real tokens), so
+    which token pads does not matter, only that `tokenizer.pad` can.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+
+
 def check_tensor_parallel(resolved: str, tensor_parallel_size: int) -> None:
     """Refuse a tensor parallel size that does not divide a local model's attention heads.
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
@@ -81,7 +81,8 @@ def cluster_has_gpu() -> bool:
 
 
 def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
-    """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in flight."""
+    """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in
+    flight, and the scorer's passes and logit tiles (`DEVICE_RESOLVED_FIELDS` among them)."""
     backend = resolve_backend(config.backend, cluster_has_gpu())
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
@@ -94,7 +95,8 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
         # and an engine that comes up first cannot take another's share. transformers runs one batch at a time.
         share = math.ceil(num_problems / config.pool_bounds("generators")[1])
         in_flight = math.ceil(share / batch) if backend == "vllm" else 1
-    return dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
+    config = dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
+    return resolve_scoring(config, on_gpu=actor_gpus(config)[1] > 0)
 
 
 def actor_gpus(config: RunConfig) -> tuple[float, float]:
@@ -156,7 +158,7 @@ def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
 
 
 def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type):
-    """The generator pool's dataset: small batches of problems in, candidate rows out (resolved `config`)."""
+    """The generator pool's dataset: batches of problems in, one row per problem with its N candidates out."""
     import ray.data
 
     ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES

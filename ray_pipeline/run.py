@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import (
@@ -148,8 +148,8 @@ def _plan_locked(
         manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
         faults = dict.fromkeys(manifest.expected_rows(), "missing")
     else:
-        # Everything but the backend, which needs the cluster to resolve 'auto' (execute checks it).
-        manifest.check_same_run(fp, run_dir, ignore=("backend",))
+        # Everything but what the cluster resolves ('auto' backend, scorer passes; execute checks those).
+        manifest.check_same_run(fp, run_dir, ignore=DEVICE_RESOLVED_FIELDS)
         faults = shard_faults(manifest, shards_dir)
     todo, notes = choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     best = output_dir / best_file_name(config.dataset, manifest.model_name, run_dir.name)
@@ -178,8 +178,9 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     init_ray(plan.config)
     quiet_ray_warnings(plan.config.verbose)
     config = resolve_execution(plan.config, plan.problems.num_rows)
-    # Only the backend is taken resolved: other cluster-derived defaults do not change the shards.
-    fp = fingerprint(dataclasses.replace(plan.config, backend=config.backend), plan.problems, plan.model)
+    # Only these are taken resolved: other cluster-derived defaults do not change the shards.
+    resolved = {name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS}
+    fp = fingerprint(dataclasses.replace(plan.config, **resolved), plan.problems, plan.model)
     manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
     if plan.new:
         manifest.fingerprint = fp

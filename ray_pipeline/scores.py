@@ -91,8 +91,9 @@ def half_head(weight: torch.Tensor) -> bool:
 
 
 def _chunk_scores(h, weight, bias, targets, vocab_chunk, top_k) -> TokenScores:
-    half = weight.dtype in (torch.bfloat16, torch.float16) and h.is_cuda
-    h_half = h.to(weight.dtype) if half else None
+    # The half path only for half hidden states (exact in the head's dtype); float32 ones take the float32 head.
+    half = weight.dtype in (torch.bfloat16, torch.float16) and h.is_cuda and h.dtype == weight.dtype
+    h_half = h if half else None
     h = h.float()
     vocab = weight.shape[0]
     # Running max m, s = sum exp(z - m), a = sum exp(z - m) (z - m): H = log s - a / s.
@@ -142,30 +143,6 @@ def _chunk_scores(h, weight, bias, targets, vocab_chunk, top_k) -> TokenScores:
     # -mean_j (z_j - log Z) over the top k.
     confidence = log_z - top.mean(-1)
     return TokenScores(entropy.clamp_min(0.0), self_certainty.clamp_min(0.0), logprob, confidence.clamp_min(0.0))
-
-
-def masked_token_scores(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    token_chunk: int = 256,
-    vocab_chunk: int = 16384,
-    top_k: int = DEEPCONF_TOP_K,
-) -> list[TokenScores]:
-    """Per-row scores of a padded batch: `hidden [B, L, D]`, `targets`/`mask [B, L]`.
-
-    Row b's scores cover the positions where `mask[b]` is true, in order; padding never
-    reaches the vocabulary reduction.
-    """
-    flat = token_scores(
-        hidden[mask], weight, targets[mask], bias=bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk, top_k=top_k
-    )
-    counts = mask.sum(-1).tolist()
-    split = [getattr(flat, n).split(counts) for n in SCORE_NAMES]
-    return [TokenScores(*(part[i] for part in split)) for i in range(len(counts))]
 
 
 def step_index(pieces: list[str]) -> list[int]:
@@ -271,16 +248,6 @@ def step_texts(pieces: list[str], steps: list[int]) -> list[str]:
     return texts
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `hidden [B, L, D]` over the positions where `mask [B, L]` is true: float32 `[B, D]`.
-
-    A row without any position gets NaN.
-    """
-    weights = mask.to(torch.float32)
-    sums = torch.einsum("bld,bl->bd", hidden.float(), weights)
-    return sums / weights.sum(-1, keepdim=True)
-
-
 @dataclass
 class CoeTransitions:
     """Chain-of-Embedding features of one response, float64.
@@ -310,6 +277,15 @@ def coe_transitions(layer_means: torch.Tensor) -> CoeTransitions:
         span_magnitude=(h[-1] - h[0]).norm().item(),
         span_angle=_angle(h[-1], h[0]).item(),
     )
+
+
+def response_means(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each row's weighted mean hidden state, float32 `[B, D]`, of `hidden [B, L, D]` and `weights [B, L]`.
+
+    With weights 1/n on a row's n response positions and 0 elsewhere (padding, the prompt), it is
+    that row's mean over its response: a matmul, so nothing depends on the positions' count on the host.
+    """
+    return (weights[:, None, :].float() @ hidden.float()).squeeze(1)
 
 
 def option_probability(hidden: torch.Tensor, option_weight: torch.Tensor, option_bias: torch.Tensor | None = None):

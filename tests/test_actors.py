@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import math
 
 import pyarrow as pa
 import pytest
@@ -142,16 +143,45 @@ def problem_rows(candidates: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(list(problems.values()), schema=GENERATED_SCHEMA)
 
 
-def test_problem_passes_match_candidate_passes(scorer, problem_scorer, candidates):
-    """One right-padded pass over a problem's candidates gives each candidate its own pass's values."""
+def assert_same_scores(got: list[dict], want: list[dict]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g["step_texts"] == w["step_texts"] and g["token_count"] == w["token_count"]
+        for name in ("token_entropy", "token_self_certainty", "token_logprob", "token_confidence", "coe_magnitude"):
+            torch.testing.assert_close(torch.tensor(g[name]), torch.tensor(w[name]), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_problem_passes_match_candidate_passes(scorer, problem_scorer, candidates, padding_side, monkeypatch):
+    """One padded pass over a problem's candidates gives each its own pass's values, on either padding side."""
     lengths = [len(t) for t in candidates.column("token_ids").to_pylist()]
     assert len(set(lengths)) > 1, "the test needs candidates of different lengths, so that padding happens"
     assert [len(g) for g in problem_scorer.passes(candidates.to_pylist())] == [2, 2, 2]
-    grouped, single = problem_scorer(candidates).to_pylist(), scorer(candidates).to_pylist()
-    for g, s in zip(grouped, single):
-        assert g["step_texts"] == s["step_texts"] and g["token_count"] == s["token_count"]
-        for name in ("token_entropy", "token_self_certainty", "token_logprob", "token_confidence", "coe_magnitude"):
-            torch.testing.assert_close(torch.tensor(g[name]), torch.tensor(s[name]), atol=1e-3, rtol=1e-4)
+    monkeypatch.setattr(problem_scorer.tokenizer, "padding_side", padding_side)
+    assert_same_scores(problem_scorer(candidates).to_pylist(), scorer(candidates).to_pylist())
+
+
+def test_problem_passes_split_at_the_token_budget(config, scorer, candidates):
+    """A problem whose candidates exceed --score_pass_tokens fills several passes, in candidate order."""
+    rows = candidates.to_pylist()
+    longest = max(len(r["prompt_token_ids"]) + len(r["token_ids"]) for r in rows)
+    small = ScorerActor(dataclasses.replace(config, score_pass="problem", score_pass_tokens=longest))
+    passes = small.passes(rows)
+    assert [[r["candidate_index"] for r in p] for p in passes] == [[0], [1]] * 3
+    assert_same_scores(small(candidates).to_pylist(), scorer(candidates).to_pylist())
+
+
+def test_a_problem_pass_skips_candidates_without_tokens(scorer, problem_scorer, candidates):
+    """An empty or failed candidate gets NaN scores; its problem's other candidates keep their values."""
+    rows = candidates.to_pylist()
+    rows[0] |= {"token_ids": [], "text": ""}
+    rows[3] |= {"error": "vLLM refused the request"}
+    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    assert [[r["candidate_index"] for r in p] for p in problem_scorer.passes(rows)] == [[1], [0], [0, 1]]
+    got, alone = problem_scorer(table).to_pylist(), scorer(table).to_pylist()
+    for i in (0, 3):
+        assert got[i]["token_count"] == 0 and math.isnan(got[i]["mean_self_certainty"])
+    kept = [1, 2, 4, 5]
+    assert_same_scores([got[i] for i in kept], [alone[i] for i in kept])
 
 
 def test_problem_passes_do_not_depend_on_the_batch(problem_scorer, candidates):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_pipeline import pipeline
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, SCORE_CHUNKS, RunConfig, resolve_scoring
 
 
 @pytest.fixture
@@ -95,3 +95,27 @@ def test_stop_reason_names_the_cause_inside_an_actor_traceback():
     cause = "RuntimeError: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert pipeline.stop_reason(died) == cause
     assert pipeline.stop_reason(ValueError("bad block\nmore")) == "ValueError: bad block"
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+@pytest.mark.parametrize("score_pass", ["auto", "candidate", "problem"])
+def test_scorer_passes_and_tiles_follow_the_scorers_device_unless_given(monkeypatch, gpu, score_pass):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: gpu)
+    got = pipeline.resolve_execution(RunConfig(backend="hf", score_pass=score_pass), 100)
+    auto = "problem" if gpu else "candidate"
+    assert got.score_pass == (auto if score_pass == "auto" else score_pass)
+    assert (got.score_chunk_tokens, got.score_chunk_vocab) == SCORE_CHUNKS["cuda" if gpu else "cpu"]
+    given = pipeline.resolve_execution(RunConfig(backend="hf", score_chunk_tokens=7, score_chunk_vocab=9), 100)
+    assert (given.score_chunk_tokens, given.score_chunk_vocab) == (7, 9)
+    # Scorers held off the GPUs score on their CPUs.
+    cpu_scorers = pipeline.resolve_execution(RunConfig(backend="hf", gpus_per_scorer=0), 100)
+    assert cpu_scorers.score_pass == "candidate"
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_every_device_resolved_setting_is_concrete_after_resolving(monkeypatch, gpu):
+    """The fingerprint holds these resolved, so none may stay 'auto' or unset (a resume compares them)."""
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: gpu)
+    resolved = pipeline.resolve_execution(RunConfig(), 100)
+    assert all(getattr(resolved, f) not in (None, "auto") for f in DEVICE_RESOLVED_FIELDS)
+    assert resolve_scoring(resolved, on_gpu=not gpu) == resolved, "resolving twice changes nothing"

@@ -8,9 +8,8 @@ import torch
 from ray_pipeline.scores import (
     coe_transitions,
     logit_statistics,
-    masked_mean,
-    masked_token_scores,
     option_probability,
+    response_means,
     step_index,
     step_means,
     step_texts,
@@ -84,28 +83,6 @@ def test_uniform_and_one_hot_limits():
     assert peaked.self_certainty.item() == pytest.approx(40.0 * (vocab - 1) / vocab - math.log(vocab), rel=1e-4)
 
 
-def test_padded_batch_equals_rows_scored_alone():
-    gen = torch.Generator().manual_seed(7)
-    lengths, width, dim, vocab = [5, 1, 9, 0], 12, 8, 300
-    hidden = torch.randn(len(lengths), width, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen)
-    targets = torch.randint(0, vocab, (len(lengths), width), generator=gen)
-    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
-    offsets = [2, 0, 3, 0]
-    for row, (n, off) in enumerate(zip(lengths, offsets)):
-        mask[row, off : off + n] = True
-    # Padding positions hold garbage that must not leak into any row.
-    hidden[~mask] = 1e4
-    rows = masked_token_scores(hidden, weight, targets, mask, token_chunk=4, vocab_chunk=64)
-    assert [r.entropy.numel() for r in rows] == lengths
-    for row, (n, off) in enumerate(zip(lengths, offsets)):
-        h, sc, lp, conf = reference(hidden[row, off : off + n], weight, targets[row, off : off + n])
-        torch.testing.assert_close(rows[row].entropy.double(), h, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rows[row].self_certainty.double(), sc, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rows[row].logprob.double(), lp, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rows[row].confidence.double(), conf, rtol=1e-4, atol=1e-4)
-
-
 def test_step_index_splits_at_blank_lines_then_single_newlines():
     pieces = ["First", " step", ".\n", "\n", "Second", "\n\n", "Answer", " 5"]
     assert step_index(pieces) == [0, 0, 0, 0, 1, 1, 2, 2]
@@ -153,12 +130,18 @@ def test_coe_transitions_match_float64_reference():
     assert line.span_angle == 0.0 and (line.angle == 0).all()
 
 
-def test_masked_mean_ignores_padding():
-    hidden = torch.arange(24.0).reshape(2, 3, 4)
-    mask = torch.tensor([[True, False, True], [False, False, False]])
-    got = masked_mean(hidden, mask)
-    torch.testing.assert_close(got[0], (hidden[0, 0] + hidden[0, 2]) / 2)
-    assert got[1].isnan().all()
+def test_response_means_weight_each_rows_response_positions():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    spans = [(2, 6), (0, 1), (4, 7)]
+    weights = torch.zeros(3, 7)
+    for b, (start, end) in enumerate(spans):
+        weights[b, start:end] = 1.0 / (end - start)
+    got = response_means(hidden.to(torch.bfloat16), weights)
+    assert got.dtype == torch.float32 and got.shape == (3, 5)
+    for b, (start, end) in enumerate(spans):
+        want = hidden.to(torch.bfloat16).double()[b, start:end].mean(0)
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_option_probability_matches_float64_softmax_over_two_logits():
