@@ -129,7 +129,8 @@ class LocalCluster:
     def list_state(self, kind: str, *args: str) -> list[dict]:
         proc = self.ray("list", kind, "--address", self.dashboard_url, "--format", "json", "--limit", "10000", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout)
+        # An empty listing is not JSON: Ray prints "No resource in the cluster".
+        return [] if proc.stdout.strip() == "No resource in the cluster" else json.loads(proc.stdout)
 
     def stop(self) -> list[str]:
         """Stop the worker, then the head; returns the processes that outlived it and had to be killed."""
