@@ -81,7 +81,12 @@ def print_table(results: dict[int, dict]) -> None:
     base_k = min(results)
     base = results[base_k]
     first = next(iter(results.values()))
-    print(f"\n{first['device']} | {first['problems']} problems x n={first['n']} x {first['max_tokens']} tokens")
+    # Each row's device says how many GPUs it saw ("2 x NVIDIA H200"): the header names the card alone.
+    card = first["device"].split(" x ", 1)[-1]
+    print(
+        f"\n{card}, {', '.join(map(str, sorted(results)))} GPUs | {first['problems']} problems x n={first['n']} "
+        f"x {first['max_tokens']} tokens"
+    )
     print(
         f"| GPUs | generators / scorers | actor start s | work s | wall s | tokens/s (work) | "
         f"work speed-up over {base_k} | wall speed-up over {base_k} |"
