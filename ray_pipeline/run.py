@@ -54,7 +54,7 @@ from ray_pipeline.storage import Location, StorageError, StoragePath
 class RunPlan:
     """What a run will do: its problems, its run folder and manifest, the shards to do and where results go."""
 
-    # As given: the backend may still be 'auto', which only the cluster resolves (execute).
+    # As given: DEVICE_RESOLVED_FIELDS (the backend, the scorer's passes) may be unresolved until execute.
     config: RunConfig
     problems: pa.Table
     # The model path as the actors open it (a GGUF is materialized to a folder).
@@ -63,7 +63,7 @@ class RunPlan:
     # The command that resumes this run, for every hint that names it.
     resume: str
     manifest: Manifest
-    # True when this job plans the manifest (its fingerprint gets the resolved backend); False when it was loaded.
+    # True when this job plans the manifest (its fingerprint gets the resolved device fields); False when loaded.
     new: bool
     todo: list[int]
     # One line per committed shard that is redone or distrusted, and why.
