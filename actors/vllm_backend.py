@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator
 
 from actors.generator import Sample
@@ -31,7 +32,19 @@ def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
         engine["distributed_executor_backend"] = "mp"
     if config.max_model_len:
         engine["max_model_len"] = config.max_model_len
+    if config.reproducible:
+        # A child request that reuses a sibling's cached prompt blocks takes another kernel path than one
+        # that computes them, and which one it takes depends on timing.
+        engine["enable_prefix_caching"] = False
     return engine
+
+
+def use_batch_invariance(config: RunConfig) -> None:
+    """With --reproducible, ask vLLM for batch-invariant kernels: a request's tokens then do not depend on
+    what else the engine runs. Call before vLLM is imported (some of its modules read the variable then);
+    the engine's worker processes inherit it."""
+    if config.reproducible:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
 class VLLMGenerator:
@@ -40,6 +53,7 @@ class VLLMGenerator:
     name = "vllm"
 
     def __init__(self, path: str, config: RunConfig):
+        use_batch_invariance(config)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError

