@@ -4,9 +4,11 @@ A pass yields every per-token score (from the final hidden states), the response
 state of every layer (for Chain-of-Embedding) and, with --self_eval, extra passes asking the
 model whether each reasoning step is correct.
 
-Passes (`--score_pass`): one per candidate (no padding: best on CPU), or one right-padded pass
-over a problem's N candidates (N times fewer, larger passes: a GPU is launch-bound on one
-candidate). Either way a pass holds one fixed group of candidates, and the generators hand on
+Passes (`--score_pass`): one per candidate (no padding), one right-padded pass over a problem's N
+candidates (N times fewer, larger passes: a GPU is launch-bound on one candidate), or a problem's
+prompt once and then each response on the prompt's cached keys and values (prefix: a CPU's cost is
+its tokens, and the prompt is most of them at small max_tokens). Either way a pass holds one fixed
+group of candidates, and the generators hand on
 whole problems (one row per problem), so a candidate's stored values never depend on which rows
 Ray Data put in its batch: a shard redone after an interruption equals the uninterrupted one.
 While the device runs one pass, the host turns the previous pass's results into columns.
@@ -74,7 +76,8 @@ class ScorerActor:
             # TF32 holds bf16 and fp16 values exactly, so a float32 matmul of them loses nothing on tensor cores.
             torch.backends.cuda.matmul.allow_tf32 = True
         self.token_chunk, self.vocab_chunk = config.score_chunk_tokens, config.score_chunk_vocab
-        self.group_passes = config.score_pass == "problem"
+        self.group_passes = config.score_pass in ("problem", "prefix")
+        self.prefix_passes = config.score_pass == "prefix"
         ensure_pad_token(self.tokenizer)
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
@@ -91,8 +94,9 @@ class ScorerActor:
         """Problem rows (`GENERATED_SCHEMA`, from the generators) or candidate rows in; scored candidate rows out."""
         rows = candidate_rows(batch)
         pending = None
+        measure = self._measure_prefix if self.prefix_passes else self._measure
         for group in self.passes(rows):
-            measured = self._measure(group)
+            measured = measure(group)
             if pending is not None:
                 self._finish(*pending)
             pending = (group, measured)
@@ -114,17 +118,22 @@ class ScorerActor:
     def passes(self, rows: list[dict]) -> list[list[dict]]:
         """The candidates of each forward pass: one each, or a problem's candidates together (`--score_pass`).
 
-        A problem's candidates, in candidate order, fill passes of at most `score_pass_tokens` padded tokens.
-        That grouping depends only on the problem, which the generators hand on whole, never on the batch.
+        A problem's candidates, in candidate order, fill passes of at most `score_pass_tokens` padded tokens;
+        prefix passes take all of them (one response at a time on the prompt). That grouping depends only
+        on the problem, which the generators hand on whole, never on the batch.
         """
         rows = [r for r in rows if scorable(r)]
         if not self.group_passes:
             return [[r] for r in rows]
-        problems: dict[str, list[dict]] = {}
+        problems: dict[tuple, list[dict]] = {}
         for row in rows:
-            problems.setdefault(row["problem_id"], []).append(row)
+            # Keyed by the prompt too: a prefix pass needs one prompt, and a problem's candidates share it.
+            problems.setdefault((row["problem_id"], tuple(row["prompt_token_ids"])), []).append(row)
         passes = []
         for candidates in problems.values():
+            if self.prefix_passes:
+                passes.append(sorted(candidates, key=lambda r: r["candidate_index"]))
+                continue
             group, width = [], 0
             for row in sorted(candidates, key=lambda r: r["candidate_index"]):
                 length = len(row["prompt_token_ids"]) + len(row["token_ids"])
@@ -200,6 +209,65 @@ class ScorerActor:
             event.record()
             return out, event
         return (values, means), None
+
+    def _measure_prefix(self, group: list[dict]):
+        """One problem's candidates: the prompt in one pass, then each response on the prompt's cached keys and
+        values, so the prompt's tokens are computed once, not once per candidate. Results as `_measure`'s.
+
+        A response's values equal a full pass's up to rounding: causal attention gives the prompt's positions
+        the same states with or without the response after them.
+        """
+        torch = self.torch
+        prompt = torch.tensor([group[0]["prompt_token_ids"]], device=self.device)
+        start = time.perf_counter()
+        hidden, means = [], []
+        with torch.inference_mode(), self._layer_inputs() as inputs:
+            out = self.decoder(input_ids=prompt, use_cache=True)
+            cache = out.past_key_values
+            # The last prompt position predicts every response's first token: each row's first scored position.
+            last = [h[:, -1:] for h in inputs] + [out.last_hidden_state[:, -1:]]
+            for row in group:
+                ids = row["token_ids"][:-1]  # the last token is only a target: no position reads its state
+                inputs.clear()
+                states = last
+                if ids:
+                    step = torch.tensor([ids], device=self.device)
+                    final = self.decoder(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state
+                    cache.crop(-len(ids))  # back to the prompt alone for the next response
+                    states = [torch.cat(pair, dim=1) for pair in zip(last, [*inputs, final])]
+                # h_0..h_{L-1} (the layers' inputs) and h_L (the final normed output), as in `_measure`.
+                weights = torch.full((1, states[0].shape[1]), 1.0 / states[0].shape[1], device=self.device)
+                means.append(torch.cat([response_means(h, weights) for h in states]))
+                hidden.append(states[-1][0])
+            start = self._tick("forward", start)
+            targets = torch.tensor([t for r in group for t in r["token_ids"]], dtype=torch.long, device=self.device)
+            scores = token_scores(
+                torch.cat(hidden),
+                self.weight,
+                targets,
+                bias=self.bias,
+                token_chunk=self.token_chunk,
+                vocab_chunk=self.vocab_chunk,
+                top_k=self.config.deepconf_top_k,
+            )
+            self._tick("statistics", start)
+            values = torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
+        return (values.cpu(), torch.stack(means).cpu()), None
+
+    @contextmanager
+    def _layer_inputs(self):
+        """Collects each decoder layer's input hidden state of the current forward pass, in layer order."""
+        inputs = []
+
+        def record(module, args, kwargs):
+            inputs.append(args[0] if args else kwargs["hidden_states"])
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.decoder.layers]
+        try:
+            yield inputs
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def _layer_means(self, weights):

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> None:
     model = model_name(config.model_path) if not args.dummy_shape else f"{args.dummy_shape} (random weights)"
     print(f"model {model} | {len(problems)} problems x N={config.num_return_sequences} x {config.max_tokens} tokens"
           f" | {scorer.device} {next(scorer.model.parameters()).dtype} | {len(batches)} batches of {size}"
-          f" | {'problem' if scorer.group_passes else 'candidate'} passes", flush=True)
+          f" | {scorer.config.score_pass} passes", flush=True)
 
     def sync():
         if cuda:
@@ -119,7 +119,17 @@ def _run(args: argparse.Namespace) -> None:
     def bare(batch_rows):
         with torch.inference_mode():
             for group in scorer.passes(batch_rows):
-                scorer.decoder(input_ids=scorer.pass_inputs(group), use_cache=False)
+                if not scorer.prefix_passes:
+                    scorer.decoder(input_ids=scorer.pass_inputs(group), use_cache=False)
+                    continue
+                # The same tokens as the scorer's prefix pass: the prompt once, each response on its cache.
+                prompt = torch.tensor([group[0]["prompt_token_ids"]], device=scorer.device)
+                cache = scorer.decoder(input_ids=prompt, use_cache=True).past_key_values
+                for row in group:
+                    if ids := row["token_ids"][:-1]:
+                        step = torch.tensor([ids], device=scorer.device)
+                        scorer.decoder(input_ids=step, past_key_values=cache, use_cache=True)
+                        cache.crop(-len(ids))
 
     def padded(batch_rows):
         seqs = [r["prompt_token_ids"] + r["token_ids"] for r in batch_rows]
@@ -159,6 +169,10 @@ def _run(args: argparse.Namespace) -> None:
     stages["other"] = profiled - sum(stages.values())
 
     pass_tokens = sum(len(r["prompt_token_ids"]) + len(r["token_ids"]) for r in rows)
+    if scorer.prefix_passes:
+        # Tokens the passes compute: each problem's prompt once, each response but its last token.
+        groups = [g for _, t in batches for g in scorer.passes(t.to_pylist())]
+        pass_tokens = sum(len(g[0]["prompt_token_ids"]) + sum(len(r["token_ids"]) - 1 for r in g) for g in groups)
     response_tokens = sum(len(r["token_ids"]) for r in rows)
     ratio = seconds["bare_forward"] / seconds["scorer"]
     # On a shared CPU the wall clock also counts other processes' load; CPU seconds do not.
@@ -183,7 +197,7 @@ def _run(args: argparse.Namespace) -> None:
                 "max_tokens": config.max_tokens,
                 "dtype": str(next(scorer.model.parameters()).dtype),
                 "score_batch_size": size,
-                "score_pass": "problem" if scorer.group_passes else "candidate",
+                "score_pass": scorer.config.score_pass,
                 "chunks": [scorer.token_chunk, scorer.vocab_chunk],
                 "pass_tokens": pass_tokens,
                 "response_tokens": response_tokens,

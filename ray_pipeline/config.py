@@ -24,7 +24,7 @@ HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-SCORE_PASSES = ("auto", "candidate", "problem")
+SCORE_PASSES = ("auto", "candidate", "problem", "prefix")
 # The scorer's logit tiles (positions x vocabulary entries) by device: small tiles stay in a CPU's cache;
 # on a GPU each tile costs kernel launches, and a few large ones keep it busy.
 SCORE_CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
@@ -225,8 +225,8 @@ class RunConfig:
     score_pass: str = _opt(
         "auto",
         "the scorer's forward passes: candidate (one per candidate, no padding), problem (one padded pass over "
-        "a problem's N candidates, up to --score_pass_tokens: fewer, larger passes), auto (problem on GPU, "
-        "candidate on CPU)",
+        "a problem's N candidates, up to --score_pass_tokens: fewer, larger passes), prefix (the prompt once, "
+        "then each response on its cached keys and values: fewer tokens), auto (problem on GPU, prefix on CPU)",
         choices=SCORE_PASSES,
         role="scores",
     )
@@ -410,7 +410,7 @@ class RunConfig:
 def resolve_scoring(config: RunConfig, on_gpu: bool) -> RunConfig:
     """The config with the scorer's passes and logit tiles made concrete for a scorer on a GPU or a CPU."""
     tokens, vocab = SCORE_CHUNKS["cuda" if on_gpu else "cpu"]
-    score_pass = config.score_pass if config.score_pass != "auto" else ("problem" if on_gpu else "candidate")
+    score_pass = config.score_pass if config.score_pass != "auto" else ("problem" if on_gpu else "prefix")
     return dataclasses.replace(
         config,
         score_pass=score_pass,

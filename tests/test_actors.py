@@ -62,7 +62,8 @@ def candidates(config, problems):
 
 @pytest.fixture(scope="module")
 def scorer(config):
-    return ScorerActor(config)
+    """One pass per candidate: its values are the reference the grouped passes are held to."""
+    return ScorerActor(dataclasses.replace(config, score_pass="candidate"))
 
 
 def test_generator_returns_n_candidates_per_problem(candidates, problems):
@@ -194,3 +195,45 @@ def test_problem_passes_do_not_depend_on_the_batch(problem_scorer, candidates):
     assert together.schema == SHARD_SCHEMA and together.num_rows == candidates.num_rows
     assert alone.equals(together) and shuffled.sort_by(order).equals(together)
     assert problem_scorer(candidates).equals(together)
+
+
+@pytest.fixture(scope="module")
+def prefix_scorer(config):
+    return ScorerActor(dataclasses.replace(config, score_pass="prefix"))
+
+
+def test_prefix_passes_match_candidate_passes(scorer, prefix_scorer, candidates):
+    """The prompt once, then each response on its cached keys and values: each candidate's own pass's values."""
+    rows = candidates.to_pylist()
+    assert [[r["candidate_index"] for r in p] for p in prefix_scorer.passes(rows)] == [[0, 1]] * 3
+    got, want = prefix_scorer(candidates).to_pylist(), scorer(candidates).to_pylist()
+    assert_same_scores(got, want)
+    for g, w in zip(got, want):
+        for name in ("coe_angle", "step_self_certainty"):
+            torch.testing.assert_close(torch.tensor(g[name]), torch.tensor(w[name]), atol=1e-3, rtol=1e-4)
+        assert abs(g["coe_span_magnitude"] - w["coe_span_magnitude"]) <= 1e-3 * max(1.0, abs(w["coe_span_magnitude"]))
+
+
+def test_prefix_passes_handle_one_token_and_failed_candidates(scorer, prefix_scorer, candidates):
+    """A one-token response is scored from the prompt's last position alone; empty or failed ones get NaN."""
+    rows = candidates.to_pylist()
+    rows[0] |= {"token_ids": rows[0]["token_ids"][:1]}
+    rows[1] |= {"token_ids": [], "text": ""}
+    rows[3] |= {"error": "vLLM refused the request"}
+    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    got, want = prefix_scorer(table).to_pylist(), scorer(table).to_pylist()
+    assert got[0]["token_count"] == 1
+    for i in (1, 3):
+        assert got[i]["token_count"] == 0 and math.isnan(got[i]["mean_self_certainty"])
+    kept = [0, 2, 4, 5]
+    assert_same_scores([got[i] for i in kept], [want[i] for i in kept])
+
+
+def test_prefix_passes_do_not_depend_on_the_batch(prefix_scorer, candidates):
+    """Problem rows in any batch split and order get identical values (a redone shard equals the first)."""
+    problems = problem_rows(candidates)
+    together = prefix_scorer(problems)
+    alone = pa.concat_tables([prefix_scorer(problems.slice(i, 1)) for i in range(problems.num_rows)])
+    shuffled = pa.concat_tables([prefix_scorer(problems.take([2, 0])), prefix_scorer(problems.take([1]))])
+    order = [("problem_index", "ascending"), ("candidate_index", "ascending")]
+    assert alone.equals(together) and shuffled.sort_by(order).equals(together)

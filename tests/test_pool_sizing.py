@@ -98,18 +98,18 @@ def test_stop_reason_names_the_cause_inside_an_actor_traceback():
 
 
 @pytest.mark.parametrize("gpu", [True, False])
-@pytest.mark.parametrize("score_pass", ["auto", "candidate", "problem"])
+@pytest.mark.parametrize("score_pass", ["auto", "candidate", "problem", "prefix"])
 def test_scorer_passes_and_tiles_follow_the_scorers_device_unless_given(monkeypatch, gpu, score_pass):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: gpu)
     got = pipeline.resolve_execution(RunConfig(backend="hf", score_pass=score_pass), 100)
-    auto = "problem" if gpu else "candidate"
+    auto = "problem" if gpu else "prefix"
     assert got.score_pass == (auto if score_pass == "auto" else score_pass)
     assert (got.score_chunk_tokens, got.score_chunk_vocab) == SCORE_CHUNKS["cuda" if gpu else "cpu"]
     given = pipeline.resolve_execution(RunConfig(backend="hf", score_chunk_tokens=7, score_chunk_vocab=9), 100)
     assert (given.score_chunk_tokens, given.score_chunk_vocab) == (7, 9)
     # Scorers held off the GPUs score on their CPUs.
     cpu_scorers = pipeline.resolve_execution(RunConfig(backend="hf", gpus_per_scorer=0), 100)
-    assert cpu_scorers.score_pass == "candidate"
+    assert cpu_scorers.score_pass == "prefix"
 
 
 @pytest.mark.parametrize("gpu", [True, False])
