@@ -7,7 +7,7 @@ model whether each reasoning step is correct.
 Passes (`--score_pass`): one per candidate (no padding), one right-padded pass over a problem's N
 candidates (N times fewer, larger passes: a GPU is launch-bound on one candidate), or a problem's
 prompt once and then each response on the prompt's cached keys and values (prefix: a CPU's cost is
-its tokens, and the prompt is most of them at small max_tokens). Either way a pass holds one fixed
+its tokens, and the prompt is most of them at small max_tokens). Every mode works on one fixed
 group of candidates, and the generators hand on
 whole problems (one row per problem), so a candidate's stored values never depend on which rows
 Ray Data put in its batch: a shard redone after an interruption equals the uninterrupted one.
@@ -26,7 +26,7 @@ import pyarrow as pa
 from ray_pipeline.columns import candidate_rows, empty_scores
 from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.model import ensure_pad_token, resolve_model
+from ray_pipeline.model import ensure_pad_token, prefix_cache_exact, resolve_model
 from ray_pipeline.prompts import build_self_eval_prompt, self_eval_options
 from ray_pipeline.scores import (
     coe_transitions,
@@ -76,8 +76,9 @@ class ScorerActor:
             # TF32 holds bf16 and fp16 values exactly, so a float32 matmul of them loses nothing on tensor cores.
             torch.backends.cuda.matmul.allow_tf32 = True
         self.token_chunk, self.vocab_chunk = config.score_chunk_tokens, config.score_chunk_vocab
-        self.group_passes = config.score_pass in ("problem", "prefix")
-        self.prefix_passes = config.score_pass == "prefix"
+        # A model whose cache cannot be cut back to the prompt scores prefix passes one candidate at a time.
+        self.prefix_passes = config.score_pass == "prefix" and prefix_cache_exact(self.model.config)
+        self.group_passes = config.score_pass == "problem" or self.prefix_passes
         ensure_pad_token(self.tokenizer)
         self.vocab_size = self.weight.shape[0]
         self.options = self._option_ids() if config.self_eval else None
@@ -224,8 +225,14 @@ class ScorerActor:
         with torch.inference_mode(), self._layer_inputs() as inputs:
             out = self.decoder(input_ids=prompt, use_cache=True)
             cache = out.past_key_values
+            if not hasattr(cache, "crop"):
+                raise PipelineError(
+                    f"{self.config.model_path}: its decoder returns no croppable cache: pass --score_pass candidate"
+                )
             # The last prompt position predicts every response's first token: each row's first scored position.
-            last = [h[:, -1:] for h in inputs] + [out.last_hidden_state[:, -1:]]
+            # Copies, so that the prompt pass's full states are freed.
+            last = [h[:, -1:].clone() for h in inputs] + [out.last_hidden_state[:, -1:].clone()]
+            del out
             for row in group:
                 ids = row["token_ids"][:-1]  # the last token is only a target: no position reads its state
                 inputs.clear()
@@ -234,7 +241,7 @@ class ScorerActor:
                     step = torch.tensor([ids], device=self.device)
                     final = self.decoder(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state
                     cache.crop(-len(ids))  # back to the prompt alone for the next response
-                    states = [torch.cat(pair, dim=1) for pair in zip(last, [*inputs, final])]
+                    states = [torch.cat(pair, dim=1) for pair in zip(last, [*inputs, final], strict=True)]
                 # h_0..h_{L-1} (the layers' inputs) and h_L (the final normed output), as in `_measure`.
                 weights = torch.full((1, states[0].shape[1]), 1.0 / states[0].shape[1], device=self.device)
                 means.append(torch.cat([response_means(h, weights) for h in states]))

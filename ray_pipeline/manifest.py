@@ -31,6 +31,10 @@ COMMITTED, PENDING, FAILED = "committed", "pending", "failed"
 STATUSES = (COMMITTED, PENDING, FAILED)
 
 
+# Samples/scores fields added after the shard format's first runs, with the value those runs had.
+LATER_FIELDS: dict[str, object] = {"reproducible": False}
+
+
 def code_version() -> str:
     try:
         package = importlib.metadata.version("ray-bestofn")
@@ -72,6 +76,9 @@ def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> d
     resolved by the caller, since 'auto' means another backend on another cluster.
     """
     fp = {name: getattr(config, name) for name in output_fields()}
+    # Fields added after runs existed leave the fingerprint, and so the default run folder, of those runs
+    # as it was while they hold the value every earlier run had.
+    fp = {name: value for name, value in fp.items() if LATER_FIELDS.get(name, object()) != value}
     template = ORIGINAL_TEMPLATE if config.prompt == "original" else CHAT_INSTRUCTION
     fp |= {
         "model": model_identity(resolved_model),

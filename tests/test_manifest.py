@@ -12,6 +12,7 @@ from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
     FAILED,
+    LATER_FIELDS,
     Manifest,
     differences,
     fingerprint,
@@ -49,6 +50,7 @@ def test_fingerprint_changes_with_every_output_setting(problems, tmp_path):
         {"backend": "vllm"},
         {"dtype": "float32"},
         {"shard_size": 3},
+        {"reproducible": True},
     ):
         other = fingerprint(dataclasses.replace(base, **change), problems, "some/hub-id")
         assert [d.split(" ")[0] for d in differences(fp, other)] == list(change)
@@ -56,6 +58,19 @@ def test_fingerprint_changes_with_every_output_setting(problems, tmp_path):
     # Execution settings do not change outputs and must not block a resume.
     same = dataclasses.replace(base, num_scorers=3, output_dir="elsewhere", method="entropy", alpha=0.9)
     assert fingerprint(same, problems, "some/hub-id") == fp
+
+
+@pytest.mark.parametrize("name", sorted(LATER_FIELDS))
+def test_a_later_field_at_its_earlier_value_keeps_earlier_fingerprints(problems, name):
+    """Runs made before the field existed resume: their fingerprint, and default folder, stay the same."""
+    base = RunConfig(backend="hf")
+    assert getattr(base, name) == LATER_FIELDS[name]
+    fp = fingerprint(base, problems, "x/y")
+    assert name not in fp
+    earlier = dict(fp)  # what such a run stored
+    assert not differences(earlier, fingerprint(base, problems, "x/y"))
+    changed = fingerprint(dataclasses.replace(base, **{name: not LATER_FIELDS[name]}), problems, "x/y")
+    assert differences(earlier, changed) and fingerprint_hash(changed) != fingerprint_hash(fp)
 
 
 def test_manifest_round_trip_and_refusal(problems, tmp_path):

