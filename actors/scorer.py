@@ -216,36 +216,54 @@ class ScorerActor:
         values, so the prompt's tokens are computed once, not once per candidate. Results as `_measure`'s.
 
         A response's values equal a full pass's up to rounding: causal attention gives the prompt's positions
-        the same states with or without the response after them.
+        the same states with or without the response after them (for the models `prefix_cache_exact` accepts).
         """
         torch = self.torch
         prompt = torch.tensor([group[0]["prompt_token_ids"]], device=self.device)
+        layers = len(self.decoder.layers)
         start = time.perf_counter()
         hidden, means = [], []
-        with torch.inference_mode(), self._layer_inputs() as inputs:
+        # The last prompt position predicts every response's first token: each row's first scored position.
+        # Its state in every layer (copies, so the prompt pass's states are freed).
+        last: list = [None] * layers
+
+        def keep_last(i, state):
+            last[i] = state[:, -1:].clone()
+
+        with torch.inference_mode(), self._layer_inputs(keep_last) as reduce:
             out = self.decoder(input_ids=prompt, use_cache=True)
             cache = out.past_key_values
             if not hasattr(cache, "crop"):
                 raise PipelineError(
                     f"{self.config.model_path}: its decoder returns no croppable cache: pass --score_pass candidate"
                 )
-            # The last prompt position predicts every response's first token: each row's first scored position.
-            # Copies, so that the prompt pass's full states are freed.
-            last = [h[:, -1:].clone() for h in inputs] + [out.last_hidden_state[:, -1:].clone()]
+            final_last = out.last_hidden_state[:, -1:].clone()
             del out
+            if any(state is None for state in last):
+                raise PipelineError(f"{self.config.model_path}: a decoder layer ran without its forward hook")
             for row in group:
                 ids = row["token_ids"][:-1]  # the last token is only a target: no position reads its state
-                inputs.clear()
-                states = last
+                weights = torch.full((1, len(ids) + 1), 1.0 / (len(ids) + 1), device=self.device)
+                row_means: list = [None] * layers
+
+                def layer_mean(i, state, weights=weights, row_means=row_means):
+                    # Reduced as the layer runs, as `_measure`'s hooks do: no layer's states are kept.
+                    row_means[i] = response_means(torch.cat([last[i], state], dim=1), weights)
+
+                final = final_last
                 if ids:
+                    reduce[0] = layer_mean
                     step = torch.tensor([ids], device=self.device)
-                    final = self.decoder(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state
+                    state = self.decoder(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state
                     cache.crop(-len(ids))  # back to the prompt alone for the next response
-                    states = [torch.cat(pair, dim=1) for pair in zip(last, [*inputs, final], strict=True)]
+                    final = torch.cat([final_last, state], dim=1)
+                else:
+                    row_means = [response_means(state, weights) for state in last]
+                if any(m is None for m in row_means):
+                    raise PipelineError(f"{self.config.model_path}: a decoder layer ran without its forward hook")
                 # h_0..h_{L-1} (the layers' inputs) and h_L (the final normed output), as in `_measure`.
-                weights = torch.full((1, states[0].shape[1]), 1.0 / states[0].shape[1], device=self.device)
-                means.append(torch.cat([response_means(h, weights) for h in states]))
-                hidden.append(states[-1][0])
+                means.append(torch.cat([*row_means, response_means(final, weights)]))
+                hidden.append(final[0])
             start = self._tick("forward", start)
             targets = torch.tensor([t for r in group for t in r["token_ids"]], dtype=torch.long, device=self.device)
             scores = token_scores(
@@ -262,16 +280,24 @@ class ScorerActor:
         return (values.cpu(), torch.stack(means).cpu()), None
 
     @contextmanager
-    def _layer_inputs(self):
-        """Collects each decoder layer's input hidden state of the current forward pass, in layer order."""
-        inputs = []
+    def _layer_inputs(self, reduce):
+        """Hands each decoder layer's input hidden state to `reduce[0](layer index, state)` as the layer runs.
 
-        def record(module, args, kwargs):
-            inputs.append(args[0] if args else kwargs["hidden_states"])
+        Yields the one-element list, so the caller can swap the reducer between forward passes.
+        """
+        current = [reduce]
 
-        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.decoder.layers]
+        def hook(index):
+            def record(module, args, kwargs):
+                current[0](index, args[0] if args else kwargs["hidden_states"])
+
+            return record
+
+        handles = [
+            layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.decoder.layers)
+        ]
         try:
-            yield inputs
+            yield current
         finally:
             for handle in handles:
                 handle.remove()
