@@ -188,19 +188,10 @@ class ScorerActor:
         with torch.inference_mode(), self._layer_means(weights) as layer_means:
             hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
             start = self._tick("forward", start)
-            scores = token_scores(
-                hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
-                self.weight,
-                targets,
-                bias=self.bias,
-                token_chunk=self.token_chunk,
-                vocab_chunk=self.vocab_chunk,
-                top_k=self.config.deepconf_top_k,
-            )
+            values = self._token_values(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
             start = self._tick("statistics", start)
             # h_0..h_{L-1} are the layers' inputs, h_L the final (normed) output: HF's hidden_states.
             means = torch.stack([*layer_means, response_means(hidden, weights)], dim=1)
-            values = torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
         if self.device == "cuda":
             # Pinned host memory and a non-blocking copy: the host waits only when it reads the results.
             out = (torch.empty(values.shape, pin_memory=True), torch.empty(means.shape, pin_memory=True))
@@ -266,18 +257,22 @@ class ScorerActor:
                 hidden.append(final[0])
             start = self._tick("forward", start)
             targets = torch.tensor([t for r in group for t in r["token_ids"]], dtype=torch.long, device=self.device)
-            scores = token_scores(
-                torch.cat(hidden),
-                self.weight,
-                targets,
-                bias=self.bias,
-                token_chunk=self.token_chunk,
-                vocab_chunk=self.vocab_chunk,
-                top_k=self.config.deepconf_top_k,
-            )
+            values = self._token_values(torch.cat(hidden), targets)
             self._tick("statistics", start)
-            values = torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
         return (values.cpu(), torch.stack(means).cpu()), None
+
+    def _token_values(self, hidden, targets):
+        """Entropy, self-certainty, log-prob and confidence `[4, T]` of `targets [T]` from final states `[T, D]`."""
+        scores = token_scores(
+            hidden,
+            self.weight,
+            targets,
+            bias=self.bias,
+            token_chunk=self.token_chunk,
+            vocab_chunk=self.vocab_chunk,
+            top_k=self.config.deepconf_top_k,
+        )
+        return self.torch.stack([scores.entropy, scores.self_certainty, scores.logprob, scores.confidence])
 
     @contextmanager
     def _layer_inputs(self, reduce):
