@@ -185,15 +185,20 @@ def test_a_problem_pass_skips_candidates_without_tokens(scorer, problem_scorer, 
     assert_same_scores([got[i] for i in kept], [alone[i] for i in kept])
 
 
+def scored_in_three_splits(scorer, problems: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """`problems` scored as one batch, one problem a batch, and in two shuffled batches (put back in order)."""
+    together = scorer(problems)
+    alone = pa.concat_tables([scorer(problems.slice(i, 1)) for i in range(problems.num_rows)])
+    shuffled = pa.concat_tables([scorer(problems.take([2, 0])), scorer(problems.take([1]))])
+    order = [("problem_index", "ascending"), ("candidate_index", "ascending")]
+    return together, alone, shuffled.sort_by(order)
+
+
 def test_problem_passes_do_not_depend_on_the_batch(problem_scorer, candidates):
     """Problem rows in any batch split and order get identical values, and equal the candidate rows' values."""
-    problems = problem_rows(candidates)
-    together = problem_scorer(problems)
-    alone = pa.concat_tables([problem_scorer(problems.slice(i, 1)) for i in range(problems.num_rows)])
-    shuffled = pa.concat_tables([problem_scorer(problems.take([2, 0])), problem_scorer(problems.take([1]))])
-    order = [("problem_index", "ascending"), ("candidate_index", "ascending")]
+    together, alone, shuffled = scored_in_three_splits(problem_scorer, problem_rows(candidates))
     assert together.schema == SHARD_SCHEMA and together.num_rows == candidates.num_rows
-    assert alone.equals(together) and shuffled.sort_by(order).equals(together)
+    assert alone.equals(together) and shuffled.equals(together)
     assert problem_scorer(candidates).equals(together)
 
 
@@ -231,9 +236,5 @@ def test_prefix_passes_handle_one_token_and_failed_candidates(scorer, prefix_sco
 
 def test_prefix_passes_do_not_depend_on_the_batch(prefix_scorer, candidates):
     """Problem rows in any batch split and order get identical values (a redone shard equals the first)."""
-    problems = problem_rows(candidates)
-    together = prefix_scorer(problems)
-    alone = pa.concat_tables([prefix_scorer(problems.slice(i, 1)) for i in range(problems.num_rows)])
-    shuffled = pa.concat_tables([prefix_scorer(problems.take([2, 0])), prefix_scorer(problems.take([1]))])
-    order = [("problem_index", "ascending"), ("candidate_index", "ascending")]
-    assert alone.equals(together) and shuffled.sort_by(order).equals(together)
+    together, alone, shuffled = scored_in_three_splits(prefix_scorer, problem_rows(candidates))
+    assert alone.equals(together) and shuffled.equals(together)
