@@ -3,16 +3,27 @@
 Extraction and normalization are plain string code. Equivalence goes through math-verify (LaTeX -> SymPy).
 math-verify enforces its timeouts with ``signal.alarm``, which only works in the main thread, so outside
 the main thread (e.g. in Ray actor threads) the timeouts are switched off.
+
+A problem's N answers are graded and grouped once (`grade_and_group`): each distinct answer is parsed
+once, cheap exact keys decide most pairs (`decide_equivalent`), and math-verify's symbolic comparison
+runs only on the pairs the keys cannot decide. math-verify counts a timeout as "not equivalent"; every
+one is counted (`timeouts`) and none is printed.
 """
 
 from __future__ import annotations
 
+import cmath
+import hashlib
+import logging
 import re
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
+from math_verify.utils import timeout as math_verify_timeout
 
 # Per-call limit in the main thread, where signal.alarm is usable.
 MAIN_THREAD_TIMEOUT_S = 5
@@ -206,3 +217,260 @@ def answers_equivalent(a: str, b: str) -> bool:
         return True
     # math-verify's verify(gold, pred) is not symmetric (e.g. assignments like `x=2`), so try both orders.
     return _verify(a, b) or _verify(b, a)
+
+
+# --- timeouts: counted, never printed ---------------------------------------------------------------------------
+
+
+class _TimeoutCounter(logging.Filter):
+    """Counts math-verify's timeout warnings and keeps them (and its "timeout is disabled" notes) off the console.
+
+    math-verify reports a timed-out parse or comparison only as a logged warning and a False/empty result;
+    the count is how a comparison says how many of its answers a timeout may have touched.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Timeout during"):
+            self.count += 1
+            return False
+        return not message.startswith("Timeout is disabled")
+
+
+_TIMEOUTS = _TimeoutCounter()
+for _name in ("math_verify.grader", "math_verify.parser"):
+    logging.getLogger(_name).addFilter(_TIMEOUTS)
+
+
+def timeouts() -> int:
+    """math-verify timeouts (parses, comparisons, value probes) in this process so far."""
+    return _TIMEOUTS.count
+
+
+# --- a problem's answers, parsed once -----------------------------------------------------------------------------
+
+# Values that are "clearly different" differ by more than this share of their magnitude (at least 1). math-verify
+# calls two numbers equal when they agree to 6 decimals (a float involved) or exactly: a gap above 1e-6 is never
+# equal under either rule, and the margin keeps rounding in the value probe from deciding anything.
+_DIFFERENT = 1e-5
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """What the cheap equivalence keys need of one extracted answer, computed once per distinct answer.
+
+    `comparable` is False when math-verify cannot compare the answer at all (too long for SymPy, or
+    nothing parsed); `strings` are the string parts of its parse, which verify compares as strings
+    (empty where the parse was skipped); `exprs` its SymPy parts; `value` its numeric value at a fixed
+    point of its free symbols, when it has exactly one SymPy part that is a plain expression or a
+    one-element set of one (not a relation, larger set, interval, tuple, matrix, symbol or
+    percentage, which math-verify compares by rules of their own), else None. `parsed` is
+    math-verify's whole parse, made when first needed (a plain integer or fraction needs none).
+    """
+
+    text: str
+    normalized: str
+    comparable: bool
+    strings: frozenset
+    exprs: tuple
+    value: complex | None
+
+    @property
+    def parsed(self) -> list:
+        return _parse(self.text, _timeout())
+
+
+def _symbol_point(name: str) -> float:
+    """A fixed, irrational-looking value for a free symbol, the same in every process and run."""
+    digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    return 0.5 + (digest % 100_003) / 37_171.0 + 0.0137 * len(name)
+
+
+def _probe_value(expr) -> complex | None:
+    """The value of a plain SymPy expression at `_symbol_point` of its symbols, or None when it has none."""
+    from sympy import Expr, FiniteSet, Float, MatrixBase, Symbol, UnevaluatedExpr, nan, zoo
+    from sympy.core.relational import Relational
+
+    # math-verify compares a one-element set with an expression, or with another such set, by its element.
+    if isinstance(expr, FiniteSet) and len(expr.args) == 1:
+        expr = expr.args[0]
+    if not isinstance(expr, Expr) or isinstance(expr, (Symbol, Relational, MatrixBase)) or expr in (nan, zoo):
+        return None
+    # Percentages (X * UnevaluatedExpr(1/100)) compare by math-verify's percentage rule, e.g. 9% = 9.
+    if expr.has(UnevaluatedExpr) or not expr.is_commutative:
+        return None
+    points = {s: Float(_symbol_point(s.name), 30) for s in expr.free_symbols if isinstance(s, Symbol)}
+    if len(points) != len(expr.free_symbols):
+        return None
+
+    @math_verify_timeout(timeout_seconds=_timeout())
+    def evaluate():
+        return complex(expr.subs(points).evalf(30))
+
+    try:
+        value = evaluate()
+    except TimeoutException:
+        _TIMEOUTS.count += 1
+        return None
+    except Exception:  # noqa: BLE001 - an expression SymPy cannot evaluate just has no value key
+        return None
+    return value if cmath.isfinite(value) else None
+
+
+# A plain integer, fraction or quotient of integers: written so, math-verify parses it to exactly the SymPy
+# number its value is (tests/test_equivalence.py holds the two equal), so its parse, the costly part of
+# grading, is skipped. Decimals are not here: math-verify turns some into fractions and others into floats.
+_PLAIN_NUMBER_RE = re.compile(
+    r"(?P<sign>[+-]?)(?:(?P<int>\d+)|\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}|\\[dt]?frac(?P<n1>\d)(?P<d1>\d)"
+    r"|(?P<p>\d+)/(?P<q>\d+))"
+)
+
+
+def _plain_number(text: str):
+    """The SymPy number math-verify parses `text` to, when `text` is a plain integer or fraction; else None."""
+    match = _PLAIN_NUMBER_RE.fullmatch(text)
+    if not match or len(text) > 40:
+        return None
+    from sympy import Integer, Rational
+
+    sign = -1 if match["sign"] == "-" else 1
+    if match["int"] is not None:
+        return Integer(sign * int(match["int"]))
+    num, den = next((match[a], match[b]) for a, b in (("num", "den"), ("n1", "d1"), ("p", "q")) if match[a] is not None)
+    if int(den) == 0:
+        return None
+    return Rational(sign * int(num), int(den))
+
+
+@lru_cache(maxsize=1 << 16)
+def parse_answer(text: str) -> ParsedAnswer:
+    """`text`'s keys: normalized string, string and SymPy parts, value (cached per process)."""
+    normalized = normalize_answer(text)
+    number = _plain_number(text)
+    if number is not None:
+        return ParsedAnswer(text, normalized, True, frozenset(), (number,), complex(number))
+    parsed = _parse(text, _timeout()) if len(text) <= MAX_SYMPY_CHARS else []
+    strings = frozenset(s.strip() for s in parsed if isinstance(s, str) and s.strip())
+    exprs = tuple(e for e in parsed if not isinstance(e, str))
+    value = _probe_value(exprs[0]) if len(exprs) == 1 else None
+    return ParsedAnswer(text, normalized, bool(parsed), strings, exprs, value)
+
+
+def _same_structure(a: ParsedAnswer, b: ParsedAnswer) -> bool:
+    """Some SymPy part of `a` equals one of `b` structurally: math-verify's first check (`sympy_str_eq`) says equal."""
+    from sympy import nan, zoo
+
+    for x in a.exprs:
+        for y in b.exprs:
+            try:
+                if x not in (nan, zoo) and x == y:
+                    return True
+            except Exception:  # noqa: BLE001 - SymPy's == can raise on odd objects; then it decides nothing
+                continue
+    return False
+
+
+def _clearly_different(x: complex, y: complex) -> bool:
+    return abs(x - y) > _DIFFERENT * max(1.0, abs(x), abs(y))
+
+
+def decide_equivalent(a: ParsedAnswer, b: ParsedAnswer) -> bool | None:
+    """What `answers_equivalent(a.text, b.text)` (and `grade` in either direction) returns, where cheap keys decide it.
+
+    True: the normalized strings are equal, a string part is shared, or a SymPy part is the same
+    structure. False: the answers cannot be compared (too long, nothing parsed), or both have a value
+    and the values are clearly different (math-verify then finds no string, numeric or symbolic
+    equality). None: undecided, so math-verify's comparison runs.
+    """
+    if a.normalized and a.normalized == b.normalized:
+        return True
+    if not a.comparable or not b.comparable:
+        return False
+    if a.strings & b.strings or _same_structure(a, b):
+        return True
+    if a.value is not None and b.value is not None and _clearly_different(a.value, b.value):
+        return False
+    return None
+
+
+def _verify_parsed(gold: ParsedAnswer, pred: ParsedAnswer) -> bool:
+    """math-verify's verify(gold, pred) on answers parsed once; any failure counts as not equivalent."""
+    try:
+        return bool(verify(gold.parsed, pred.parsed, timeout_seconds=_timeout()))
+    except (Exception, TimeoutException):  # noqa: BLE001 - as in `_verify`
+        return False
+
+
+@dataclass
+class GradedAnswers:
+    """One problem's answers graded and grouped: what every vote, curve and sweep reuses.
+
+    `labels[i]` is candidate i's answer class (-1 without an answer), numbered by first appearance;
+    `correct[i]` its grade against the gold answer (None without a gold answer); `distinct` the
+    number of distinct answer strings; `symbolic` the math-verify comparisons that ran.
+    """
+
+    labels: np.ndarray
+    correct: list
+    distinct: int
+    symbolic: int
+
+
+def grade_and_group(preds: list[str | None], gold: str | None) -> GradedAnswers:
+    """Grade each distinct answer once (`grade`'s rule) and give every candidate its answer class.
+
+    The class rule: distinct answers are taken in order of first appearance, and each joins the class
+    of the first earlier class leader (the first answer of a class) it is equivalent to
+    (`answers_equivalent`), else starts a class; identical strings always share a class. Keys decide
+    a pair where they can (`decide_equivalent`), math-verify otherwise. Where math-verify's
+    equivalence is transitive this is the pairwise grouping of every answer against each earlier
+    group's first answer; where it is not (a ~ b and b ~ c, but not a ~ c), an answer's class depends
+    on the problem's other answers, in order, and is then the same for every subset of them that the
+    accuracy curves draw, instead of being re-derived per subset.
+    """
+    distinct = list(dict.fromkeys(p for p in preds if p is not None))
+    parsed = [parse_answer(p) for p in distinct]
+    leaders: list[ParsedAnswer] = []
+    leader_values = np.full(0, np.nan, dtype=np.complex128)
+    class_of: dict[str, int] = {}
+    symbolic = 0
+    for answer in parsed:
+        label = None
+        if answer.value is not None and len(leaders):
+            # Leaders whose value is clearly different are decided at once; the others are checked in order.
+            with np.errstate(invalid="ignore"):
+                gap = np.abs(leader_values - answer.value)
+                scale = np.maximum(1.0, np.maximum(np.abs(leader_values), abs(answer.value)))
+                open_pairs = ~(gap > _DIFFERENT * scale)
+            order = np.flatnonzero(open_pairs)
+        else:
+            order = range(len(leaders))
+        for g in order:
+            decided = decide_equivalent(leaders[g], answer)
+            if decided is None:
+                symbolic += 2
+                decided = _verify_parsed(leaders[g], answer) or _verify_parsed(answer, leaders[g])
+            if decided:
+                label = int(g)
+                break
+        if label is None:
+            label = len(leaders)
+            leaders.append(answer)
+            leader_values = np.append(leader_values, np.nan if answer.value is None else answer.value)
+        class_of[answer.text] = label
+    labels = np.array([-1 if p is None else class_of[p] for p in preds], dtype=np.int32)
+    if gold is None:
+        return GradedAnswers(labels, [None] * len(preds), len(distinct), symbolic)
+    gold_parsed = parse_answer(gold)
+    grades = {}
+    for answer in parsed:
+        decided = decide_equivalent(gold_parsed, answer)
+        if decided is None:
+            symbolic += 1
+            decided = _verify_parsed(gold_parsed, answer)
+        grades[answer.text] = decided
+    return GradedAnswers(labels, [False if p is None else grades[p] for p in preds], len(distinct), symbolic)

@@ -4,6 +4,12 @@ Accuracy is the share of questions whose chosen candidate is correct, with a 95 
 interval; pass@N the share with any correct candidate (the oracle). AUROC is that of a method's
 per-candidate score for the candidate's correctness, pooled over all candidates of all questions.
 With `answerless_last` on, each method also says on how many questions that rule changed its pick.
+
+The accuracy-vs-N' curves average each method over `CURVE_DRAWS` random subsets of N' of each
+question's candidates (seeded, so a comparison is reproducible), at the sizes `curve_sizes` names;
+pass@N' is the unbiased estimator 1 - C(n - c, N') / C(n, N') (Chen et al., 2021). The first-N'
+numbers (each question's first N' candidates, one draw) are kept beside them. Every subset reuses
+the run's answer classes and grades: nothing is graded again per N', alpha or method.
 """
 
 from __future__ import annotations
@@ -12,10 +18,23 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from ray_pipeline.selection import METHODS, Choice, MethodUnavailable, SelectionParams, alpha_methods
+import numpy as np
+
+from ray_pipeline.reduce import GradedRun, RunPicks, run_method
+from ray_pipeline.selection import METHODS, Candidates, MethodUnavailable, SelectionParams, alpha_methods
 
 # The alphas of the accuracy-vs-alpha sweep.
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(11)]
+# Random subsets of N' candidates per question and N' < n, and the seed of their draws.
+CURVE_DRAWS = 32
+CURVE_SEED = 0
+
+
+def curve_sizes(n: int) -> list[int]:
+    """The N' of the curves: every one up to 16, else the powers of two and n (so their cost grows like n, not n^2)."""
+    if n <= 16:
+        return list(range(1, n + 1))
+    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -28,98 +47,155 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def auroc(scores: list[float], labels: list[bool]) -> float:
+def auroc(scores, labels) -> float:
     """Probability that a random positive outscores a random negative (ties count half); NaN scores are dropped.
 
-    NaN when either class is empty.
+    NaN when either class is empty. Labels of None (no gold answer) are dropped too.
     """
-    pairs = [(s, bool(y)) for s, y in zip(scores, labels) if s is not None and not math.isnan(s) and y is not None]
-    positives = sum(y for _, y in pairs)
-    negatives = len(pairs) - positives
+    scores = np.asarray([math.nan if s is None else s for s in scores], dtype=np.float64)
+    known = np.array([y is not None for y in labels], dtype=bool)
+    positive = np.array([bool(y) for y in labels], dtype=bool)
+    return auroc_arrays(scores, positive, known)
+
+
+def auroc_arrays(scores: np.ndarray, positive: np.ndarray, known: np.ndarray) -> float:
+    """`auroc` on arrays: Mann-Whitney U from average ranks, the rank sums added in score order."""
+    keep = known & ~np.isnan(scores)
+    values, positive = scores[keep], positive[keep]
+    positives = int(positive.sum())
+    negatives = len(values) - positives
     if positives == 0 or negatives == 0:
         return math.nan
-    # Mann-Whitney U from average ranks.
-    ordered = sorted(pairs, key=lambda p: p[0])
-    rank_sum, i = 0.0, 0
-    while i < len(ordered):
-        j = i
-        while j < len(ordered) and ordered[j][0] == ordered[i][0]:
-            j += 1
-        average_rank = (i + j + 1) / 2
-        rank_sum += average_rank * sum(y for _, y in ordered[i:j])
-        i = j
+    order = np.argsort(values, kind="stable")
+    values, positive = values[order], positive[order]
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    average_rank = (starts + ends + 1) / 2
+    in_group = np.add.reduceat(positive.astype(np.int64), starts)
+    # A running sum in score order, as adding group by group does.
+    rank_sum = float(np.cumsum(average_rank * in_group)[-1])
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-
-
-def select_all(questions: list[list[dict]], name: str, params: SelectionParams) -> list[Choice]:
-    method = METHODS[name]
-    return [method(q, params) for q in questions]
-
-
-def accuracy(questions: list[list[dict]], choices: list[Choice]) -> float:
-    return sum(bool(q[c.index]["correct"]) for q, c in zip(questions, choices)) / len(questions)
-
-
-def pass_at(questions: list[list[dict]]) -> float:
-    return sum(any(c["correct"] for c in q) for q in questions) / len(questions)
-
-
-def _by(questions, choices, key) -> dict[str, dict]:
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for q, c in zip(questions, choices):
-        value = q[0][key]
-        groups["unknown" if value is None else str(value)].append(bool(q[c.index]["correct"]))
-    return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
-
-
-@dataclass
-class MethodResult:
-    choices: list[Choice]
-    summary: dict
-
-
-def evaluate(questions: list[list[dict]], name: str, params: SelectionParams) -> MethodResult:
-    """One method on every question: its choices and the summary numbers of the report."""
-    choices = select_all(questions, name, params)
-    correct = sum(bool(q[c.index]["correct"]) for q, c in zip(questions, choices))
-    scores = [s for c in choices for s in c.scores]
-    labels = [cand["correct"] for q in questions for cand in q]
-    by_n = {}
-    for k in range(1, max(len(q) for q in questions) + 1):
-        prefix = [q[:k] for q in questions]
-        by_n[k] = accuracy(prefix, select_all(prefix, name, params))
-    changed = None
-    if params.answerless_last:
-        plain = select_all(questions, name, replace(params, answerless_last=False))
-        changed = sum(a.index != b.index for a, b in zip(choices, plain))
-    summary = {
-        "accuracy": correct / len(questions),
-        "ci95": list(wilson_interval(correct, len(questions))),
-        "auroc": _none_if_nan(auroc(scores, labels)),
-        "by_level": _by(questions, choices, "level"),
-        "by_subject": _by(questions, choices, "subject"),
-        "accuracy_by_n": by_n,
-        # Questions whose pick the answerless-last rule changed (None: the rule is off).
-        "answerless_last_changed": changed,
-    }
-    return MethodResult(choices, summary)
 
 
 def _none_if_nan(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def compare(questions: list[list[dict]], params: SelectionParams) -> tuple[dict[str, MethodResult], dict, dict]:
-    """Every available method on `questions`: results, the methods left out and why, and the alpha sweep."""
+def picked_correct(run: GradedRun, picks: RunPicks) -> np.ndarray:
+    """Per problem, whether the pick is correct (False without a gold answer)."""
+    return run.values["correct"][run.offsets[:-1] + picks.index] & run.has_gold
+
+
+def _by(run: GradedRun, correct: np.ndarray, key: str) -> dict[str, dict]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for value, hit in zip(run.column(key), correct.tolist()):
+        groups["unknown" if value is None else str(value)].append(hit)
+    return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+
+
+@dataclass
+class MethodResult:
+    picks: RunPicks
+    summary: dict
+
+
+def evaluate(run: GradedRun, name: str, params: SelectionParams) -> MethodResult:
+    """One method on every question: its picks and the summary numbers of the report (curves: `curves`)."""
+    picks = run_method(run, name, params)
+    correct = picked_correct(run, picks)
+    known = np.repeat(run.has_gold, run.sizes)
+    changed = None
+    if params.answerless_last:
+        plain = run_method(run, name, replace(params, answerless_last=False))
+        changed = int(np.sum(picks.index != plain.index))
+    summary = {
+        "accuracy": float(correct.sum()) / run.problems,
+        "ci95": list(wilson_interval(int(correct.sum()), run.problems)),
+        "auroc": _none_if_nan(auroc_arrays(picks.scores, run.values["correct"], known)),
+        "by_level": _by(run, correct, "level"),
+        "by_subject": _by(run, correct, "subject"),
+        # Questions whose pick the answerless-last rule changed (None: the rule is off).
+        "answerless_last_changed": changed,
+    }
+    return MethodResult(picks, summary)
+
+
+def subset_columns(rng: np.random.Generator, questions: int, n: int, k: int, draws: int) -> np.ndarray:
+    """`draws` random k-subsets of range(n) per question, each in candidate order: [draws * questions, k]."""
+    keys = rng.random((draws * questions, n))
+    return np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k], axis=1)
+
+
+def curves(run: GradedRun, names: list[str], params: SelectionParams) -> dict:
+    """Accuracy vs N' of each method: the mean over random subsets, and each question's first N' candidates.
+
+    Per size and block the subsets are drawn once and every method runs on the same ones; the
+    answer classes and grades come from the run, so a subset costs array indexing, not grading.
+    """
+    rng = np.random.default_rng(CURVE_SEED)
+    sizes = curve_sizes(int(run.sizes.max()))
+    mean = {name: {} for name in names}
+    first = {name: {} for name in names}
+    blocks = run.blocks()
+    for k in sizes:
+        hits_mean = dict.fromkeys(names, 0.0)
+        hits_first = dict.fromkeys(names, 0.0)
+        for problems, block in blocks:
+            questions, n = block.shape
+            width = min(k, n)
+            prefix = block.take(np.broadcast_to(np.arange(width), (questions, width)))
+            subsets = None if width == n else block.take(subset_columns(rng, questions, n, width, CURVE_DRAWS))
+            for name in names:
+                hits = _hits(prefix, METHODS[name](prefix, params).index, run, problems, 1)
+                hits_first[name] += hits
+                # All n candidates: every subset is the whole question, so one draw is all of them.
+                if subsets is not None:
+                    hits = _hits(subsets, METHODS[name](subsets, params).index, run, problems, CURVE_DRAWS)
+                hits_mean[name] += hits
+        for name in names:
+            mean[name][k] = hits_mean[name] / run.problems
+            first[name][k] = hits_first[name] / run.problems
+    return {"sizes": sizes, "accuracy_by_n": mean, "accuracy_by_first_n": first}
+
+
+def _hits(block: Candidates, index: np.ndarray, run: GradedRun, problems: np.ndarray, draws: int) -> float:
+    """Correct picks of a (draws-stacked) block, averaged over its draws."""
+    correct = block.correct[np.arange(len(index)), index] & np.tile(run.has_gold[problems], draws)
+    return float(correct.sum()) / draws
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one question with n candidates, c of them correct: 1 - C(n - c, k) / C(n, k)."""
+    k = min(k, n)
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_curves(run: GradedRun) -> tuple[dict, dict]:
+    """pass@N' at the curve sizes: the unbiased estimator, and over each question's first N' candidates."""
+    sizes = curve_sizes(int(run.sizes.max()))
+    correct = run.values["correct"]
+    counts = [int(correct[a:b].sum()) if g else 0 for a, b, g in zip(run.offsets[:-1], run.offsets[1:], run.has_gold)]
+    unbiased = {k: sum(pass_at_k(int(n), c, k) for n, c in zip(run.sizes, counts)) / run.problems for k in sizes}
+    bounds = list(zip(run.offsets[:-1].tolist(), run.offsets[1:].tolist(), run.has_gold.tolist()))
+    first = {k: sum(g and bool(correct[a : min(a + k, b)].any()) for a, b, g in bounds) / run.problems for k in sizes}
+    return unbiased, first
+
+
+def compare(run: GradedRun, params: SelectionParams) -> tuple[dict[str, MethodResult], dict, dict]:
+    """Every available method on the run: results, the methods left out and why, and the alpha sweep."""
     results, unavailable = {}, {}
     for name in METHODS:
         try:
-            results[name] = evaluate(questions, name, params)
+            results[name] = evaluate(run, name, params)
         except MethodUnavailable as exc:
             unavailable[name] = str(exc)
-    sweep = {
-        name: {str(a): accuracy(questions, select_all(questions, name, replace(params, alpha=a))) for a in ALPHA_GRID}
-        for name in alpha_methods(params)
-        if name in results
-    }
+    sweep = {}
+    for name in alpha_methods(params):
+        if name in results:
+            sweep[name] = {}
+            for a in ALPHA_GRID:
+                picks = run_method(run, name, replace(params, alpha=a))
+                sweep[name][str(a)] = float(picked_correct(run, picks).sum()) / run.problems
     return results, unavailable, sweep

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import math
 
-from ray_pipeline.metrics import ALPHA_GRID, MethodResult
+import numpy as np
+
+from ray_pipeline.metrics import ALPHA_GRID, MethodResult, curve_sizes
+from ray_pipeline.reduce import GradedRun
 from ray_pipeline.storage import StoragePath
 
 PLOTS = {
@@ -16,10 +19,8 @@ PLOTS = {
 
 
 def shown_sizes(n: int) -> list[int]:
-    """The N' a table or an axis names: every one up to 16, else the powers of two and N (64 columns do not read)."""
-    if n <= 16:
-        return list(range(1, n + 1))
-    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+    """The N' a table or an axis names: the curves' sizes (every one up to 16, else the powers of two and N)."""
+    return curve_sizes(n)
 
 
 def _save(fig, target: StoragePath) -> None:
@@ -32,7 +33,7 @@ def _save(fig, target: StoragePath) -> None:
     target.write_bytes(png.getvalue())
 
 
-def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult], comparison: dict) -> None:
+def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodResult], comparison: dict) -> None:
     """Accuracy vs N', accuracy vs alpha, and per-method score histograms of correct vs wrong candidates."""
     import matplotlib
 
@@ -40,7 +41,7 @@ def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult
     import matplotlib.pyplot as plt
 
     n = comparison["candidates_per_problem"]
-    sizes = list(range(1, n + 1))
+    sizes = shown_sizes(n)
     # A colour of its own for each of the (more than ten) methods.
     colors = dict(zip(comparison["methods"], plt.get_cmap("tab20").colors))
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -64,21 +65,21 @@ def write_plots(run_dir: StoragePath, questions, results: dict[str, MethodResult
     fig.tight_layout()
     _save(fig, run_dir / PLOTS["accuracy_vs_alpha"])
 
-    scored = {name: r for name, r in results.items() if any(not math.isnan(s) for c in r.choices for s in c.scores)}
+    scored = {name: r for name, r in results.items() if not np.isnan(r.picks.scores).all()}
     cols = 4
     rows = max(1, math.ceil(len(scored) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    labels = [cand["correct"] for q in questions for cand in q]
+    labels = run.values["correct"] & np.repeat(run.has_gold, run.sizes)
     for ax, (name, r) in zip(axes.flat, scored.items()):
-        scores = [s for c in r.choices for s in c.scores]
-        finite = [s for s in scores if not math.isnan(s)]
-        low, high = min(finite), max(finite)
+        scores = r.picks.scores
+        finite = scores[~np.isnan(scores)]
+        low, high = float(finite.min()), float(finite.max())
         # Shared bins, so the two histograms line up (a single value gets numpy's default range).
         bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 20
         # Densities: correct candidates are usually far fewer than wrong ones.
         for want, color in ((True, "tab:green"), (False, "tab:red")):
-            values = [s for s, y in zip(scores, labels) if bool(y) == want and not math.isnan(s)]
-            if values:
+            values = scores[(labels == want) & ~np.isnan(scores)]
+            if len(values):
                 label = f"{'correct' if want else 'wrong'} ({len(values)})"
                 ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.5, color=color, label=label)
         ax.set_title(name, fontsize=9)

@@ -1,31 +1,58 @@
 """The reducer: shards in, the best-answer JSONL and an accuracy summary out.
 
 Every input of every method is a shard column, so the reducer re-selects with any method, alpha
-or number of candidates N' <= N (each question's first N') without a model.
+or number of candidates N' <= N (each question's first N') without a model. It works in three
+stages that every method, curve and sweep then share:
+
+1. read: only the columns the reducer uses (`SELECTION_COLUMNS`), per-token values kept as Arrow/numpy;
+2. grade and group: per problem, extract each candidate's answer, grade each distinct answer once
+   and give every candidate its answer class; with it, each candidate's scores (`candidate_values`).
+   Problems are independent, so chunks of them run on every core (a process pool) or, inside a
+   Ray job, as Ray tasks over the cluster; the result does not depend on how many run at once;
+3. select: the methods on [questions x candidates] arrays (`selection.Candidates`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from itertools import groupby
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline.answers import extract_answer, grade
+from ray_pipeline.aggregates import coe_scores, lowest_group_confidence, mixed_certainty, tail_confidence
+from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.selection import Choice, SelectionParams, get_method, key_step
+from ray_pipeline.selection import (
+    BLOCK_PARAMS,
+    CANDIDATE_VALUES,
+    Candidates,
+    Choice,
+    Picks,
+    SelectionParams,
+    get_method,
+    key_step,
+)
 from ray_pipeline.shards import read_shards, shard_path
 from ray_pipeline.storage import Location, StoragePath
 
 # What the methods, the records and the report read (columns.py marks them): every column but the
 # token ids and the per-token lists that are already aggregated.
 SELECTION_COLUMNS = selection_columns([n for n in PROBLEM_SCHEMA.names if n != "shard_id"])
+# What a best-answer or debug record reads of its candidate: no per-token values.
+RECORD_COLUMNS = [
+    "problem_id", "problem", "gold", "candidate_index", "text", "error", "token_count", "vocab_size",
+    "step_self_certainty", "step_entropy", "step_texts",
+]  # fmt: skip
+# Problems per chunk of the grade-and-group stage: small enough to spread 100 problems over many cores,
+# large enough that a chunk's scheduling is a small share of its work.
+CHUNK_PROBLEMS = 8
 
 
 @dataclass
@@ -44,38 +71,236 @@ class Summary:
     error_problems: dict[str, str]
 
 
-def group_by_problem(rows: list[dict]) -> list[list[dict]]:
-    """Candidates of each problem, problems in data set order (rows come sorted)."""
-    return [list(group) for _, group in groupby(rows, key=lambda r: r["problem_index"])]
+def _float_values(table: pa.Table, name: str) -> np.ndarray:
+    """A float column as float64 numpy, nulls as NaN."""
+    return pc.fill_null(table.column(name).cast(pa.float64()), math.nan).to_numpy()
 
 
-def _rows(table: pa.Table, answer_extraction: str = "boxed") -> list[dict]:
-    """Table rows as dicts, with `token_confidence` as float32 numpy arrays (the one long per-token list).
+def _per_row_floats(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list<float> column as one float32 array per row (empty for a null), without Python floats."""
+    column = column.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
+    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
-    Each row gains `pred` (its answer under `answer_extraction`) and `correct` (graded against
-    `gold`; None without a gold answer): the reducer's, not the scorer's, so a re-reduce can re-grade.
+
+def candidate_values(chunk: pa.Table, params: SelectionParams, preds: list[str | None] | None = None) -> dict:
+    """Grade and group one chunk of whole problems, and compute every per-candidate value a method reads.
+
+    Returns the flat [candidates] arrays of `selection.CANDIDATE_VALUES` (in the chunk's row order),
+    each candidate's extracted answer (`preds`; given, they are taken as they are), and per problem
+    its distinct answers, the math-verify comparisons that ran and the timeouts.
     """
-    confidence = table.column("token_confidence").combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(confidence), 0).to_numpy()
-    values = pc.list_flatten(confidence).to_numpy(zero_copy_only=False).astype(np.float32)
-    per_row = np.split(values, np.cumsum(lengths)[:-1])
-    rows = table.drop_columns(["token_confidence"]).to_pylist()
-    for row, values_of_row in zip(rows, per_row):
-        row["token_confidence"] = values_of_row
-        row["pred"] = extract_answer(row["text"] or "", answer_extraction)
-        row["correct"] = None if row["gold"] is None else grade(row["pred"], row["gold"])
-    return rows
+    started_timeouts = timeouts()
+    if preds is None:
+        preds = [extract_answer(t or "", params.answer_extraction) for t in chunk.column("text").to_pylist()]
+    problem_index = chunk.column("problem_index").to_numpy()
+    starts = np.flatnonzero(np.r_[True, problem_index[1:] != problem_index[:-1]]) if len(problem_index) else []
+    ends = np.r_[starts[1:], len(problem_index)] if len(starts) else []
+    golds = chunk.column("gold").to_pylist()
+    n = chunk.num_rows
+    label = np.full(n, -1, dtype=np.int32)
+    correct = np.zeros(n, dtype=bool)
+    distinct, symbolic = [], 0
+    for start, end in zip(starts, ends):
+        graded = grade_and_group(preds[start:end], golds[start])
+        label[start:end] = graded.labels
+        correct[start:end] = [bool(c) for c in graded.correct]
+        distinct.append(graded.distinct)
+        symbolic += graded.symbolic
+
+    token_count = pc.fill_null(chunk.column("token_count"), 0).to_numpy()
+    vocab = pc.fill_null(chunk.column("vocab_size"), 0).to_numpy()
+    mean_entropy = _float_values(chunk, "mean_entropy")
+    mean_self_certainty = _float_values(chunk, "mean_self_certainty")
+    step_sc = chunk.column("step_self_certainty").to_pylist()
+    step_h = chunk.column("step_entropy").to_pylist()
+    self_eval = chunk.column("step_self_eval").to_pylist()
+    coe = [chunk.column(c).to_pylist() for c in ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")]
+    confidence = _per_row_floats(chunk.column("token_confidence"))
+    values = {name: np.full(n, np.nan) for name in CANDIDATE_VALUES if name not in ("label", "correct")}
+    values["self_eval_missing"] = np.zeros(n, dtype=bool)
+    lam, window = params.lambda_weight, params.deepconf_window
+    for i in range(n):
+        if not token_count[i]:
+            continue
+        # Plain floats through the scalar functions: a candidate's value must not depend on its batch.
+        v = int(vocab[i])
+        values["token_certainty"][i] = mixed_certainty(float(mean_self_certainty[i]), float(mean_entropy[i]), lam, v)
+        steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i], step_h[i])]
+        values["step_certainty_min"][i] = min(steps) if steps else math.nan
+        if coe[0][i] is not None:
+            values["coe_r"][i], values["coe_c"][i] = coe_scores(coe[0][i], coe[1][i], coe[2][i], coe[3][i])
+        if self_eval[i] is None:
+            values["self_eval_missing"][i] = True
+        else:
+            values["self_eval_min"][i] = min(self_eval[i])
+        values["lowest_group"][i] = lowest_group_confidence(confidence[i], window)
+        values["tail"][i] = tail_confidence(confidence[i], window)
+    values |= {
+        "label": label,
+        "correct": correct,
+        "token_count": token_count.astype(np.int64),
+        "mean_entropy": mean_entropy,
+        "mean_self_certainty": mean_self_certainty,
+    }
+    return {
+        "values": values,
+        "preds": preds,
+        "distinct": distinct,
+        "symbolic": symbolic,
+        "timeouts": timeouts() - started_timeouts,
+    }
 
 
-def load_questions(
+def _grade_chunk(args: tuple) -> dict:
+    return candidate_values(*args)
+
+
+def _workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def map_chunks(fn: Callable, chunks: list, *, workers: int | None = None) -> list:
+    """`[fn(c) for c in chunks]`, spread out: Ray tasks over the cluster inside a Ray job, else a process pool.
+
+    `workers` 1 runs in this process. Without it: Ray tasks when this process is connected to Ray
+    (jobs.main after its actors), else one process per core (jobs.reduce starts no Ray); small
+    inputs stay in this process.
+    """
+    workers = workers or (1 if len(chunks) < 2 else None)
+    if workers == 1:
+        return [fn(c) for c in chunks]
+    import ray
+
+    if workers is None and ray.is_initialized():
+        task = ray.remote(num_cpus=1, max_retries=1)(fn)
+        return ray.get([task.remote(c) for c in chunks])
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers or _workers(), len(chunks))
+    if workers <= 1:
+        return [fn(c) for c in chunks]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, chunks))
+
+
+@dataclass
+class GradedRun:
+    """A run's candidates after the grade-and-group stage: what every method, curve and record reads.
+
+    `table` holds the shard rows (SELECTION_COLUMNS, problem then candidate order), `offsets [P + 1]`
+    each problem's rows, `values` the flat per-candidate arrays of CANDIDATE_VALUES, `preds` each
+    candidate's answer; `has_gold [P]` whether a problem has a gold answer.
+    """
+
+    table: pa.Table
+    offsets: np.ndarray
+    values: dict[str, np.ndarray]
+    preds: list[str | None]
+    has_gold: np.ndarray
+    distinct: list[int]
+    symbolic: int
+    timeouts: int
+    missing: list[int] = field(default_factory=list)
+    params: SelectionParams = field(default_factory=SelectionParams)
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def problems(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Candidates per problem."""
+        return np.diff(self.offsets)
+
+    def column(self, name: str) -> list:
+        """A problem-level column (e.g. problem_id, level), one value per problem."""
+        return self.table.column(name).take(pa.array(self.offsets[:-1])).to_pylist()
+
+    def blocks(self) -> list[tuple[np.ndarray, Candidates]]:
+        """The problems grouped by their number of candidates n: (problem numbers [B], their [B, n] block)."""
+        sizes = self.sizes
+        out = []
+        for n in sorted(set(sizes.tolist())):
+            problems = np.flatnonzero(sizes == n)
+            rows = self.offsets[problems][:, None] + np.arange(n)[None, :]
+            out.append((problems, Candidates(**{k: self.values[k][rows] for k in CANDIDATE_VALUES})))
+        return out
+
+    def row(self, problem: int, candidate: int) -> dict:
+        """One candidate's record columns as a dict, with its `pred` and `correct` (None without a gold answer)."""
+        key = (problem, candidate)
+        if key not in self._rows:
+            i = int(self.offsets[problem]) + candidate
+            row = self.table.select(RECORD_COLUMNS).slice(i, 1).to_pylist()[0]
+            row["pred"] = self.preds[i]
+            row["correct"] = bool(self.values["correct"][i]) if self.has_gold[problem] else None
+            self._rows[key] = row
+        return self._rows[key]
+
+    def correct_of(self, problem: int) -> list:
+        """Each candidate's grade of one problem (None without a gold answer)."""
+        if not self.has_gold[problem]:
+            return [None] * int(self.sizes[problem])
+        return [bool(c) for c in self.values["correct"][self.offsets[problem] : self.offsets[problem + 1]]]
+
+
+@dataclass
+class RunPicks:
+    """One method on every problem: `index [P]` and `score [P]` of the picks, `scores [C]` of every candidate."""
+
+    index: np.ndarray
+    score: np.ndarray
+    scores: np.ndarray
+
+    def choice(self, run: GradedRun, problem: int) -> Choice:
+        rows = slice(run.offsets[problem], run.offsets[problem + 1])
+        return Choice(int(self.index[problem]), float(self.score[problem]), tuple(self.scores[rows].tolist()))
+
+
+def run_method(run: GradedRun, name: str, params: SelectionParams) -> RunPicks:
+    """One method on every problem of the run (block by block), picks in problem order."""
+    method = get_method(name)
+    _check_block_params(run, params)
+    index = np.zeros(run.problems, dtype=np.intp)
+    score = np.full(run.problems, np.nan)
+    scores = np.full(len(run.preds), np.nan)
+    for problems, block in run.blocks():
+        picks: Picks = method(block, params)
+        index[problems], score[problems] = picks.index, picks.score
+        rows = run.offsets[problems][:, None] + np.arange(block.shape[1])[None, :]
+        scores[rows] = picks.scores
+    return RunPicks(index, score, scores)
+
+
+def _check_block_params(run: GradedRun, params: SelectionParams) -> None:
+    changed = [p for p in BLOCK_PARAMS if getattr(run.params, p) != getattr(params, p)]
+    if changed:
+        raise ValueError(f"the run was graded for other {', '.join(changed)}: grade it again with these parameters")
+
+
+def grade_run(
     shards_dir: Location,
+    params: SelectionParams,
     *,
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
-    answer_extraction: str = "boxed",
-) -> tuple[list[list[dict]], list[int]]:
-    """Each question's candidates (its first `num_candidates` when given) and the missing shard ids."""
+    workers: int | None = None,
+    timings: dict | None = None,
+) -> GradedRun:
+    """Read a run's shards and grade and group every problem (its first `num_candidates` when given).
+
+    `timings`, when given, receives the seconds of the read and grade-and-group stages.
+    """
+    import time
+
+    started = time.perf_counter()
     shards_dir = StoragePath.parse(shards_dir)
     missing = [s for s in expected_shards or [] if not shard_path(shards_dir, s).is_file()]
     if missing and not allow_partial:
@@ -83,21 +308,105 @@ def load_questions(
             f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
             "rerun the job to finish them, or pass --allow_partial"
         )
-    questions = group_by_problem(_rows(read_shards(shards_dir, SELECTION_COLUMNS), answer_extraction))
+    table = read_shards(shards_dir, SELECTION_COLUMNS)
+    offsets = problem_offsets(table)
     if num_candidates is not None:
-        fewest = min(len(q) for q in questions)
+        fewest = int(np.diff(offsets).min())
         if not 1 <= num_candidates <= fewest:
             raise PipelineError(
                 f"num_return_sequences must be in [1, {fewest}] (the run's candidates per problem), "
                 f"got {num_candidates}"
             )
-        questions = [q[:num_candidates] for q in questions]
-    return questions, missing
+        # Rows come in candidate order: each problem's first K rows are its first K candidates.
+        keep = (np.arange(offsets[-1]) - np.repeat(offsets[:-1], np.diff(offsets))) < num_candidates
+        table = table.filter(pa.array(keep))
+        offsets = np.r_[0, np.cumsum(np.minimum(np.diff(offsets), num_candidates))].astype(np.int64)
+    if timings is not None:
+        timings["read"] = time.perf_counter() - started
+    started = time.perf_counter()
+    run = grade_table(table, params, offsets=offsets, workers=workers)
+    run.missing = missing
+    if timings is not None:
+        timings["grade_and_group"] = time.perf_counter() - started
+    return run
 
 
-def best_record(question: list[dict], choice: Choice, params: SelectionParams) -> dict:
+def problem_offsets(table: pa.Table) -> np.ndarray:
+    """Where each problem's rows start in a table sorted by problem, and its end: [P + 1]."""
+    problem_index = table.column("problem_index").to_numpy()
+    starts = np.flatnonzero(np.r_[True, problem_index[1:] != problem_index[:-1]])
+    return np.r_[starts, len(problem_index)].astype(np.int64)
+
+
+def grade_table(
+    table: pa.Table,
+    params: SelectionParams,
+    *,
+    offsets: np.ndarray | None = None,
+    workers: int | None = None,
+    preds: list[str | None] | None = None,
+) -> GradedRun:
+    """Grade and group the problems of a table of shard rows (sorted by problem, then candidate).
+
+    Chunks of CHUNK_PROBLEMS problems go to `map_chunks`; `preds`, when given, are the candidates'
+    answers as they are (no extraction).
+    """
+    offsets = problem_offsets(table) if offsets is None else offsets
+    bounds = list(range(0, len(offsets) - 1, CHUNK_PROBLEMS)) + [len(offsets) - 1]
+    chunks = [
+        (
+            table.slice(offsets[a], offsets[b] - offsets[a]),
+            params,
+            None if preds is None else preds[offsets[a] : offsets[b]],
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    results = map_chunks(_grade_chunk, chunks, workers=workers)
+    values = {name: np.concatenate([r["values"][name] for r in results]) for name in CANDIDATE_VALUES}
+    golds = table.column("gold").take(pa.array(offsets[:-1])).to_pylist()
+    return GradedRun(
+        table=table,
+        offsets=offsets,
+        values=values,
+        preds=[p for r in results for p in r["preds"]],
+        has_gold=np.array([g is not None for g in golds], dtype=bool),
+        distinct=[d for r in results for d in r["distinct"]],
+        symbolic=sum(r["symbolic"] for r in results),
+        timeouts=sum(r["timeouts"] for r in results),
+        params=params,
+    )
+
+
+def question_rows_table(questions: list[list[dict]]) -> pa.Table:
+    """Shard rows of hand-made questions (dicts with any of the shard columns, plus `pred`) as a table.
+
+    Each question gets its own problem_index; missing columns are null. For tests and notebooks that
+    select on a few candidates without writing shards.
+    """
+    from ray_pipeline.shards import SHARD_SCHEMA
+
+    rows = []
+    for p, question in enumerate(questions):
+        for k, candidate in enumerate(question):
+            row = {name: candidate.get(name) for name in SHARD_SCHEMA.names}
+            row["problem_index"], row["candidate_index"] = p, k
+            row["problem_id"] = candidate.get("problem_id", f"q{p}")
+            row["token_count"] = candidate.get("token_count", 0)
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA).select(SELECTION_COLUMNS)
+
+
+def select_questions(questions: list[list[dict]], name: str, params: SelectionParams) -> list[Choice]:
+    """One method on hand-made questions whose candidates carry their answer as `pred` (no extraction)."""
+    preds = [c.get("pred") for q in questions for c in q]
+    run = grade_table(question_rows_table(questions), params, workers=1, preds=preds)
+    picks = run_method(run, name, params)
+    return [picks.choice(run, p) for p in range(run.problems)]
+
+
+def best_record(run: GradedRun, problem: int, choice: Choice, params: SelectionParams) -> dict:
     """The best-answer line of one question: the original's keys first, then its key step."""
-    best = question[choice.index]
+    best = run.row(problem, choice.index)
     return {
         "question": best["problem"],
         "answer": best["text"],
@@ -112,6 +421,18 @@ def best_record(question: list[dict], choice: Choice, params: SelectionParams) -
     }
 
 
+def error_problems(run: GradedRun) -> dict[str, str]:
+    """Problems whose candidates could not be generated, and why (their first row's error)."""
+    ids, errors = run.column("problem_id"), run.column("error")
+    return {pid: error for pid, error in zip(ids, errors) if error}
+
+
+def pass_at_n(run: GradedRun) -> float:
+    """The share of problems with at least one correct candidate (the oracle)."""
+    hits = np.add.reduceat(run.values["correct"], run.offsets[:-1]) > 0 if len(run.preds) else np.zeros(0)
+    return float(np.sum(hits & run.has_gold)) / run.problems
+
+
 def reduce_run(
     shards_dir: Location,
     output: Location,
@@ -123,39 +444,36 @@ def reduce_run(
     num_candidates: int | None = None,
 ) -> Summary:
     """Pick one candidate per problem with `method` and write `{"question", "answer", ...}` lines."""
-    select = get_method(method)
+    get_method(method)
     params = params or SelectionParams()
-    questions, missing = load_questions(
+    run = grade_run(
         shards_dir,
+        params,
         expected_shards=expected_shards,
         allow_partial=allow_partial,
         num_candidates=num_candidates,
-        answer_extraction=params.answer_extraction,
     )
-    correct = any_correct = 0
-    errors = {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]}
-    lines = []
-    for group in questions:
-        record = best_record(group, select(group, params), params)
+    picks = run_method(run, method, params)
+    lines, correct = [], 0
+    for p in range(run.problems):
+        record = best_record(run, p, picks.choice(run, p), params)
         correct += bool(record["correct"])
-        any_correct += any(c["correct"] for c in group)
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     output = StoragePath.parse(output)
     output.write_text("".join(lines))
-    n = len(questions)
     return Summary(
         method=method,
         alpha=params.alpha,
-        problems=n,
-        candidates=sum(len(q) for q in questions),
-        candidates_per_problem=max(len(q) for q in questions),
-        accuracy=correct / n,
-        pass_at_n=any_correct / n,
+        problems=run.problems,
+        candidates=len(run.preds),
+        candidates_per_problem=int(run.sizes.max()),
+        accuracy=correct / run.problems,
+        pass_at_n=pass_at_n(run),
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
-        partial=bool(missing) or expected_shards is None,
-        missing_shards=missing,
+        partial=bool(run.missing) or expected_shards is None,
+        missing_shards=run.missing,
         output=str(output),
-        error_problems=errors,
+        error_problems=error_problems(run),
     )
 
 

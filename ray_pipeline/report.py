@@ -10,11 +10,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 
-from ray_pipeline.metrics import ALPHA_GRID, MethodResult, compare, pass_at, wilson_interval
+from ray_pipeline.metrics import (
+    ALPHA_GRID,
+    CURVE_DRAWS,
+    MethodResult,
+    compare,
+    curves,
+    pass_curves,
+    wilson_interval,
+)
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
-from ray_pipeline.reduce import best_record, load_questions
+from ray_pipeline.reduce import GradedRun, best_record, error_problems, grade_run, pass_at_n
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.storage import Location, StoragePath
 
@@ -22,23 +31,23 @@ from ray_pipeline.storage import Location, StoragePath
 COMPARISON_FILES = ("report.md", "debug.jsonl", *PLOTS.values())
 
 
-def debug_records(questions: list[list[dict]], results: dict[str, MethodResult], params) -> list[dict]:
+def debug_records(run: GradedRun, results: dict[str, MethodResult], params) -> list[dict]:
     """Per question: what each method chose, its score and the chosen answer's key (least certain) step."""
     records = []
-    for i, q in enumerate(questions):
+    ids, levels, subjects, golds = (run.column(c) for c in ("problem_id", "level", "subject", "gold"))
+    for p in range(run.problems):
         methods = {}
         for name, result in results.items():
-            record = best_record(q, result.choices[i], params)
+            record = best_record(run, p, result.picks.choice(run, p), params)
             methods[name] = {k: record[k] for k in ("candidate_index", "pred", "correct", "score", "key_step")}
-        first = q[0]
         records.append(
             {
-                "unique_id": first["problem_id"],
-                "level": first["level"],
-                "subject": first["subject"],
-                "gold": first["gold"],
-                "preds": [c["pred"] for c in q],
-                "correct": [c["correct"] for c in q],
+                "unique_id": ids[p],
+                "level": levels[p],
+                "subject": subjects[p],
+                "gold": golds[p],
+                "preds": run.preds[run.offsets[p] : run.offsets[p + 1]],
+                "correct": run.correct_of(p),
                 "methods": methods,
             }
         )
@@ -52,37 +61,64 @@ def compare_run(
     num_candidates: int | None = None,
     expected_shards: list[int] | None = None,
     allow_partial: bool = False,
+    workers: int | None = None,
 ) -> dict:
-    """Compare every method on a run's shards; write summary.json, report.md, debug.jsonl and the plots."""
+    """Compare every method on a run's shards; write summary.json, report.md, debug.jsonl and the plots.
+
+    The comparison's `stage_s` says where its time went: read, grade and group, methods, curves, report, plots.
+    """
     started = time.monotonic()
+    stages: dict[str, float] = {}
     run_dir = StoragePath.parse(run_dir)
-    questions, missing = load_questions(
+    run = grade_run(
         run_dir / "shards",
+        params,
         expected_shards=expected_shards,
         allow_partial=allow_partial,
         num_candidates=num_candidates,
-        answer_extraction=params.answer_extraction,
+        workers=workers,
+        timings=stages,
     )
-    results, unavailable, sweep = compare(questions, params)
-    n = max(len(q) for q in questions)
+    clock = time.perf_counter()
+    results, unavailable, sweep = compare(run, params)
+    stages["methods"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    curve = curves(run, list(results), params)
+    pass_by_n, pass_by_first_n = pass_curves(run)
+    stages["curves"] = time.perf_counter() - clock
+    for name, result in results.items():
+        result.summary["accuracy_by_n"] = curve["accuracy_by_n"][name]
+        result.summary["accuracy_by_first_n"] = curve["accuracy_by_first_n"][name]
+    n = int(run.sizes.max())
     comparison = {
-        "problems": len(questions),
+        "problems": run.problems,
         "candidates_per_problem": n,
         # Every selection parameter, in RunConfig's order (a new one appears here and in report.md by itself).
         "params": dataclasses.asdict(params),
-        "pass_at_n": pass_at(questions),
-        "pass_at_n_by_n": {k: pass_at([q[:k] for q in questions]) for k in range(1, n + 1)},
+        "pass_at_n": pass_at_n(run),
+        "pass_at_n_by_n": pass_by_n,
+        "pass_at_n_by_first_n": pass_by_first_n,
+        "curve_draws": CURVE_DRAWS,
         "methods": {name: r.summary for name, r in results.items()},
         "accuracy_by_alpha": sweep,
         "unavailable": unavailable,
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
-        "partial": bool(missing) or expected_shards is None,
-        "missing_shards": missing,
-        "error_problems": {q[0]["problem_id"]: q[0]["error"] for q in questions if q[0]["error"]},
+        "partial": bool(run.missing) or expected_shards is None,
+        "missing_shards": run.missing,
+        "error_problems": error_problems(run),
+        "distinct_answers_median": statistics.median(run.distinct) if run.distinct else 0,
+        "symbolic_comparisons": run.symbolic,
+        # math-verify counts a timed-out parse or comparison as "not equivalent": how many there were.
+        "math_verify_timeouts": run.timeouts,
     }
-    records = debug_records(questions, results, params)
+    clock = time.perf_counter()
+    records = debug_records(run, results, params)
     (run_dir / "debug.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_plots(run_dir, questions, results, comparison)
+    stages["report"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    write_plots(run_dir, run, results, comparison)
+    stages["plots"] = time.perf_counter() - clock
+    comparison["stage_s"] = stages
     comparison["reduce_s"] = time.monotonic() - started
     (run_dir / "report.md").write_text(report_markdown(run_dir.name, comparison))
     summary_path = run_dir / "summary.json"
@@ -144,12 +180,19 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         for name, m in methods.items():
             lines.append(f"| {name} | " + " | ".join(_pct(m[key][g]["accuracy"]) for g in groups) + " |")
     sizes = shown_sizes(n)
-    lines += ["", "## Accuracy vs N' (each question's first N' candidates)", ""]
+    draws = comparison["curve_draws"]
+    lines += ["", "## Accuracy vs N'", ""]
+    lines.append(
+        f"Each method's mean accuracy over {draws} random subsets of N' of each question's candidates (seeded); "
+        "pass@N' is the unbiased estimator 1 − C(n − c, N') / C(n, N'). summary.json also keeps each question's "
+        "first N' candidates (`accuracy_by_first_n`)."
+    )
+    lines.append("")
     lines.append("| method | " + " | ".join(f"N'={k}" for k in sizes) + " |")
     lines.append("|---|" + "---:|" * len(sizes))
     for name, m in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_pct(m["accuracy_by_n"][k]) for k in sizes) + " |")
-    lines.append("| pass@N' | " + " | ".join(_pct(comparison["pass_at_n_by_n"][k]) for k in sizes) + " |")
+        lines.append(f"| {name} | " + " | ".join(_pct(_at(m["accuracy_by_n"], k)) for k in sizes) + " |")
+    lines.append("| pass@N' | " + " | ".join(_pct(_at(comparison["pass_at_n_by_n"], k)) for k in sizes) + " |")
     if comparison["accuracy_by_alpha"]:
         lines += ["", "## Accuracy vs alpha", ""]
         lines.append("| method | " + " | ".join(str(a) for a in ALPHA_GRID) + " |")
@@ -158,5 +201,19 @@ def report_markdown(run_id: str, comparison: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_pct(row[str(a)]) for a in ALPHA_GRID) + " |")
     lines += ["", "## Plots", ""]
     lines += [f"![{key}]({file})" for key, file in PLOTS.items()]
-    lines += ["", f"Per-question choices and key steps: debug.jsonl. Reduced in {comparison['reduce_s']:.1f} s.", ""]
+    stages = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in comparison.get("stage_s", {}).items())
+    timeouts = comparison.get("math_verify_timeouts", 0)
+    lines += [
+        "",
+        f"Per-question choices and key steps: debug.jsonl. Reduced in {comparison['reduce_s']:.1f} s ({stages}); "
+        f"median distinct answers per question {comparison.get('distinct_answers_median')}, "
+        f"{comparison.get('symbolic_comparisons', 0)} symbolic comparisons, "
+        f"{timeouts} math-verify timeouts (each counted as \"not equivalent\").",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _at(values: dict, k: int):
+    """A curve's value at N' = k; summary.json read back has string keys."""
+    return values[k] if k in values else values[str(k)]

@@ -1,11 +1,14 @@
-"""Selection methods: one registry from a method name to a function over one question's candidates.
+"""Selection methods: one registry from a method name to a function over many questions' candidates at once.
 
-A method takes the question's candidates (shard rows as dicts, in candidate order) and the
-selection parameters, and returns a `Choice`: the index of the chosen candidate, the score it
-won with, and every candidate's score under the method (for AUROC and histograms). Missing
-scores (NaN, e.g. from an empty response) rank last, and by default (`answerless_last`) so does a
-candidate without an extracted answer, as in the Self-Certainty code: on MATH it cannot be right.
-Nothing here needs a model: every input is a column of the shards.
+A method takes a `Candidates` block (B questions x n candidates: every per-candidate value a method
+reads, as [B, n] numpy arrays, answers already graded and grouped into classes) and the selection
+parameters, and returns `Picks`: per question the index of the chosen candidate, the score it won
+with, and every candidate's score under the method (for AUROC and histograms). Votes are counts
+over answer-class ids (`numpy.bincount`), so the same block serves every method, every random
+subset of the accuracy curves (`Candidates.take`) and every alpha of the sweep, and nothing is
+re-graded. Missing scores (NaN, e.g. from an empty response) rank last, and by default
+(`answerless_last`) so does a candidate without an extracted answer, as in the Self-Certainty
+code: on MATH it cannot be right. Nothing here needs a model: every input is a column of the shards.
 """
 
 from __future__ import annotations
@@ -14,18 +17,10 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from ray_pipeline.aggregates import (
-    coe_scores,
-    combined_self_certainty,
-    lowest_group_confidence,
-    mixed_certainty,
-    tail_confidence,
-)
-from ray_pipeline.answers import answers_equivalent
+from ray_pipeline.aggregates import combined_self_certainty, mixed_certainty
 from ray_pipeline.config import RunConfig, config_fields
 from ray_pipeline.errors import ConfigError, PipelineError
 
@@ -49,19 +44,92 @@ SelectionParams = dataclasses.make_dataclass(
     },
 )
 
+# The parameters a `Candidates` block is built for: they shape its per-candidate values, so a block answers
+# only for them. The others (alpha, answerless_last, borda_*) are read by the methods and may vary freely.
+BLOCK_PARAMS = ("answer_extraction", "lambda_weight", "deepconf_window")
+
 
 @dataclass(frozen=True)
 class Choice:
+    """One question's pick: the chosen candidate, the score it won with, every candidate's score."""
+
     index: int
     score: float
     scores: tuple[float, ...]
+
+
+@dataclass
+class Picks:
+    """A method's picks on a block: `index [B]`, `score [B]` (the winner's), `scores [B, n]` (every candidate's)."""
+
+    index: np.ndarray
+    score: np.ndarray
+    scores: np.ndarray
+
+    def choice(self, row: int) -> Choice:
+        return Choice(int(self.index[row]), float(self.score[row]), tuple(float(s) for s in self.scores[row]))
+
+
+# The per-candidate values of a block, each [B, n]. `label` is the answer class (-1: no answer), `correct` the
+# candidate's grade (False without a gold answer); the float values are NaN where a candidate has none.
+CANDIDATE_VALUES = (
+    "label",
+    "correct",
+    "token_count",
+    "mean_entropy",
+    "mean_self_certainty",
+    "token_certainty",
+    "step_certainty_min",
+    "coe_r",
+    "coe_c",
+    "self_eval_min",
+    "self_eval_missing",
+    "lowest_group",
+    "tail",
+)
+
+
+@dataclass
+class Candidates:
+    """B questions x n candidates, every value a method reads as a [B, n] array (see CANDIDATE_VALUES)."""
+
+    label: np.ndarray
+    correct: np.ndarray
+    token_count: np.ndarray
+    mean_entropy: np.ndarray
+    mean_self_certainty: np.ndarray
+    token_certainty: np.ndarray
+    step_certainty_min: np.ndarray
+    coe_r: np.ndarray
+    coe_c: np.ndarray
+    self_eval_min: np.ndarray
+    self_eval_missing: np.ndarray
+    lowest_group: np.ndarray
+    tail: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.label.shape
+
+    @property
+    def answered(self) -> np.ndarray:
+        return self.label >= 0
+
+    def take(self, columns: np.ndarray) -> Candidates:
+        """The block of the candidates `columns [B', k]` names per question (B' a multiple of B: draws stacked)."""
+        rows = np.arange(columns.shape[0])[:, None] % self.shape[0]
+        return Candidates(**{name: getattr(self, name)[rows, columns] for name in CANDIDATE_VALUES})
+
+    def combined(self, alpha: float) -> np.ndarray:
+        """The combined token/step certainty at this alpha (NaN for empty responses)."""
+        return combined_self_certainty(self.token_certainty, self.step_certainty_min, alpha)
 
 
 class MethodUnavailable(PipelineError):
     """The shards lack what a method needs (e.g. self-eval without --self_eval)."""
 
 
-Method = Callable[[list[dict], SelectionParams], Choice]
+Method = Callable[[Candidates, SelectionParams], Picks]
 METHODS: dict[str, Method] = {}
 # Methods whose choice can depend on alpha, each with the rule saying when it does.
 ALPHA_METHODS: dict[str, Callable[[SelectionParams], bool]] = {}
@@ -95,280 +163,270 @@ def get_method(name: str) -> Method:
         raise ConfigError(f"method must be one of {', '.join(sorted(METHODS))}, got {name!r}") from None
 
 
-def _key(value: float | None) -> float:
-    return -math.inf if value is None or math.isnan(value) else value
+def _keyed(scores: np.ndarray) -> np.ndarray:
+    """Scores as the methods order them: NaN (no score) as -inf."""
+    return np.where(np.isnan(scores), -np.inf, scores)
 
 
-def best_of(scores: list[float], answered: list[bool] | None = None) -> Choice:
-    """The first candidate with the largest score; NaN counts as -inf.
-
-    With `answered`, a candidate with an answer beats every candidate without one.
-    """
-    keyed = [_key(v) for v in scores]
-    tier = answered or [True] * len(scores)
-    index = max(range(len(keyed)), key=lambda i: (tier[i], keyed[i], -i))
-    return Choice(index, scores[index], tuple(scores))
+def _first_best(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Per row, the first column of `among` with the largest key there (rows with none in `among`: column 0)."""
+    best = np.where(among, keys, -np.inf).max(axis=1, initial=-np.inf)
+    return np.argmax(among & (keys == best[:, None]), axis=1)
 
 
-def answered(candidates: list[dict], params: SelectionParams) -> list[bool] | None:
-    """Which candidates have an extracted answer, when `answerless_last` ranks the others last."""
-    return [c["pred"] is not None for c in candidates] if params.answerless_last else None
+def _picked(scores: np.ndarray, index: np.ndarray) -> Picks:
+    return Picks(index, scores[np.arange(len(index)), index], scores)
 
 
-def best_scored(candidates: list[dict], scores: list[float], params: SelectionParams) -> Choice:
-    """The candidate with the highest score, answerless ones last when `params.answerless_last`."""
-    return best_of(scores, answered(candidates, params))
-
-
-def certainty_levels(candidate: dict, lambda_weight: float) -> tuple[float, list[float]]:
-    """Token-level certainty and the certainty of each step (`aggregates.mixed_certainty`) of one candidate."""
-    vocab = candidate["vocab_size"]
-    token = mixed_certainty(candidate["mean_self_certainty"], candidate["mean_entropy"], lambda_weight, vocab)
-    # Plain floats: a few dozen steps, and the reducer calls this for every candidate, N' and alpha.
-    steps = [
-        mixed_certainty(sc, h, lambda_weight, vocab)
-        for sc, h in zip(candidate["step_self_certainty"], candidate["step_entropy"])
-    ]
-    return token, steps
-
-
-def self_certainty_score(candidate: dict, alpha: float, lambda_weight: float = 1.0) -> float:
-    """The combined token/step certainty of one candidate at this alpha and lambda."""
-    if candidate["token_count"] == 0:
-        return math.nan
-    token, steps = certainty_levels(candidate, lambda_weight)
-    return combined_self_certainty(token, min(steps), alpha)
-
-
-def key_step(candidate: dict, lambda_weight: float = 1.0) -> dict | None:
-    """The candidate's least certain step (the original's "key step"): index, text and certainty."""
-    if candidate["token_count"] == 0:
-        return None
-    _, steps = certainty_levels(candidate, lambda_weight)
-    index = min(range(len(steps)), key=steps.__getitem__)
-    texts = candidate.get("step_texts") or []
-    return {"index": index, "text": texts[index] if index < len(texts) else None, "score": steps[index]}
+def best_scored(block: Candidates, scores: np.ndarray, params: SelectionParams) -> Picks:
+    """The first candidate with the highest score (NaN as -inf); with `answerless_last`, one with an answer if any."""
+    keys = _keyed(scores)
+    among = np.ones(scores.shape, dtype=bool)
+    if params.answerless_last:
+        answered = block.answered
+        among = np.where(answered.any(axis=1)[:, None], answered, among)
+    return _picked(scores, _first_best(keys, among))
 
 
 @method("baseline", scored=False)
-def baseline(candidates: list[dict], params: SelectionParams) -> Choice:
+def baseline(block: Candidates, params: SelectionParams) -> Picks:
     """The first sampled candidate: what a single sample would have given."""
-    return Choice(0, math.nan, (math.nan,) * len(candidates))
+    return _picked(np.full(block.shape, np.nan), np.zeros(block.shape[0], dtype=np.intp))
 
 
 @method("entropy")
-def lowest_entropy(candidates: list[dict], params: SelectionParams) -> Choice:
+def lowest_entropy(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate with the lowest mean token entropy (scored as negative entropy)."""
-    return best_scored(candidates, [-c["mean_entropy"] for c in candidates], params)
+    return best_scored(block, -block.mean_entropy, params)
 
 
 @method("self-certainty", uses_alpha=True)
-def highest_self_certainty(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_self_certainty(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate with the highest combined certainty (token and step level mixed by alpha)."""
-    scores = [self_certainty_score(c, params.alpha, params.lambda_weight) for c in candidates]
-    return best_scored(candidates, scores, params)
+    return best_scored(block, block.combined(params.alpha), params)
 
 
 @method("self-certainty-token")
-def highest_token_self_certainty(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_token_self_certainty(block: Candidates, params: SelectionParams) -> Picks:
     """Token level only: the combined score at alpha = 1."""
-    return best_scored(candidates, [self_certainty_score(c, 1.0, params.lambda_weight) for c in candidates], params)
+    return best_scored(block, block.combined(1.0), params)
 
 
 @method("self-certainty-step")
-def highest_step_self_certainty(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_step_self_certainty(block: Candidates, params: SelectionParams) -> Picks:
     """Step level only: the combined score at alpha = 0 (the certainty of the weakest step)."""
-    return best_scored(candidates, [self_certainty_score(c, 0.0, params.lambda_weight) for c in candidates], params)
-
-
-def coe_candidate_scores(candidate: dict) -> tuple[float, float]:
-    """CoE-R and CoE-C of one candidate from its stored layer transitions (NaN when it has none)."""
-    if not candidate["token_count"] or candidate["coe_magnitude"] is None:
-        return math.nan, math.nan
-    return coe_scores(
-        candidate["coe_magnitude"],
-        candidate["coe_angle"],
-        candidate["coe_span_magnitude"],
-        candidate["coe_span_angle"],
-    )
+    return best_scored(block, block.combined(0.0), params)
 
 
 @method("coe-r")
-def highest_coe_r(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_coe_r(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate with the highest CoE-R (mean magnitude change minus mean angle change)."""
-    return best_scored(candidates, [coe_candidate_scores(c)[0] for c in candidates], params)
+    return best_scored(block, block.coe_r, params)
 
 
 @method("coe-c")
-def highest_coe_c(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_coe_c(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate with the highest CoE-C (length of the mean complex layer change)."""
-    return best_scored(candidates, [coe_candidate_scores(c)[1] for c in candidates], params)
+    return best_scored(block, block.coe_c, params)
 
 
 @method("self-eval")
-def highest_self_eval(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_self_eval(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate whose weakest step the model itself finds most likely correct (min over steps)."""
-    if any(c["token_count"] and c["step_self_eval"] is None for c in candidates):
+    if block.self_eval_missing.any():
         raise MethodUnavailable("method self-eval needs shards scored with --self_eval")
-    scores = [min(c["step_self_eval"]) if c["token_count"] else math.nan for c in candidates]
-    return best_scored(candidates, scores, params)
+    return best_scored(block, block.self_eval_min, params)
 
 
 @method("lowest-group")
-def highest_lowest_group_confidence(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_lowest_group_confidence(block: Candidates, params: SelectionParams) -> Picks:
     """DeepConf: the candidate whose least confident window of tokens is most confident."""
-    scores = [_token_confidence(c, lowest_group_confidence, params.deepconf_window) for c in candidates]
-    return best_scored(candidates, scores, params)
+    return best_scored(block, block.lowest_group, params)
 
 
 @method("tail")
-def highest_tail_confidence(candidates: list[dict], params: SelectionParams) -> Choice:
+def highest_tail_confidence(block: Candidates, params: SelectionParams) -> Picks:
     """DeepConf: the candidate whose last window of tokens is most confident."""
-    scores = [_token_confidence(c, tail_confidence, params.deepconf_window) for c in candidates]
-    return best_scored(candidates, scores, params)
-
-
-def _token_confidence(candidate: dict, reduce: Callable, window: int) -> float:
-    return reduce(np.asarray(candidate["token_confidence"], dtype=np.float32), window)
-
-
-@lru_cache(maxsize=1 << 16)
-def _equivalent(a: str, b: str) -> bool:
-    return answers_equivalent(a, b)
-
-
-def answer_groups(preds: list[str | None]) -> list[int | None]:
-    """Group label of each answer: answers math-verify finds equivalent share a label, None has none.
-
-    Each answer joins the first earlier group whose first answer is equivalent, so the labels of
-    the first N' answers do not depend on the answers after them.
-    """
-    firsts: list[str] = []
-    labels: list[int | None] = []
-    for pred in preds:
-        if pred is None:
-            labels.append(None)
-            continue
-        label = next((g for g, first in enumerate(firsts) if _equivalent(first, pred)), None)
-        if label is None:
-            firsts.append(pred)
-            label = len(firsts) - 1
-        labels.append(label)
-    return labels
+    return best_scored(block, block.tail, params)
 
 
 def weighted_vote(
-    candidates: list[dict],
-    weights: list[float],
-    tie_break: list[float] | None = None,
-    voters: list[bool] | None = None,
-) -> Choice:
-    """The answer with the largest total weight of its voters, and its best voting member.
+    labels: np.ndarray,
+    weights: np.ndarray,
+    tie_break: np.ndarray | None = None,
+    voters: np.ndarray | None = None,
+) -> Picks:
+    """Per row, the answer class with the largest total weight of its voters, and its best voting member.
 
-    Every candidate votes unless `voters` says which do. Ties go to the answer whose first voter
-    comes first. A candidate's score is its answer's share of the voters' total weight (0 without
-    an answer); within the winning answer the voter with the largest `tie_break` (default: the
-    first) wins. Without any answer among the voters, the first candidate.
+    Every candidate votes unless `voters` says which do. Ties go to the class whose first voter comes
+    first. A candidate's score is its class's share of the voters' total weight (0 without an
+    answer); within the winning class the voter with the largest `tie_break` (default: the first)
+    wins. A row without any answer among its voters picks its first candidate.
     """
-    labels = answer_groups([c["pred"] for c in candidates])
-    voters = voters or [True] * len(candidates)
-    totals: dict[int, float] = {}
-    first_voter: dict[int, int] = {}
-    for i, (label, weight) in enumerate(zip(labels, weights)):
-        if label is not None and voters[i]:
-            totals[label] = totals.get(label, 0.0) + weight
-            first_voter.setdefault(label, i)
-    total = sum(w for w, votes in zip(weights, voters) if votes) or 1.0
-    scores = tuple(totals.get(label, 0.0) / total if label is not None else 0.0 for label in labels)
-    if not totals:
-        return Choice(0, scores[0], scores)
-    winner = max(totals, key=lambda g: (totals[g], -first_voter[g]))
-    members = [i for i, label in enumerate(labels) if label == winner and voters[i]]
-    order = tie_break or [0.0] * len(candidates)
-    index = max(members, key=lambda i: (_key(order[i]), -i))
-    return Choice(index, scores[index], scores)
+    rows, n = labels.shape
+    voters = np.ones(labels.shape, dtype=bool) if voters is None else voters
+    counted = voters & (labels >= 0)
+    # At least one class slot, so a block without any answer still indexes.
+    classes = int(labels.max(initial=0)) + 1
+    slots = (labels + np.arange(rows)[:, None] * classes)[counted]
+    # bincount adds each row's weights in candidate order, as a running sum would.
+    totals = np.bincount(slots, weights=weights[counted], minlength=rows * classes).reshape(rows, classes)
+    # A running sum in candidate order (cumsum), as a plain Python sum would add them.
+    total = np.cumsum(np.where(voters, weights, 0.0), axis=1)[:, -1] if n else np.zeros(rows)
+    total = np.where(total == 0, 1.0, total)
+    own = np.where(labels >= 0, totals[np.arange(rows)[:, None], np.maximum(labels, 0)], 0.0)
+    scores = own / total[:, None]
+    best_total = np.where(counted, own, -np.inf).max(axis=1, initial=-np.inf)
+    first_winner = np.argmax(counted & (own == best_total[:, None]), axis=1)
+    winner = labels[np.arange(rows), first_winner]
+    members = voters & (labels == winner[:, None])
+    order = np.zeros(labels.shape) if tie_break is None else _keyed(tie_break)
+    index = np.where(counted.any(axis=1), _first_best(order, members), 0)
+    return _picked(scores, index)
 
 
 @method("self-consistency", scored=False)
-def majority_vote(candidates: list[dict], params: SelectionParams) -> Choice:
+def majority_vote(block: Candidates, params: SelectionParams) -> Picks:
     """Majority over extracted answers (equivalent answers vote together); the first of the majority wins."""
-    return weighted_vote(candidates, [1.0] * len(candidates))
+    return weighted_vote(block.label, np.ones(block.shape))
 
 
-def borda_ranking_score(candidate: dict, params: SelectionParams) -> float:
+def borda_ranking_score(block: Candidates, params: SelectionParams) -> np.ndarray:
     """What borda ranks by: mean token self-certainty (the paper's), or the combined score."""
     if params.borda_score == "combined":
-        return self_certainty_score(candidate, params.alpha, params.lambda_weight)
-    return candidate["mean_self_certainty"] if candidate["token_count"] else math.nan
+        return block.combined(params.alpha)
+    return np.where(block.token_count > 0, block.mean_self_certainty, np.nan)
+
+
+def _power_table(n: int, power: float) -> np.ndarray:
+    """`k ** power` for k = 0 … n, by Python's float power (the votes of every rank, computed once)."""
+    return np.array([float(k) ** power for k in range(n + 1)])
 
 
 @method("borda", uses_alpha=lambda params: params.borda_score == "combined", scored=False)
-def borda_vote(candidates: list[dict], params: SelectionParams) -> Choice:
+def borda_vote(block: Candidates, params: SelectionParams) -> Picks:
     """Votes weighted by certainty rank: rank r (0 = most certain) of N votes (N - r)^p.
 
     As in the Self-Certainty code, every candidate holds a rank, one without an answer too
     (its votes go to no answer).
     """
-    certainty = [borda_ranking_score(c, params) for c in candidates]
-    ranking = sorted(range(len(candidates)), key=lambda i: (-_key(certainty[i]), i))
-    weights = [0.0] * len(candidates)
-    for rank, i in enumerate(ranking):
-        weights[i] = (len(candidates) - rank) ** params.borda_power
-    return weighted_vote(candidates, weights, tie_break=certainty)
+    certainty = borda_ranking_score(block, params)
+    rows, n = block.shape
+    # A stable sort of -certainty: the most certain first, ties in candidate order.
+    ranking = np.argsort(-_keyed(certainty), axis=1, kind="stable")
+    rank = np.empty_like(ranking)
+    np.put_along_axis(rank, ranking, np.broadcast_to(np.arange(n), ranking.shape), axis=1)
+    weights = _power_table(n, params.borda_power)[n - rank]
+    return weighted_vote(block.label, weights, tie_break=certainty)
 
 
 @method("weighted-vote", uses_alpha=True, scored=False)
-def certainty_weighted_vote(candidates: list[dict], params: SelectionParams) -> Choice:
+def certainty_weighted_vote(block: Candidates, params: SelectionParams) -> Picks:
     """Majority weighted by each candidate's combined certainty (the self-certainty method's score)."""
-    certainty = [self_certainty_score(c, params.alpha, params.lambda_weight) for c in candidates]
-    weights = [max(0.0, _key(v)) for v in certainty]
-    return weighted_vote(candidates, weights, tie_break=certainty)
+    certainty = block.combined(params.alpha)
+    return weighted_vote(block.label, np.maximum(0.0, _keyed(certainty)), tie_break=certainty)
 
 
 # DeepConf's offline filtering: the percentages of most confident traces kept (the paper's eta).
 DEEPCONF_KEEP_PERCENTS = (10, 90)
 
 
-def deepconf_kept(confidences: list[float], eligible: list[bool], keep_percent: float) -> list[bool]:
-    """DeepConf's filter: the eligible candidates whose confidence is at least the (100 - eta)th percentile.
+def row_percentiles(values: np.ndarray, among: np.ndarray, percentile: float) -> np.ndarray:
+    """Per row, `numpy.percentile` (linear interpolation) of the values `among` marks; NaN for a row with none.
 
-    The percentile is numpy's (linear interpolation) over the eligible candidates' confidences,
-    as in DeepConf's `filter_top_confidence`; so of N distinct confidences
-    N - ceil((1 - eta/100)(N - 1)) are kept (at least one), and ties at the threshold are all kept.
+    numpy computes one percentile per call and cannot skip masked values per row; this is its
+    'linear' method (virtual index (c - 1) q, numpy's `_lerp`) on every row at once, equal to it bit for bit.
     """
-    pool = [c for c, ok in zip(confidences, eligible) if ok]
-    if not pool:
-        return [False] * len(confidences)
-    threshold = np.percentile(pool, 100 - keep_percent)
-    return [ok and c >= threshold for c, ok in zip(confidences, eligible)]
+    rows = values.shape[0]
+    count = among.sum(axis=1)
+    ordered = np.sort(np.where(among, values, np.inf), axis=1)
+    q = np.true_divide(percentile, np.float64(100))
+    virtual = (count - 1) * q
+    low = np.floor(virtual)
+    at_top = virtual >= count - 1
+    low_index = np.where(at_top, count - 1, low).astype(np.intp)
+    high_index = np.where(at_top, count - 1, low + 1).astype(np.intp)
+    low_index, high_index = np.maximum(low_index, 0), np.maximum(high_index, 0)
+    a = ordered[np.arange(rows), low_index]
+    b = ordered[np.arange(rows), high_index]
+    gamma = virtual - np.where(at_top, -1, low)
+    # Rows with no value hold inf - inf here; they end as NaN below.
+    with np.errstate(invalid="ignore"):
+        diff = b - a
+        result = a + diff * gamma
+        result = np.where(gamma >= 0.5, b - diff * (1 - gamma), result)
+    result = np.where(at_top, a, result)
+    return np.where(count > 0, result, np.nan)
+
+
+def deepconf_kept(confidences: np.ndarray, eligible: np.ndarray, keep_percent: float) -> np.ndarray:
+    """DeepConf's filter: per row, the eligible candidates whose confidence is at least the (100 - eta)th percentile.
+
+    The percentile is numpy's (linear interpolation) over the row's eligible confidences, as in
+    DeepConf's `filter_top_confidence`; so of N distinct confidences N - ceil((1 - eta/100)(N - 1))
+    are kept (at least one), and ties at the threshold are all kept.
+    """
+    threshold = row_percentiles(confidences, eligible, 100 - keep_percent)
+    with np.errstate(invalid="ignore"):
+        return eligible & (confidences >= threshold[:, None])
 
 
 def deepconf_filtered_vote(
-    candidates: list[dict], confidences: list[float], keep_percent: float, params: SelectionParams
-) -> Choice:
+    block: Candidates, confidences: np.ndarray, keep_percent: float, params: SelectionParams
+) -> Picks:
     """Keep the most confident `keep_percent` % of candidates, then a confidence-weighted vote among them.
 
     Candidates without a confidence (empty responses) never take part; with `answerless_last`,
     neither do candidates without an answer (DeepConf votes over traces with an answer only).
     """
-    eligible = [not math.isnan(v) for v in confidences]
+    eligible = ~np.isnan(confidences)
     if params.answerless_last:
-        eligible = [ok and c["pred"] is not None for ok, c in zip(eligible, candidates)]
+        eligible &= block.answered
     kept = deepconf_kept(confidences, eligible, keep_percent)
-    return weighted_vote(candidates, [v if k else 0.0 for v, k in zip(confidences, kept)], confidences, kept)
+    return weighted_vote(block.label, np.where(kept, confidences, 0.0), confidences, kept)
 
 
-def _register_deepconf_filtered(kind: str, reduce: Callable, keep_percent: int) -> None:
+def _register_deepconf_filtered(kind: str, keep_percent: int) -> None:
+    value = kind.replace("-", "_")
+
     @method(f"deepconf-{kind}-{keep_percent}")
-    def filtered(candidates: list[dict], params: SelectionParams) -> Choice:
-        confidences = [_token_confidence(c, reduce, params.deepconf_window) for c in candidates]
-        return deepconf_filtered_vote(candidates, confidences, keep_percent, params)
+    def filtered(block: Candidates, params: SelectionParams) -> Picks:
+        return deepconf_filtered_vote(block, getattr(block, value), keep_percent, params)
 
     filtered.__doc__ = (
         f"DeepConf offline: the {keep_percent} % most {kind} confident candidates vote, weighted by that confidence."
     )
 
 
-for _kind, _reduce in (("lowest-group", lowest_group_confidence), ("tail", tail_confidence)):
+for _kind in ("lowest-group", "tail"):
     for _keep in DEEPCONF_KEEP_PERCENTS:
-        _register_deepconf_filtered(_kind, _reduce, _keep)
+        _register_deepconf_filtered(_kind, _keep)
+
+
+def step_certainties(candidate: dict, lambda_weight: float) -> list[float]:
+    """The certainty of each step of one candidate (`aggregates.mixed_certainty` of its mean SC and H)."""
+    vocab = candidate["vocab_size"]
+    return [
+        mixed_certainty(sc, h, lambda_weight, vocab)
+        for sc, h in zip(candidate["step_self_certainty"], candidate["step_entropy"])
+    ]
+
+
+def self_certainty_score(candidate: dict, alpha: float, lambda_weight: float = 1.0) -> float:
+    """The combined token/step certainty of one candidate (a shard row) at this alpha and lambda."""
+    if candidate["token_count"] == 0:
+        return math.nan
+    token = mixed_certainty(
+        candidate["mean_self_certainty"], candidate["mean_entropy"], lambda_weight, candidate["vocab_size"]
+    )
+    return combined_self_certainty(token, min(step_certainties(candidate, lambda_weight)), alpha)
+
+
+def key_step(candidate: dict, lambda_weight: float = 1.0) -> dict | None:
+    """The candidate's least certain step (the original's "key step"): index, text and certainty."""
+    if candidate["token_count"] == 0:
+        return None
+    steps = step_certainties(candidate, lambda_weight)
+    index = min(range(len(steps)), key=steps.__getitem__)
+    texts = candidate.get("step_texts") or []
+    return {"index": index, "text": texts[index] if index < len(texts) else None, "score": steps[index]}

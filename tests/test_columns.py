@@ -6,7 +6,8 @@ import pyarrow as pa
 
 from ray_pipeline.columns import COLUMNS, GENERATOR, SCORER, empty_scores
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.reduce import SELECTION_COLUMNS, load_questions
+from ray_pipeline.reduce import SELECTION_COLUMNS, grade_run
+from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import CANDIDATE_SCHEMA, SHARD_SCHEMA, ShardWriter
 
 
@@ -37,7 +38,7 @@ def test_reducer_extracts_and_grades_with_the_chosen_mode(tmp_path):
         row |= {"problem_id": "p0", "problem_index": 0, "shard_id": 0, "gold": "4", "candidate_index": k, "text": text}
         rows.append(row)
     ShardWriter(tmp_path, {0: len(rows)}).add(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
-    (boxed,), _ = load_questions(tmp_path)
-    assert [(r["pred"], r["correct"]) for r in boxed] == [("4", True), (None, False), (None, False), ("5", False)]
-    (numbers,), _ = load_questions(tmp_path, answer_extraction="boxed-then-last-number")
-    assert [(r["pred"], r["correct"]) for r in numbers] == [("4", True), ("4", True), (None, False), ("5", False)]
+    boxed = grade_run(tmp_path, SelectionParams())
+    assert list(zip(boxed.preds, boxed.correct_of(0))) == [("4", True), (None, False), (None, False), ("5", False)]
+    numbers = grade_run(tmp_path, SelectionParams(answer_extraction="boxed-then-last-number"))
+    assert list(zip(numbers.preds, numbers.correct_of(0))) == [("4", True), ("4", True), (None, False), ("5", False)]

@@ -13,6 +13,7 @@ from jobs.reduce import main as reduce_main
 from ray_pipeline.config import RunConfig, config_fields
 from ray_pipeline.metrics import ALPHA_GRID, auroc, compare, wilson_interval
 from ray_pipeline.plots import PLOTS, shown_sizes
+from ray_pipeline.reduce import grade_table, question_rows_table
 from ray_pipeline.report import compare_run, report_markdown
 from ray_pipeline.selection import METHODS, SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
@@ -100,9 +101,16 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     assert methods["baseline"]["accuracy"] == pytest.approx(1 / 3) and methods["baseline"]["auroc"] is None
     assert methods["self-certainty"]["by_level"] == {"1": {"accuracy": 1.0, "n": 1}, "2": {"accuracy": 0.0, "n": 2}}
     assert methods["self-consistency"]["by_subject"]["Geometry"] == {"accuracy": 1.0, "n": 1}
-    # N' = 1 is the first candidate for every method.
-    assert {m["accuracy_by_n"][1] for m in methods.values()} == {1 / 3}
-    assert comparison["pass_at_n_by_n"] == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3, 4: 2 / 3}
+    # N' = 1 over each question's first candidate: the first candidate for every method.
+    assert {m["accuracy_by_first_n"][1] for m in methods.values()} == {1 / 3}
+    assert comparison["pass_at_n_by_first_n"] == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3, 4: 2 / 3}
+    # Random subsets: at N' = 1 every method takes the one candidate it is given, the same draws for all; at
+    # N' = N every subset is the whole question, so the curve ends at the method's accuracy.
+    assert len({m["accuracy_by_n"][1] for m in methods.values()}) == 1
+    assert all(m["accuracy_by_n"][4] == m["accuracy"] for m in methods.values())
+    # Unbiased pass@k: q0 has 1 of 4 right, q1 3 of 4, q2 none: 1 - C(n - c, k) / C(n, k) averaged.
+    want = {1: (1 / 4 + 3 / 4) / 3, 2: (1 / 2 + 1) / 3, 3: (3 / 4 + 1) / 3, 4: 2 / 3}
+    assert comparison["pass_at_n_by_n"] == pytest.approx(want)
     # Borda ranks by token self-certainty by default, so it does not depend on alpha.
     assert set(comparison["accuracy_by_alpha"]) == {"self-certainty", "weighted-vote"}
     assert list(comparison["accuracy_by_alpha"]["weighted-vote"]) == [str(a) for a in ALPHA_GRID]
@@ -198,9 +206,13 @@ def answerless_questions():
     return [rows[i : i + 4] for i in range(0, 12, 4)]
 
 
+def graded(questions, params):
+    return grade_table(question_rows_table(questions), params, workers=1)
+
+
 def test_report_counts_the_picks_the_answerless_rule_changed():
     questions = answerless_questions()
-    results, _, _ = compare(questions, SelectionParams())
+    results, _, _ = compare(graded(questions, SelectionParams()), SelectionParams())
     changed = {name: r.summary["answerless_last_changed"] for name, r in results.items()}
     # Every argmax over a certainty moves off the answerless candidate on q0 and q1. Entropy is equal
     # everywhere, so it takes the first candidate, and the first with an answer: only q0 changes.
@@ -210,9 +222,10 @@ def test_report_counts_the_picks_the_answerless_rule_changed():
     # Votes never give an answerless candidate the pick; baseline is the first candidate by definition.
     assert changed["baseline"] == changed["self-consistency"] == changed["borda"] == changed["weighted-vote"] == 0
     # q0: self-certainty picks "5" (certainty 2.0) over the answerless 3.0; q1: "6" (1.5) over the answerless 2.5.
-    assert [c.index for c in results["self-certainty"].choices] == [2, 2, 1]
-    plain, _, _ = compare(questions, SelectionParams(answerless_last=False))
-    assert [c.index for c in plain["self-certainty"].choices] == [0, 1, 1]
+    assert results["self-certainty"].picks.index.tolist() == [2, 2, 1]
+    plain_params = SelectionParams(answerless_last=False)
+    plain, _, _ = compare(graded(questions, plain_params), plain_params)
+    assert plain["self-certainty"].picks.index.tolist() == [0, 1, 1]
     assert all(r.summary["answerless_last_changed"] is None for r in plain.values())
 
     comparison = {
@@ -228,7 +241,8 @@ def test_report_counts_the_picks_the_answerless_rule_changed():
         },
         "pass_at_n": 1.0,
         "pass_at_n_by_n": {k: 1.0 for k in range(1, 5)},
-        "methods": {name: r.summary for name, r in results.items()},
+        "curve_draws": 32,
+        "methods": {name: r.summary | {"accuracy_by_n": {k: 0.5 for k in range(1, 5)}} for name, r in results.items()},
         "accuracy_by_alpha": {},
         "unavailable": {},
         "reduce_s": 0.1,
@@ -237,7 +251,8 @@ def test_report_counts_the_picks_the_answerless_rule_changed():
     assert "| method | accuracy | 95 % CI | AUROC | answerless-last changed |" in report
     row = next(line for line in report.splitlines() if line.startswith("| self-certainty |"))
     assert row.endswith("| 2 |") and "answerless_last on" in report
-    comparison["methods"] = {name: r.summary for name, r in plain.items()}
+    curve = {"accuracy_by_n": {k: 0.5 for k in range(1, 5)}}
+    comparison["methods"] = {name: r.summary | curve for name, r in plain.items()}
     comparison["params"]["answerless_last"] = False
     report = report_markdown("run", comparison)
     assert next(line for line in report.splitlines() if line.startswith("| self-certainty |")).endswith("| — |")

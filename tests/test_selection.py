@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 from ray_pipeline.errors import ConfigError
+from ray_pipeline.reduce import select_questions
 from ray_pipeline.selection import (
     METHODS,
     SCORE_METHODS,
     MethodUnavailable,
     SelectionParams,
     alpha_methods,
-    answer_groups,
-    best_of,
     deepconf_kept,
     get_method,
     key_step,
@@ -62,7 +61,9 @@ def candidate(
 
 
 def pick(name, candidates, **params):
-    return get_method(name)(candidates, SelectionParams(**params))
+    """One method on one question of hand-made candidates."""
+    (choice,) = select_questions([candidates], name, SelectionParams(**params))
+    return choice
 
 
 def test_registry_holds_every_method_of_the_issue():
@@ -175,11 +176,10 @@ def test_self_consistency_ties_and_missing_answers():
     assert pick("self-consistency", [candidate(None), candidate(None)]).index == 0
 
 
-def test_answer_groups_of_a_prefix_do_not_depend_on_later_answers():
-    preds = ["x", "0.5", None, "1/2", "x", "7"]
-    labels = answer_groups(preds)
-    assert labels == [0, 1, None, 1, 0, 2]
-    assert all(answer_groups(preds[:k]) == labels[:k] for k in range(1, len(preds)))
+def test_vote_scores_count_the_answer_classes():
+    cands = [candidate("x"), candidate("0.5"), candidate(None), candidate("1/2"), candidate("x"), candidate("7")]
+    # Classes x, 1/2 (two forms), 7: self-consistency's score of a candidate is its class's share of six votes.
+    assert pick("self-consistency", cands).scores == (2 / 6, 2 / 6, 0.0, 2 / 6, 2 / 6, 1 / 6)
 
 
 def borda_candidates():
@@ -223,7 +223,7 @@ def test_empty_responses_rank_last():
     for name in ("self-certainty", "entropy", "coe-r", "coe-c", "lowest-group", "tail", "self-eval"):
         assert pick(name, [empty, candidate()]).index == 1, name
     assert key_step(empty) is None
-    assert best_of([math.nan, math.nan]).index == 0
+    assert pick("entropy", [empty, empty]).index == 0
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -390,9 +390,9 @@ def test_deepconf_filtered_vote_equals_deepconf_code_on_random_questions(kind, k
     [(1, 10, 1), (4, 10, 1), (4, 90, 3), (10, 10, 1), (10, 90, 9), (64, 10, 7), (64, 90, 57)],
 )
 def test_deepconf_keeps_the_top_eta_percent_as_deepconf_counts_them(n, keep_percent, kept):
-    confidences = [float(i) for i in range(n)]
-    mask = deepconf_kept(confidences, [True] * n, keep_percent)
-    assert sum(mask) == kept and mask == [i >= n - kept for i in range(n)]
+    confidences = np.arange(n, dtype=np.float64)[None, :]
+    mask = deepconf_kept(confidences, np.ones((1, n), dtype=bool), keep_percent)[0]
+    assert mask.sum() == kept and mask.tolist() == [i >= n - kept for i in range(n)]
 
 
 def test_deepconf_filtered_vote_keeps_the_most_confident_and_weights_by_confidence():

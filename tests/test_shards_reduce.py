@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import load_questions, reduce_run
+from ray_pipeline.reduce import grade_run, reduce_run
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards, shard_path
 
@@ -103,11 +103,14 @@ def test_reducer_picks_by_method_and_reports(tmp_path):
 
 def test_token_confidence_is_read_back_per_candidate(tmp_path):
     ShardWriter(tmp_path, {0: 3}).add(fake_rows(0, 0, 3, 0, 0))
-    questions, missing = load_questions(tmp_path)
-    assert missing == [] and len(questions) == 1
-    for k, row in enumerate(questions[0]):
-        assert row["token_confidence"].tolist() == [1.0, 2.0, 3.0 + k]
-        assert "token_ids" not in row and row["step_texts"][1] == f"weak step of {k}"
+    run = grade_run(tmp_path, SelectionParams(deepconf_window=2))
+    assert run.missing == [] and run.problems == 1
+    # Each candidate's own confidences (1, 2, 3 + k): the lowest window of two is (1 + 2) / 2, the tail (2 + 3 + k) / 2.
+    assert run.values["lowest_group"].tolist() == [1.5, 1.5, 1.5]
+    assert run.values["tail"].tolist() == [2.5, 3.0, 3.5]
+    for k in range(3):
+        row = run.row(0, k)
+        assert "token_ids" not in row and "token_confidence" not in row and row["step_texts"][1] == f"weak step of {k}"
 
 
 def test_reducer_refuses_missing_shards(tmp_path):
