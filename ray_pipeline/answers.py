@@ -247,12 +247,14 @@ for _name in ("math_verify.grader", "math_verify.parser"):
 
 
 def timeouts() -> int:
-    """math-verify timeouts (parses, comparisons, value probes) in this process so far."""
+    """math-verify's timeouts (parses and comparisons, each counted as "not equivalent") in this process so far."""
     return _TIMEOUTS.count
 
 
 # --- a problem's answers, parsed once -----------------------------------------------------------------------------
 
+# Seconds a value probe may take (main thread only): past it the answer has no value key.
+PROBE_TIMEOUT_S = 1
 # Values that are "clearly different" differ by more than this share of their magnitude (at least 1). math-verify
 # calls two numbers equal when they agree to 6 decimals (a float involved) or exactly: a gap above 1e-6 is never
 # equal under either rule, and the margin keeps rounding in the value probe from deciding anything.
@@ -307,16 +309,14 @@ def _probe_value(expr) -> complex | None:
     if len(points) != len(expr.free_symbols):
         return None
 
-    @math_verify_timeout(timeout_seconds=_timeout())
+    @math_verify_timeout(timeout_seconds=PROBE_TIMEOUT_S if _timeout() else None)
     def evaluate():
         return complex(expr.subs(points).evalf(30))
 
     try:
         value = evaluate()
-    except TimeoutException:
-        _TIMEOUTS.count += 1
-        return None
-    except Exception:  # noqa: BLE001 - an expression SymPy cannot evaluate just has no value key
+    # A value is only a shortcut: without one, math-verify compares the pair, so a slow probe changes no result.
+    except (Exception, TimeoutException):  # noqa: BLE001
         return None
     return value if cmath.isfinite(value) else None
 

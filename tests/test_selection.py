@@ -1,6 +1,7 @@
 """Selection methods on hand-made candidates whose right pick is known."""
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -409,3 +410,68 @@ def test_deepconf_filtered_vote_keeps_the_most_confident_and_weights_by_confiden
     # Without the answerless rule the answerless candidate (tail 9) takes the top 10 % and votes for nothing.
     assert pick("deepconf-tail-10", cands, answerless_last=False).index == 0
     assert pick("deepconf-tail-10", cands, answerless_last=False).scores == (0.0,) * len(cands)
+
+
+def test_row_percentiles_equal_numpy_percentile_row_by_row():
+    from ray_pipeline.selection import row_percentiles
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        rows, n = rng.integers(1, 6), rng.integers(1, 20)
+        # Few distinct values, so ties and repeated thresholds are common.
+        values = rng.integers(0, 6, (rows, n)) / rng.choice([1.0, 3.0, 7.0])
+        among = rng.random((rows, n)) < 0.7
+        q = float(rng.choice([10, 90, 0, 100, 37.5]))
+        got = row_percentiles(values, among, q)
+        for r in range(rows):
+            pool = values[r][among[r]]
+            want = np.percentile(pool, q) if pool.size else np.nan
+            assert (np.isnan(want) and np.isnan(got[r])) or got[r] == want, (values[r], among[r], q)
+
+
+def scalar_weighted_vote(labels, weights, tie_break=None, voters=None):
+    """The vote as it was written per question: a dict of totals, Python sums and tuple keys."""
+    voters = voters or [True] * len(labels)
+    totals, first_voter = {}, {}
+    for i, (label, weight) in enumerate(zip(labels, weights)):
+        if label is not None and voters[i]:
+            totals[label] = totals.get(label, 0.0) + weight
+            first_voter.setdefault(label, i)
+    total = sum(w for w, votes in zip(weights, voters) if votes) or 1.0
+    scores = [totals.get(label, 0.0) / total if label is not None else 0.0 for label in labels]
+    if not totals:
+        return 0, scores
+    winner = max(totals, key=lambda g: (totals[g], -first_voter[g]))
+    members = [i for i, label in enumerate(labels) if label == winner and voters[i]]
+    order = [(-math.inf if v is None or math.isnan(v) else v) for v in (tie_break or [0.0] * len(labels))]
+    return max(members, key=lambda i: (order[i], -i)), scores
+
+
+def test_array_vote_equals_the_per_question_vote_bit_for_bit():
+    from ray_pipeline.selection import weighted_vote
+
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        rows, n = int(rng.integers(1, 5)), int(rng.integers(1, 12))
+        labels = rng.integers(-1, 4, (rows, n))
+        # Weights with exact ties (small integers) and without (random floats), some zero.
+        weights = rng.choice([rng.integers(0, 3, (rows, n)).astype(float), rng.random((rows, n))], axis=0)
+        tie_break = np.where(rng.random((rows, n)) < 0.2, np.nan, rng.integers(0, 3, (rows, n)).astype(float))
+        voters = rng.random((rows, n)) < 0.8
+        picks = weighted_vote(labels, weights, tie_break, voters)
+        for r in range(rows):
+            row_labels = [None if x < 0 else int(x) for x in labels[r]]
+            row = (weights[r].tolist(), tie_break[r].tolist(), voters[r].tolist())
+            index, scores = scalar_weighted_vote(row_labels, *row)
+            assert picks.index[r] == index and picks.scores[r].tolist() == scores
+
+
+def test_unbiased_pass_at_k_equals_the_share_of_k_subsets_with_a_correct_candidate():
+    from ray_pipeline.metrics import pass_at_k
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                want = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
