@@ -15,20 +15,19 @@ import numpy as np
 
 
 def mixed_certainty(self_certainty, entropy, lambda_weight: float, vocab_size: int):
-    """Certainty in [0, 1] of a span (its mean SC and H): lambda * (1 - exp(-SC)) + (1 - lambda) * (1 - H / log V).
+    """Certainty of a span (its mean SC and H): lambda * SC / log V + (1 - lambda) * (1 - H / log V).
 
-    SC = KL(U || p) has no upper bound (it grows without limit as p nears one-hot), so it is
-    mapped by 1 - exp(-SC) = 1 - GM(p) / AM(p) (geometric over arithmetic mean of the
-    probabilities), and H, at most log V, is divided by log V. Both terms are 0 for the uniform
-    distribution, approach 1 for a one-hot one and lie in [0, 1] in between, so `lambda_weight`
-    mixes two certainties on one scale: 1 is pure self-certainty, 0 pure negative entropy. Both
-    maps are monotone, so at lambda 1 or 0 a span's certainty ranks spans as its mean SC or mean H
-    does. Takes floats or numpy arrays (elementwise).
+    Both terms are in nats over log V, so a nat of self-certainty and a nat of entropy weigh the
+    same at every level of certainty: both are 0 for the uniform distribution and grow as p
+    sharpens. H is at most log V, so its term lies in [0, 1]; SC = KL(U || p) has no upper bound
+    (it grows without limit as p nears one-hot, and passes log V on confident responses), and its
+    term keeps growing with it. A map that saturates (e.g. 1 - exp(-SC), equal to 1.0 in float64
+    past SC = 36.7, its steps below e^-5 past SC = 5) would make sharp spans tie and leave the
+    entropy term to decide alone. Both terms are monotone, so at lambda 1 or 0 a span's certainty
+    ranks spans as its mean SC or mean H does. Takes floats or numpy arrays (elementwise).
     """
-    # Plain floats through math: the reducer calls this for every step of every candidate, N' and alpha.
-    exp = np.exp if isinstance(self_certainty, np.ndarray) else math.exp
     log_v = math.log(vocab_size)
-    return lambda_weight * (1.0 - exp(-self_certainty)) + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
+    return lambda_weight * (self_certainty / log_v) + (1.0 - lambda_weight) * (1.0 - entropy / log_v)
 
 
 def combined_self_certainty(token_level: float, step_min: float, alpha: float) -> float:

@@ -97,8 +97,9 @@ class RunConfig:
     )
     lambda_weight: float = _opt(
         1.0,
-        "mixing weight of a span's certainty: lambda * (1 - exp(-self-certainty)) + (1 - lambda) * "
-        "(1 - entropy / log V), both terms in [0, 1] (0 uniform, 1 one-hot), from the span's mean per-token values",
+        "mixing weight of a span's certainty: lambda * self-certainty / log V + (1 - lambda) * (1 - entropy / log V), "
+        "from the span's mean per-token values: both terms 0 for a uniform distribution, a nat of either worth the "
+        "same at every certainty (the self-certainty term has no upper bound, so sharp spans never tie)",
         low=0.0,
         high=1.0,
         role="selection",

@@ -25,21 +25,20 @@ def test_combined_score_mixes_token_and_step_level():
     assert combined_self_certainty(token_level=0.8, step_min=0.2, alpha=0.25) == pytest.approx(0.25 * 0.8 + 0.75 * 0.2)
 
 
-def test_mixed_certainty_spans_uniform_to_one_hot():
+def test_mixed_certainty_weighs_a_nat_of_either_term_alike():
     vocab = 50
     log_v = math.log(vocab)
-    # Uniform: SC = 0, H = log V -> 0 for every lambda. One-hot: SC -> inf, H = 0 -> 1.
+    # Uniform: SC = 0, H = log V -> 0 for every lambda. Sharper spans: SC grows without bound, H falls to 0.
     for lam in (0.0, 0.3, 1.0):
         assert mixed_certainty(0.0, log_v, lam, vocab) == pytest.approx(0.0)
-        assert mixed_certainty(math.inf, 0.0, lam, vocab) == pytest.approx(1.0)
-    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == pytest.approx(1.0 - math.exp(-2.0))
+    assert mixed_certainty(2.0, 1.0, 1.0, vocab) == 2.0 / log_v
     assert mixed_certainty(2.0, 1.0, 0.0, vocab) == pytest.approx(1.0 - 1.0 / log_v)
-    want = 0.25 * (1.0 - math.exp(-2.0)) + 0.75 * (1 - 1.0 / log_v)
+    want = 0.25 * 2.0 / log_v + 0.75 * (1 - 1.0 / log_v)
     assert mixed_certainty(2.0, 1.0, 0.25, vocab) == pytest.approx(want)
     # Arrays elementwise, as floats. (The scale itself: tests/test_certainty_scale.py.)
     sc, h = np.array([0.5, 2.0, 3.0]), np.array([3.0, 1.0, 0.2])
     mixed = mixed_certainty(sc, h, 0.6, vocab)
-    assert mixed[1] == pytest.approx(mixed_certainty(2.0, 1.0, 0.6, vocab))
+    assert mixed[1] == mixed_certainty(2.0, 1.0, 0.6, vocab)
 
 
 def test_deepconf_window_confidences_match_float64_reference():

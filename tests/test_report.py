@@ -114,7 +114,7 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     # Borda ranks by token self-certainty by default, so it does not depend on alpha.
     assert set(comparison["accuracy_by_alpha"]) == {"self-certainty", "weighted-vote"}
     assert list(comparison["accuracy_by_alpha"]["weighted-vote"]) == [str(a) for a in ALPHA_GRID]
-    # Token certainty is 1 - exp(-SC), monotone in SC.
+    # Token certainty is SC / log V, monotone in SC.
     # Right: 3.0, 1.0, 1.1, 1.2; wrong: 1.0, 1.5, 1.2, 3.0, 1.0, 2.0, 1.5, 1.2.
     # Wins (ties half) over the 32 pairs: 7.5 + 1 + 2 + 3.
     assert methods["self-certainty-token"]["auroc"] == pytest.approx(13.5 / 32)
@@ -130,7 +130,7 @@ def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     assert [d["unique_id"] for d in debug] == ["p0", "p1", "p2"]
     chosen = debug[0]["methods"]["self-certainty"]
     assert chosen["candidate_index"] == 0 and chosen["correct"] is True
-    assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(1 - math.exp(-3.0))}
+    assert chosen["key_step"] == {"index": 1, "text": "so 1", "score": pytest.approx(3.0 / math.log(100))}
 
 
 def other_value(f: dataclasses.Field):

@@ -26,8 +26,8 @@ LOG_V = math.log(VOCAB)
 
 
 def sc_for(certainty):
-    """The mean self-certainty whose certainty term 1 - exp(-SC) is `certainty`."""
-    return -math.log(1.0 - certainty)
+    """The mean self-certainty whose certainty term SC / log V is `certainty`."""
+    return certainty * LOG_V
 
 
 def candidate(
@@ -113,12 +113,12 @@ def test_self_certainty_alpha_trades_token_for_step_level():
     b = candidate(token_sc=5.0, step_sc=(4.0, 6.0))
     assert pick("self-certainty", [a, b], alpha=1.0).index == 0
     assert pick("self-certainty", [a, b], alpha=0.0).index == 1
-    # 0.4 (1 - e^-8) + 0.6 (1 - e^-1) = 0.779 < 0.4 (1 - e^-5) + 0.6 (1 - e^-4) = 0.986
+    # (0.4 * 8 + 0.6 * 1) / log V = 3.8 / log V < (0.4 * 5 + 0.6 * 4) / log V = 4.4 / log V
     assert pick("self-certainty", [a, b], alpha=0.4).index == 1
-    assert self_certainty_score(a, 0.4) == pytest.approx(0.4 * (1 - math.exp(-8)) + 0.6 * (1 - math.exp(-1)))
+    assert self_certainty_score(a, 0.4) == pytest.approx((0.4 * 8 + 0.6 * 1) / LOG_V)
     assert pick("self-certainty-token", [a, b]).index == 0
     assert pick("self-certainty-step", [a, b]).index == 1
-    assert key_step(a) == {"index": 1, "text": "step 1", "score": pytest.approx(1 - math.exp(-1))}
+    assert key_step(a) == {"index": 1, "text": "step 1", "score": pytest.approx(1 / LOG_V)}
 
 
 def test_lambda_weight_mixes_self_certainty_with_negative_entropy():
@@ -314,7 +314,7 @@ def test_borda_ranks_by_token_self_certainty_by_default_and_by_the_combined_scor
     # Token level: A > B > C; combined at alpha 0.4 (weak last steps for A): B > C > A.
     a = candidate("7", token_sc=3.0, step_sc=(3.0, 0.1))
     b = candidate("9", token_sc=2.0, step_sc=(2.0, 2.0))
-    c = candidate("7", token_sc=1.0, step_sc=(1.0, 1.0))
+    c = candidate("7", token_sc=1.5, step_sc=(1.5, 1.5))
     # Token ranks A 0, B 1, C 2: 7 gets 3 + 1 = 4 votes, 9 gets 2 (p = 1).
     assert pick("borda", [a, b, c], borda_power=1.0).index == 0
     # Combined ranks B 0, C 1, A 2: 9 gets 3, 7 gets 2 + 1 = 3: a tie, the answer seen first (7), its

@@ -88,7 +88,7 @@ def test_reducer_picks_by_method_and_reports(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(line)[:2] for line in lines] == [["question", "answer"]] * 3
     assert [line["candidate_index"] for line in lines] == [1, 2, 0]
-    assert lines[0]["key_step"] == {"index": 1, "text": "weak step of 1", "score": pytest.approx(1 - math.exp(-3.0))}
+    assert lines[0]["key_step"] == {"index": 1, "text": "weak step of 1", "score": pytest.approx(3.0 / math.log(100))}
     assert summary.accuracy == pytest.approx(1 / 3) and summary.pass_at_n == pytest.approx(2 / 3)
     assert (summary.problems, summary.candidates, summary.candidates_per_problem) == (3, 9, 3)
     baseline = reduce_run(shards, out, method="baseline")
