@@ -31,6 +31,8 @@ class Column:
     selection: bool = True
     # Its value for a candidate with no response tokens (an empty response or an error row).
     empty: object = None
+    # Added after shards of this format existed: a shard without it is read with nulls (shards.schema_fault).
+    later: bool = False
 
 
 COLUMNS = (
@@ -64,6 +66,7 @@ COLUMNS = (
 )
 
 CANDIDATE_FIELDS = [(c.name, c.type) for c in COLUMNS if c.stage == GENERATOR]
+LATER_COLUMNS = frozenset(c.name for c in COLUMNS if c.later)
 SCORE_FIELDS = [(c.name, c.type) for c in COLUMNS if c.stage == SCORER]
 
 

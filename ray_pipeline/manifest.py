@@ -147,7 +147,10 @@ class Manifest:
         try:
             manifest = cls(**json.loads(path.read_text()))
             shards_ok = all(
-                isinstance(i, dict) and isinstance(i.get("rows"), int) and i.get("status") in STATUSES
+                isinstance(i, dict)
+                and isinstance(i.get("rows"), int)
+                and isinstance(i.get("problems"), int)
+                and i.get("status") in STATUSES
                 for i in manifest.shards.values()
             )
             if not shards_ok or not isinstance(manifest.fingerprint, dict):
@@ -168,6 +171,14 @@ class Manifest:
 
     def expected_rows(self) -> dict[int, int]:
         return {int(s): info["rows"] for s, info in self.shards.items()}
+
+    def planned_shards(self) -> dict:
+        """Each shard's planned problems and candidates (`shards.PlannedShard`), what the shard check holds it to."""
+        from ray_pipeline.shards import planned_shards
+
+        problems = {int(s): info["problems"] for s, info in self.shards.items()}
+        candidates = {info["rows"] // info["problems"] for info in self.shards.values() if info["problems"]}
+        return planned_shards(problems, candidates.pop() if len(candidates) == 1 else 0)
 
     def set_status(self, shard_id: int, status: str) -> None:
         self.shards[str(shard_id)]["status"] = status
@@ -192,8 +203,8 @@ def shard_faults(manifest: Manifest, shards_dir: Location) -> dict[int, str | No
     shards_dir = StoragePath.parse(shards_dir)
     check_no_unplanned_files(shards_dir, sorted(manifest.expected_rows()))
     return {
-        shard_id: check_shard(shard_path(shards_dir, shard_id), rows, manifest.fingerprint_hash)
-        for shard_id, rows in sorted(manifest.expected_rows().items())
+        shard_id: check_shard(shard_path(shards_dir, shard_id), planned, manifest.fingerprint_hash)
+        for shard_id, planned in sorted(manifest.planned_shards().items())
     }
 
 

@@ -39,7 +39,7 @@ from ray_pipeline.selection import (
     get_method,
     key_step,
 )
-from ray_pipeline.shards import read_shards, shard_path
+from ray_pipeline.shards import PlannedShard, check_shard, read_shards, shard_path
 from ray_pipeline.storage import Location, StoragePath
 
 # What the methods, the records and the report read (columns.py marks them): every column but the
@@ -127,7 +127,7 @@ def candidate_values(chunk: pa.Table, params: SelectionParams, preds: list[str |
         # Plain floats through the scalar functions: a candidate's value must not depend on its batch.
         v = int(vocab[i])
         values["token_certainty"][i] = mixed_certainty(float(mean_self_certainty[i]), float(mean_entropy[i]), lam, v)
-        steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i], step_h[i])]
+        steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i] or [], step_h[i] or [])]
         values["step_certainty_min"][i] = min(steps) if steps else math.nan
         if coe[0][i] is not None:
             values["coe_r"][i], values["coe_c"][i] = coe_scores(coe[0][i], coe[1][i], coe[2][i], coe[3][i])
@@ -284,30 +284,71 @@ def _check_block_params(run: GradedRun, params: SelectionParams) -> None:
         raise ValueError(f"the run was graded for other {', '.join(changed)}: grade it again with these parameters")
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards a run folder's manifest plans, and the fingerprint they must carry: what the shard check needs."""
+
+    shards: dict[int, PlannedShard]
+    fingerprint: str
+
+    @classmethod
+    def of(cls, manifest) -> ShardPlan:
+        return cls(manifest.planned_shards(), manifest.fingerprint_hash)
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return sorted(self.shards)
+
+
+class ShardFault(PipelineError):
+    """A planned shard that the reducer cannot trust (another configuration, another schema, wrong keys …)."""
+
+    def __init__(self, shard_id: int, fault: str, message: str):
+        super().__init__(message)
+        self.shard_id, self.fault = shard_id, fault
+
+
+def check_planned_shards(shards_dir: StoragePath, plan: ShardPlan, allow_partial: bool) -> list[int]:
+    """The shard check of the resume (`shards.check_shard`) on every planned shard; returns the missing ones.
+
+    A missing shard is refused unless `allow_partial`; any other fault is refused, naming the shard.
+    """
+    faults = {s: check_shard(shard_path(shards_dir, s), shard, plan.fingerprint) for s, shard in plan.shards.items()}
+    missing = sorted(s for s, fault in faults.items() if fault == "missing")
+    if missing and not allow_partial:
+        raise PipelineError(
+            f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
+            "rerun the job to finish them, or pass --allow_partial"
+        )
+    broken = {s: fault for s, fault in sorted(faults.items()) if fault and fault != "missing"}
+    if broken:
+        shard_id, fault = next(iter(broken.items()))
+        more = f" (and {len(broken) - 1} more shards)" if len(broken) > 1 else ""
+        raise ShardFault(shard_id, fault, f"shard {shard_id} in {shards_dir} cannot be used: {fault}{more}")
+    return missing
+
+
 def grade_run(
     shards_dir: Location,
     params: SelectionParams,
     *,
-    expected_shards: list[int] | None = None,
+    plan: ShardPlan | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
     workers: int | None = None,
     timings: dict | None = None,
 ) -> GradedRun:
-    """Read a run's shards and grade and group every problem (its first `num_candidates` when given).
+    """Check, read, grade and group a run's shards (each problem's first `num_candidates` when given).
 
+    With the run's `plan` every planned shard passes the resume's shard check first (fingerprint,
+    schema, exactly the planned keys); without one (no manifest) nothing proves the shards complete.
     `timings`, when given, receives the seconds of the read and grade-and-group stages.
     """
     import time
 
     started = time.perf_counter()
     shards_dir = StoragePath.parse(shards_dir)
-    missing = [s for s in expected_shards or [] if not shard_path(shards_dir, s).is_file()]
-    if missing and not allow_partial:
-        raise PipelineError(
-            f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
-            "rerun the job to finish them, or pass --allow_partial"
-        )
+    missing = check_planned_shards(shards_dir, plan, allow_partial) if plan is not None else []
     table = read_shards(shards_dir, SELECTION_COLUMNS)
     offsets = problem_offsets(table)
     if num_candidates is not None:
@@ -439,20 +480,14 @@ def reduce_run(
     *,
     method: str = "self-certainty",
     params: SelectionParams | None = None,
-    expected_shards: list[int] | None = None,
+    plan: ShardPlan | None = None,
     allow_partial: bool = False,
     num_candidates: int | None = None,
 ) -> Summary:
     """Pick one candidate per problem with `method` and write `{"question", "answer", ...}` lines."""
     get_method(method)
     params = params or SelectionParams()
-    run = grade_run(
-        shards_dir,
-        params,
-        expected_shards=expected_shards,
-        allow_partial=allow_partial,
-        num_candidates=num_candidates,
-    )
+    run = grade_run(shards_dir, params, plan=plan, allow_partial=allow_partial, num_candidates=num_candidates)
     picks = run_method(run, method, params)
     lines, correct = [], 0
     for p in range(run.problems):
@@ -470,7 +505,7 @@ def reduce_run(
         accuracy=correct / run.problems,
         pass_at_n=pass_at_n(run),
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
-        partial=bool(run.missing) or expected_shards is None,
+        partial=bool(run.missing) or plan is None,
         missing_shards=run.missing,
         output=str(output),
         error_problems=error_problems(run),

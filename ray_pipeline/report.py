@@ -23,7 +23,7 @@ from ray_pipeline.metrics import (
     wilson_interval,
 )
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
-from ray_pipeline.reduce import GradedRun, best_record, error_problems, grade_run, pass_at_n
+from ray_pipeline.reduce import GradedRun, ShardPlan, best_record, error_problems, grade_run, pass_at_n
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.storage import Location, StoragePath
 
@@ -59,7 +59,7 @@ def compare_run(
     params: SelectionParams,
     *,
     num_candidates: int | None = None,
-    expected_shards: list[int] | None = None,
+    plan: ShardPlan | None = None,
     allow_partial: bool = False,
     workers: int | None = None,
 ) -> dict:
@@ -73,7 +73,7 @@ def compare_run(
     run = grade_run(
         run_dir / "shards",
         params,
-        expected_shards=expected_shards,
+        plan=plan,
         allow_partial=allow_partial,
         num_candidates=num_candidates,
         workers=workers,
@@ -103,7 +103,7 @@ def compare_run(
         "accuracy_by_alpha": sweep,
         "unavailable": unavailable,
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
-        "partial": bool(run.missing) or expected_shards is None,
+        "partial": bool(run.missing) or plan is None,
         "missing_shards": run.missing,
         "error_problems": error_problems(run),
         "distinct_answers_median": statistics.median(run.distinct) if run.distinct else 0,

@@ -43,10 +43,10 @@ from ray_pipeline.manifest import (
 from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.plots import PLOTS
 from ray_pipeline.progress import Progress
-from ray_pipeline.reduce import Summary, reduce_run, summary_json
+from ray_pipeline.reduce import ShardFault, ShardPlan, Summary, reduce_run, summary_json
 from ray_pipeline.report import COMPARISON_FILES, compare_run
 from ray_pipeline.selection import SelectionParams, get_method
-from ray_pipeline.shards import check_no_unplanned_files, expected_rows, remove_stale_temporaries
+from ray_pipeline.shards import FOREIGN_SHARD, check_no_unplanned_files, expected_rows, remove_stale_temporaries
 from ray_pipeline.storage import Location, StorageError, StoragePath
 
 
@@ -248,7 +248,7 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
             plan.best,
             method=config.method,
             params=SelectionParams.from_config(config),
-            expected_shards=plan.shard_ids,
+            plan=ShardPlan.of(plan.manifest),
             allow_partial=config.allow_partial,
         )
     except PipelineError as exc:
@@ -283,7 +283,8 @@ def compare(plan: RunPlan) -> dict:
     run_dir = plan.run_dir
     print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
     params = SelectionParams.from_config(plan.config)
-    comparison = compare_run(run_dir, params, expected_shards=plan.shard_ids, allow_partial=plan.config.allow_partial)
+    shard_plan = ShardPlan.of(plan.manifest)
+    comparison = compare_run(run_dir, params, plan=shard_plan, allow_partial=plan.config.allow_partial)
     print_comparison(comparison)
     print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
     print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
@@ -321,17 +322,25 @@ def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
     run_dir = StoragePath.parse(run_dir)
     config = reselect_config(run_dir, overrides)
     manifest = Manifest.load(run_dir)
-    # The plan says which shards must exist: a missing one is refused unless --allow_partial.
-    expected_shards = sorted(manifest.expected_rows()) if manifest else None
-    if expected_shards is not None:
-        check_no_unplanned_files(run_dir / "shards", expected_shards)
+    # The plan says which shards must exist and what each must hold: the resume's shard check runs on each.
+    shard_plan = ShardPlan.of(manifest) if manifest else None
+    if shard_plan is not None:
+        check_no_unplanned_files(run_dir / "shards", shard_plan.shard_ids)
     started = time.monotonic()
     try:
-        return _reselect(run_dir, config, overrides.get("num_return_sequences"), expected_shards, started)
+        return _reselect(run_dir, config, overrides.get("num_return_sequences"), shard_plan, started)
+    except ShardFault as exc:
+        if manifest is None or not manifest.command:
+            raise
+        if exc.fault.startswith(FOREIGN_SHARD):
+            # The resume keeps another configuration's shard: it must be named to be redone.
+            redo = f"{manifest.command} --reprocess_shards {exc.shard_id}"
+            raise PipelineError(f"{exc}: remove it, or redo it with: {redo}") from None
+        raise PipelineError(f"{exc} (the run resumes with: {manifest.command})") from None
     except PipelineError as exc:
         if manifest is None or not manifest.command or "shard" not in str(exc):
             raise
-        # A missing or damaged shard: the job that made the folder redoes it.
+        # A missing shard: the job that made the folder redoes it.
         raise PipelineError(f"{exc} (the run resumes with: {manifest.command})") from None
 
 
@@ -339,15 +348,15 @@ def _reselect(
     run_dir: StoragePath,
     config: RunConfig,
     num_candidates: int | None,
-    expected_shards: list[int] | None,
+    shard_plan: ShardPlan | None,
     started: float,
 ) -> Summary | dict:
     params = SelectionParams.from_config(config)
-    shards = {"expected_shards": expected_shards, "allow_partial": config.allow_partial}
+    shards = {"plan": shard_plan, "allow_partial": config.allow_partial}
     if config.method == "all":
         comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
         print_comparison(comparison)
-        if expected_shards is None:
+        if shard_plan is None:
             print(f"UNVERIFIED: {run_dir} has no manifest.json, so the comparison may be partial", flush=True)
         print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'} ({time.monotonic() - started:.1f} s)", flush=True)
         return comparison
@@ -355,7 +364,7 @@ def _reselect(
     summary = reduce_run(
         run_dir / "shards", output, method=config.method, params=params, num_candidates=num_candidates, **shards
     )
-    if summary.partial and expected_shards is None:
+    if summary.partial and shard_plan is None:
         print(f"UNVERIFIED: {run_dir} has no manifest.json, so {output} may be partial", flush=True)
     elif summary.partial:
         print(f"PARTIAL: shards {summary.missing_shards} are missing; their problems are not in {output}", flush=True)

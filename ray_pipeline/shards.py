@@ -17,13 +17,16 @@ from __future__ import annotations
 import fnmatch
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ray_pipeline.columns import CANDIDATE_FIELDS, SCORE_FIELDS
+from ray_pipeline.columns import CANDIDATE_FIELDS, LATER_COLUMNS, SCORE_FIELDS
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.storage import Location, StoragePath
@@ -119,15 +122,46 @@ class ShardWriter:
         return sorted(set(self.expected) - set(self.committed))
 
 
+@dataclass(frozen=True)
+class PlannedShard:
+    """What the plan puts in a shard: problems first_problem … first_problem + problems - 1, each with N candidates."""
+
+    first_problem: int
+    problems: int
+    candidates: int
+
+    @property
+    def rows(self) -> int:
+        return self.problems * self.candidates
+
+
+def planned_shards(problems: dict[int, int], num_candidates: int) -> dict[int, PlannedShard]:
+    """Each shard's problems from the plan's problems per shard: shards hold consecutive problems, in shard order."""
+    planned, first = {}, 0
+    for shard_id in sorted(problems):
+        planned[shard_id] = PlannedShard(first, problems[shard_id], num_candidates)
+        first += problems[shard_id]
+    return planned
+
+
+def schema_fault(schema: pa.Schema) -> str | None:
+    """Why a shard file's schema is not the shard schema, or None: only columns added later (LATER_COLUMNS) may lack."""
+    expected = pa.schema([f for f in SHARD_SCHEMA if f.name in schema.names or f.name not in LATER_COLUMNS])
+    return None if schema.remove_metadata().equals(expected) else "schema differs from the shard schema"
+
+
 # How check_shard's reason for a shard of another run's configuration begins: such a shard is never redone unasked.
 FOREIGN_SHARD = "written by another configuration"
+KEY_COLUMNS = ["problem_id", "problem_index", "candidate_index"]
 
 
-def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | None:
+def check_shard(path: Location, planned: PlannedShard, fingerprint: str) -> str | None:
     """Why the committed shard at `path` cannot be trusted, or None when it can.
 
-    Trusted means: its footer reads, its schema is the shard schema, it holds exactly the
-    planned rows, and it was written by this run's configuration.
+    Trusted means: its footer reads, its schema is the shard schema, it was written by this run's
+    configuration, and its (problem, candidate) keys are exactly the plan's: every candidate of
+    every planned problem once, one problem id per problem. Both the resume (`jobs.infer`) and the
+    reducer (`jobs.reduce`) run this one check.
     """
     path = StoragePath.parse(path)
     if not path.is_file():
@@ -136,15 +170,47 @@ def check_shard(path: Location, expected_rows: int, fingerprint: str) -> str | N
         with path.open_input_file() as source:
             footer = pq.ParquetFile(source)
             meta, schema = footer.metadata, footer.schema_arrow
+            if schema_fault(schema):
+                return schema_fault(schema)
+            written_by = (schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+            if written_by != fingerprint:
+                return f"{FOREIGN_SHARD} ({written_by or 'unknown'}, this run is {fingerprint})"
+            if meta.num_rows != planned.rows:
+                return f"{meta.num_rows} rows, expected {planned.rows}"
+            keys = footer.read(columns=KEY_COLUMNS)
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable ({type(exc).__name__})"
-    if not schema.remove_metadata().equals(SHARD_SCHEMA):
-        return "schema differs from the shard schema"
-    if meta.num_rows != expected_rows:
-        return f"{meta.num_rows} rows, expected {expected_rows}"
-    written_by = (schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
-    if written_by != fingerprint:
-        return f"{FOREIGN_SHARD} ({written_by or 'unknown'}, this run is {fingerprint})"
+    return key_fault(keys, planned)
+
+
+def key_fault(keys: pa.Table, planned: PlannedShard) -> str | None:
+    """What is wrong with a shard's (problem, candidate) keys against the plan, or None when they are exactly it."""
+    problem = pc.fill_null(keys.column("problem_index"), -1).to_numpy().astype(np.int64) - planned.first_problem
+    candidate = pc.fill_null(keys.column("candidate_index"), -1).to_numpy().astype(np.int64)
+    outside = (problem < 0) | (problem >= planned.problems) | (candidate < 0) | (candidate >= planned.candidates)
+    if outside.any():
+        i = int(np.argmax(outside))
+        first, last = planned.first_problem, planned.first_problem + planned.problems - 1
+        return (
+            f"holds problem {problem[i] + first} candidate {candidate[i]}, outside the plan's problems "
+            f"{first}-{last} x candidates 0-{planned.candidates - 1}"
+        )
+    counts = np.bincount(problem * planned.candidates + candidate, minlength=planned.rows)
+    if (counts != 1).any():
+        # The row count is the plan's, so a key that repeats means another one is missing.
+        twice, absent = int(np.flatnonzero(counts > 1)[0]), int(np.flatnonzero(counts == 0)[0])
+
+        def key(k: int) -> str:
+            return f"problem {k // planned.candidates + planned.first_problem} candidate {k % planned.candidates}"
+
+        return f"keys differ from the plan: {key(twice)} appears {counts[twice]} times, {key(absent)} is missing"
+    ids = pa.table({"problem": problem, "id": keys.column("problem_id")}).group_by("problem").aggregate(
+        [("id", "count_distinct")]
+    )
+    mixed = pc.greater(ids.column("id_count_distinct"), 1)
+    if pc.any(mixed).as_py():
+        first = ids.filter(mixed).column("problem")[0].as_py() + planned.first_problem
+        return f"problem {first} holds rows of several problem ids"
     return None
 
 
@@ -191,13 +257,18 @@ def read_shards(shards_dir: Location, columns: list[str] | None = None) -> pa.Ta
         raise PipelineError(f"no shards in {shards_dir}: run the generation stage first")
     if columns is not None:
         columns = list(dict.fromkeys(["problem_index", "candidate_index", *columns]))
-    # Reading with the schema fills columns that older shards lack with nulls.
+    # Reading with the schema fills the later columns that older shards lack with nulls.
     tables = []
     for f in files:
         try:
             with f.open_input_file() as source:
+                fault = schema_fault(pq.read_schema(source))
+                if fault:
+                    redo = "run jobs.infer with the same flags to redo it"
+                    raise PipelineError(f"shard {f} cannot be read ({fault}): {redo}")
                 tables.append(pq.read_table(source, schema=SHARD_SCHEMA, columns=columns))
-        except (OSError, pa.ArrowException) as exc:
+        # A file of another schema can fail the cast with TypeError or ValueError, not only an Arrow error.
+        except (OSError, pa.ArrowException, TypeError, ValueError) as exc:
             raise PipelineError(
                 f"shard {f} cannot be read ({type(exc).__name__}): run jobs.infer with the same flags to redo it"
             ) from None

@@ -19,7 +19,14 @@ from ray_pipeline.manifest import (
     fingerprint_hash,
     shards_to_run,
 )
-from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, check_shard, remove_stale_temporaries, shard_path
+from ray_pipeline.shards import (
+    SHARD_SCHEMA,
+    PlannedShard,
+    ShardWriter,
+    check_shard,
+    remove_stale_temporaries,
+    shard_path,
+)
 
 
 def rows(shard_id, problems, n=2):
@@ -93,15 +100,16 @@ def test_check_shard_trusts_only_complete_files_of_this_run(tmp_path):
     writer = ShardWriter(tmp_path, {0: 4}, fingerprint="abc")
     writer.add(rows(0, [0, 1]))
     path = shard_path(tmp_path, 0)
-    assert check_shard(path, 4, "abc") is None
-    assert check_shard(path, 6, "abc") == "4 rows, expected 6"
-    assert check_shard(path, 4, "xyz").startswith("written by another configuration")
-    assert check_shard(shard_path(tmp_path, 1), 4, "abc") == "missing"
+    planned = PlannedShard(first_problem=0, problems=2, candidates=2)
+    assert check_shard(path, planned, "abc") is None
+    assert check_shard(path, PlannedShard(0, 3, 2), "abc") == "4 rows, expected 6"
+    assert check_shard(path, planned, "xyz").startswith("written by another configuration")
+    assert check_shard(shard_path(tmp_path, 1), planned, "abc") == "missing"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert check_shard(path, 4, "abc").startswith("unreadable")
+    assert check_shard(path, planned, "abc").startswith("unreadable")
     pq.write_table(pa.table({"x": [1, 2, 3, 4]}), path)
-    assert check_shard(path, 4, "abc") == "schema differs from the shard schema"
+    assert check_shard(path, planned, "abc") == "schema differs from the shard schema"
 
 
 def test_writer_keeps_one_copy_of_a_retried_row(tmp_path):

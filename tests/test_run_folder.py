@@ -240,7 +240,7 @@ def test_the_reducer_names_the_command_that_redoes_a_lost_shard(tmp_path, proble
     RunConfig(backend="hf").save(tmp_path / "config.json")
     (tmp_path / "shards").mkdir()
     shard_path(tmp_path / "shards", 0).write_bytes(b"PAR1 truncated")
-    for extra, problem in (([], "shards 1 are missing"), (["--allow_partial"], "shard-00000.parquet cannot be read")):
+    for extra, problem in (([], "shards 1 are missing"), (["--allow_partial"], "shards cannot be used: unreadable")):
         proc = subprocess.run(
             [sys.executable, "-m", "jobs.reduce", str(tmp_path), "--method", "baseline", *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=300,

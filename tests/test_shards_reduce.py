@@ -8,9 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import grade_run, reduce_run
+from ray_pipeline.reduce import ShardPlan, grade_run, reduce_run
 from ray_pipeline.selection import SelectionParams
-from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards, shard_path
+from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, planned_shards, read_shards, shard_path
+
+# Shard 0 plans problems 0 and 1, shard 1 problem 2, three candidates each; the writers here sign with "".
+PLAN = ShardPlan(planned_shards({0: 2, 1: 1}, 3), "")
 
 
 def fake_rows(problem_index, shard_id, n, correct_index, best_index):
@@ -83,7 +86,7 @@ def test_reducer_picks_by_method_and_reports(tmp_path):
     writer.add(pa.concat_tables([fake_rows(0, 0, 3, 1, 1), fake_rows(1, 0, 3, 0, 2), fake_rows(2, 1, 3, -1, 0)]))
     out = tmp_path / "best.jsonl"
     summary = reduce_run(
-        shards, out, method="self-certainty", params=SelectionParams(alpha=0.4), expected_shards=[0, 1]
+        shards, out, method="self-certainty", params=SelectionParams(alpha=0.4), plan=PLAN
     )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(line)[:2] for line in lines] == [["question", "answer"]] * 3
@@ -117,7 +120,9 @@ def test_reducer_refuses_missing_shards(tmp_path):
     shards = tmp_path / "shards"
     ShardWriter(shards, {0: 3, 1: 3}).add(fake_rows(0, 0, 3, 0, 0))
     with pytest.raises(PipelineError, match="shards 1 are missing"):
-        reduce_run(shards, tmp_path / "best.jsonl", expected_shards=[0, 1])
-    partial = reduce_run(shards, tmp_path / "best.jsonl", expected_shards=[0, 1], allow_partial=True)
+        reduce_run(shards, tmp_path / "best.jsonl", plan=ShardPlan(planned_shards({0: 1, 1: 1}, 3), ""))
+    partial = reduce_run(
+        shards, tmp_path / "best.jsonl", plan=ShardPlan(planned_shards({0: 1, 1: 1}, 3), ""), allow_partial=True
+    )
     assert partial.partial and partial.missing_shards == [1]
     assert read_shards(shards).num_rows == 3

@@ -12,8 +12,16 @@ from test_shards_reduce import fake_rows
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import Manifest, shards_to_run
-from ray_pipeline.reduce import reduce_run
-from ray_pipeline.shards import ShardWriter, check_shard, read_shards, remove_stale_temporaries, shard_path
+from ray_pipeline.reduce import ShardPlan, reduce_run
+from ray_pipeline.shards import (
+    PlannedShard,
+    ShardWriter,
+    check_shard,
+    planned_shards,
+    read_shards,
+    remove_stale_temporaries,
+    shard_path,
+)
 from ray_pipeline.storage import StorageError, StoragePath
 
 
@@ -131,9 +139,9 @@ def test_shards_manifest_and_reducer_on_s3(s3, tmp_path):
         "s3://bucket/unit/run/shards/shard-00001.parquet",
     ]
     assert [p.name for p in shards.files()] == ["shard-00000.parquet", "shard-00001.parquet"]  # no temporaries
-    assert check_shard(shard_path(shards, 0), 6, "abc") is None
-    assert check_shard(shard_path(shards, 0), 6, "other").startswith("written by another configuration")
-    assert check_shard(shard_path(shards, 2), 3, "abc") == "missing"
+    assert check_shard(shard_path(shards, 0), PlannedShard(0, 2, 3), "abc") is None
+    assert check_shard(shard_path(shards, 0), PlannedShard(0, 2, 3), "other").startswith("written by another")
+    assert check_shard(shard_path(shards, 2), PlannedShard(3, 1, 3), "abc") == "missing"
     remove_stale_temporaries(shards)
     assert read_shards(shards, ["problem_id"]).column("problem_id").to_pylist() == ["p0"] * 3 + ["p1"] * 3 + ["p2"] * 3
 
@@ -145,8 +153,10 @@ def test_shards_manifest_and_reducer_on_s3(s3, tmp_path):
 
     shard_path(shards, 1).delete()
     with pytest.raises(PipelineError, match="shards 1 are missing from s3://bucket/unit/run/shards"):
-        reduce_run(shards, run / "best.jsonl", expected_shards=[0, 1])
-    summary = reduce_run(shards, run / "best.jsonl", expected_shards=[0, 1], allow_partial=True)
+        reduce_run(shards, run / "best.jsonl", plan=ShardPlan(planned_shards({0: 2, 1: 1}, 3), "abc"))
+    summary = reduce_run(
+        shards, run / "best.jsonl", plan=ShardPlan(planned_shards({0: 2, 1: 1}, 3), "abc"), allow_partial=True
+    )
     assert summary.output == "s3://bucket/unit/run/best.jsonl" and summary.missing_shards == [1]
     lines = [json.loads(line) for line in (run / "best.jsonl").read_text().splitlines()]
     assert [line["candidate_index"] for line in lines] == [1, 2]
