@@ -48,7 +48,7 @@ def _number_forms(value: Fraction) -> list[str]:
     """Ways a model writes one number: all equivalent under math-verify."""
     if value.denominator == 1:
         v = value.numerator
-        return [str(v), f"{v}.0", f"\\frac{{{2 * v}}}{{2}}", f"{{{v}}}"]
+        return [str(v), f"{v}.0", f"\\frac{{{2 * v}}}{{2}}"]
     a, b = value.numerator, value.denominator
     sign, a_abs = ("-" if a < 0 else ""), abs(a)
     forms = [f"{sign}\\frac{{{a_abs}}}{{{b}}}", f"{sign}\\dfrac{{{a_abs}}}{{{b}}}", f"{a}/{b}"]

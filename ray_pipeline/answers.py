@@ -321,19 +321,27 @@ def _probe_value(expr) -> complex | None:
     return value if cmath.isfinite(value) else None
 
 
-# A plain integer, fraction or quotient of integers: written so, math-verify parses it to exactly the SymPy
-# number its value is (tests/test_equivalence.py holds the two equal), so its parse, the costly part of
-# grading, is skipped. Decimals are not here: math-verify turns some into fractions and others into floats.
+# A plain integer, decimal, fraction or quotient of integers: written so, math-verify parses it to exactly the
+# SymPy number its value is (tests/test_equivalence.py holds the two equal on generated cases), so its parse,
+# the costly part of grading, is skipped. math-verify reads the decimal 0.5 as the fraction 1/2 (and .5, 5.
+# in ways of their own), so those go through its parse.
 _PLAIN_NUMBER_RE = re.compile(
     r"(?P<sign>[+-]?)(?:(?P<int>\d+)|\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}|\\[dt]?frac(?P<n1>\d)(?P<d1>\d)"
     r"|(?P<p>\d+)/(?P<q>\d+))"
 )
+_PLAIN_DECIMAL_RE = re.compile(r"-?\d+\.\d+")
 
 
 def _plain_number(text: str):
-    """The SymPy number math-verify parses `text` to, when `text` is a plain integer or fraction; else None."""
+    """The SymPy number math-verify parses `text` to, when `text` is a plain integer, decimal or fraction; else None."""
+    if len(text) > 40:
+        return None
+    if _PLAIN_DECIMAL_RE.fullmatch(text) and text != "0.5":
+        from sympy import Float
+
+        return Float(text, 15)
     match = _PLAIN_NUMBER_RE.fullmatch(text)
-    if not match or len(text) > 40:
+    if not match:
         return None
     from sympy import Integer, Rational
 
@@ -378,13 +386,40 @@ def _clearly_different(x: complex, y: complex) -> bool:
     return abs(x - y) > _DIFFERENT * max(1.0, abs(x), abs(y))
 
 
+def _finite_number(expr) -> bool:
+    from sympy import Number
+
+    return isinstance(expr, Number) and bool(expr.is_finite)
+
+
+def _numbers_equal(x, y) -> bool:
+    """math-verify's verdict on two finite SymPy numbers, decided without SymPy's simplification.
+
+    Its numeric check: with a float involved both are rounded to 6 decimals (verify's default
+    `float_rounding`) and compared, else they must be equal; then its symbolic check, which for
+    numbers is whether their difference is exactly zero (a float 7.0 against the integer 7).
+    """
+    from sympy import Float
+
+    if isinstance(x, Float) or isinstance(y, Float):
+        try:
+            if x.round(6) == y.round(6):
+                return True
+        except Exception:  # noqa: BLE001 - as math-verify: a failed rounding decides nothing
+            pass
+    elif x == y:
+        return True
+    return bool((x - y).is_zero)
+
+
 def decide_equivalent(a: ParsedAnswer, b: ParsedAnswer) -> bool | None:
     """What `answers_equivalent(a.text, b.text)` (and `grade` in either direction) returns, where cheap keys decide it.
 
     True: the normalized strings are equal, a string part is shared, or a SymPy part is the same
-    structure. False: the answers cannot be compared (too long, nothing parsed), or both have a value
-    and the values are clearly different (math-verify then finds no string, numeric or symbolic
-    equality). None: undecided, so math-verify's comparison runs.
+    structure. Both plain numbers: math-verify's numeric rule (`_numbers_equal`). False: the answers
+    cannot be compared (too long, nothing parsed), or both have a value and the values are clearly
+    different (math-verify then finds no string, numeric or symbolic equality). None: undecided, so
+    math-verify's comparison runs.
     """
     if a.normalized and a.normalized == b.normalized:
         return True
@@ -392,6 +427,8 @@ def decide_equivalent(a: ParsedAnswer, b: ParsedAnswer) -> bool | None:
         return False
     if a.strings & b.strings or _same_structure(a, b):
         return True
+    if len(a.exprs) == len(b.exprs) == 1 and _finite_number(a.exprs[0]) and _finite_number(b.exprs[0]):
+        return _numbers_equal(a.exprs[0], b.exprs[0])
     if a.value is not None and b.value is not None and _clearly_different(a.value, b.value):
         return False
     return None

@@ -155,15 +155,20 @@ def test_identical_strings_share_a_class_even_when_nothing_parses():
 def test_plain_numbers_skip_the_parse_and_are_what_math_verify_parses():
     rng = random.Random(2)
     cases = ["0", "-0", "+5", "007", "\\frac{0}{5}", "\\dfrac12", "-\\tfrac{3}{9}", "4/2", "12345678901234567890"]
+    cases += ["0.50", "-0.5", "0.05", "00.5", "10.5", "2.50", "361.0", "0.0", "-0.0"]
     for _ in range(200):
         a, b = rng.randint(0, 10 ** rng.randint(1, 9)), rng.randint(1, 10 ** rng.randint(1, 4))
         cases += [str(a), f"-{a}", f"\\frac{{{a}}}{{{b}}}", f"{a}/{b}", f"-\\dfrac{{{a}}}{{{b}}}"]
+        cases += [f"{a}.{b}", f"-{a}.{str(b).zfill(5)}", f"{a % 100}.{b}0"]
     for text in cases:
         fast = parse_answer(text)
         slow = [e for e in answers._parse(text, 5) if not isinstance(e, str)]
         assert len(slow) == 1 and fast.exprs[0] == slow[0] and type(fast.exprs[0]) is type(slow[0]), text
-    # A zero denominator is no plain number: math-verify's own parse (zoo) decides it.
+    # A zero denominator is no plain number: math-verify's own parse (zoo) decides it. Neither is 0.5, which
+    # math-verify reads as the fraction 1/2 (its string part is \frac{1}{2}), nor .5.
     assert parse_answer("1/0").value is None
+    for text in ("0.5", ".5", "5."):
+        assert answers._plain_number(text) is None
 
 
 def test_timeouts_are_counted_and_never_printed(monkeypatch, capsys):
