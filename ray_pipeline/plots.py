@@ -53,16 +53,17 @@ def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodR
     ticks = shown_sizes(n)
     ax.set(xlabel="N' (candidates per question)", ylabel="accuracy", title="Accuracy vs N'")
     ax.set_xticks(ticks, labels=[str(k) for k in ticks])
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    # A fixed legend place and layout: matplotlib's "best" place and tight_layout measure every text again and again.
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93)
     _save(fig, run_dir / PLOTS["accuracy_vs_n"])
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in comparison["accuracy_by_alpha"].items():
         ax.plot(ALPHA_GRID, [row[str(a)] for a in ALPHA_GRID], marker="o", color=colors[name], label=name)
     ax.set(xlabel="alpha (1 = token level, 0 = step level)", ylabel="accuracy", title="Accuracy vs alpha")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93)
     _save(fig, run_dir / PLOTS["accuracy_vs_alpha"])
 
     scored = {name: r for name, r in results.items() if not np.isnan(r.picks.scores).all()}
@@ -74,18 +75,19 @@ def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodR
         scores = r.picks.scores
         finite = scores[~np.isnan(scores)]
         low, high = float(finite.min()), float(finite.max())
-        # Shared bins, so the two histograms line up (a single value gets numpy's default range).
-        bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 20
+        # Shared bins, so the two histograms line up (a single value gets one bin around it).
+        edges = np.linspace(low, high, 21) if high > low else np.array([low - 0.5, low + 0.5])
         # Densities: correct candidates are usually far fewer than wrong ones.
         for want, color in ((True, "tab:green"), (False, "tab:red")):
             values = scores[(labels == want) & ~np.isnan(scores)]
             if len(values):
+                density, _ = np.histogram(values, bins=edges, density=True)
                 label = f"{'correct' if want else 'wrong'} ({len(values)})"
-                ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.5, color=color, label=label)
+                ax.stairs(density, edges, fill=True, alpha=0.5, color=color, label=label)
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     for ax in list(axes.flat)[len(scored) :]:
         ax.axis("off")
     fig.suptitle("Per-candidate score: correct vs wrong candidates")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=0.93, wspace=0.25, hspace=0.45)
     _save(fig, run_dir / PLOTS["score_histograms"])
