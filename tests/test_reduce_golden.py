@@ -92,3 +92,4 @@ def test_one_worker_and_several_give_the_same_comparison(golden_run):
         comparison.pop("stage_s"), comparison.pop("reduce_s")
         outputs.append((comparison, (golden_run / "debug.jsonl").read_text()))
     assert outputs[0] == outputs[1] == outputs[2]
+
