@@ -488,6 +488,11 @@ def reduce_run(
     get_method(method)
     params = params or SelectionParams()
     run = grade_run(shards_dir, params, plan=plan, allow_partial=allow_partial, num_candidates=num_candidates)
+    return write_best(run, output, method, params, verified=plan is not None)
+
+
+def write_best(run: GradedRun, output: Location, method: str, params: SelectionParams, *, verified: bool) -> Summary:
+    """One method's best-answer lines from a graded run; `verified`: a shard plan proved the shards complete."""
     picks = run_method(run, method, params)
     lines, correct = [], 0
     for p in range(run.problems):
@@ -505,7 +510,7 @@ def reduce_run(
         accuracy=correct / run.problems,
         pass_at_n=pass_at_n(run),
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
-        partial=bool(run.missing) or plan is None,
+        partial=bool(run.missing) or not verified,
         missing_shards=run.missing,
         output=str(output),
         error_problems=error_problems(run),

@@ -62,15 +62,18 @@ def compare_run(
     plan: ShardPlan | None = None,
     allow_partial: bool = False,
     workers: int | None = None,
+    graded: GradedRun | None = None,
 ) -> dict:
     """Compare every method on a run's shards; write summary.json, report.md, debug.jsonl and the plots.
 
-    The comparison's `stage_s` says where its time went: read, grade and group, methods, curves, report, plots.
+    `graded`: the run's shards already checked, graded and grouped for these parameters (jobs.main's
+    best-answer step did it), so they are not read and graded again. The comparison's `stage_s` says
+    where its time went: read, grade and group, methods, curves, report, plots.
     """
     started = time.monotonic()
     stages: dict[str, float] = {}
     run_dir = StoragePath.parse(run_dir)
-    run = grade_run(
+    run = graded or grade_run(
         run_dir / "shards",
         params,
         plan=plan,

@@ -43,7 +43,16 @@ from ray_pipeline.manifest import (
 from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.plots import PLOTS
 from ray_pipeline.progress import Progress
-from ray_pipeline.reduce import ShardFault, ShardPlan, Summary, reduce_run, summary_json
+from ray_pipeline.reduce import (
+    GradedRun,
+    ShardFault,
+    ShardPlan,
+    Summary,
+    grade_run,
+    reduce_run,
+    summary_json,
+    write_best,
+)
 from ray_pipeline.report import COMPARISON_FILES, compare_run
 from ray_pipeline.selection import SelectionParams, get_method
 from ray_pipeline.shards import FOREIGN_SHARD, check_no_unplanned_files, expected_rows, remove_stale_temporaries
@@ -69,6 +78,8 @@ class RunPlan:
     # One line per committed shard that is redone or distrusted, and why.
     notes: list[str]
     best: StoragePath
+    # The shards checked, graded and grouped by `select`, which `compare` reuses.
+    graded: GradedRun | None = None
 
     @property
     def shards_dir(self) -> StoragePath:
@@ -242,15 +253,12 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     config = stats.config
     print(f"[2/2] Evaluating and selecting best answers -> {plan.best}", flush=True)
     check_no_unplanned_files(plan.shards_dir, plan.shard_ids)
+    params = SelectionParams.from_config(config)
     try:
-        summary = reduce_run(
-            plan.shards_dir,
-            plan.best,
-            method=config.method,
-            params=SelectionParams.from_config(config),
-            plan=ShardPlan.of(plan.manifest),
-            allow_partial=config.allow_partial,
-        )
+        shards = ShardPlan.of(plan.manifest)
+        graded = grade_run(plan.shards_dir, params, plan=shards, allow_partial=config.allow_partial)
+        summary = write_best(graded, plan.best, config.method, params, verified=True)
+        plan.graded = graded
     except PipelineError as exc:
         # A shard lost or damaged since it was committed: the resume command redoes it.
         raise PipelineError(f"{exc} (resume with: {plan.resume})") from None
@@ -284,7 +292,8 @@ def compare(plan: RunPlan) -> dict:
     print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
     params = SelectionParams.from_config(plan.config)
     shard_plan = ShardPlan.of(plan.manifest)
-    comparison = compare_run(run_dir, params, plan=shard_plan, allow_partial=plan.config.allow_partial)
+    graded = plan.graded if plan.graded is not None and plan.graded.params == params else None
+    comparison = compare_run(run_dir, params, plan=shard_plan, allow_partial=plan.config.allow_partial, graded=graded)
     print_comparison(comparison)
     print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
     print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
