@@ -111,6 +111,9 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     # The backend as given ('auto' included): the same command names the same folder on any cluster.
     fp = fingerprint(config, problems, model)
     run_id = config.run_id or default_run_id(config.dataset, name, fp)
+    if run_id.lower().endswith(".jsonl"):
+        # Best-answer files live beside the run folders: a folder named like one could take another run's name.
+        raise PipelineError(f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another")
     run_dir = output_dir / run_id
     resume = resume_command(command, argv if argv is not None else [], run_id)
     _make_folder(run_dir)

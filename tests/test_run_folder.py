@@ -94,9 +94,10 @@ def test_dataset_names(dataset, name):
 
 
 def test_each_run_has_its_own_best_file():
-    names = {best_file_name("d.jsonl", "M", run) for run in ("a", "b", "d_candidates_M_1234", "d_candidates_M_5678")}
+    runs = ("a", "b", "d_candidates_M_0123456789", "d_candidates_M_5678abcdef")
+    names = {best_file_name("d.jsonl", "M", run) for run in runs}
     assert len(names) == 4
-    assert best_file_name("d.jsonl", "M", "d_candidates_M_1234") == "d_best_M_1234.jsonl"
+    assert best_file_name("d.jsonl", "M", "d_candidates_M_0123456789") == "d_best_M_0123456789.jsonl"
     assert best_file_name("HuggingFaceH4/MATH-500", "M", "run") == "math500_best_M_run.jsonl"
 
 
