@@ -11,13 +11,20 @@ No Ray cluster: every job here stops before Ray would start (the fast tier's gua
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import re
 import string
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs import infer, main, reduce
+from ray_pipeline.data import load_problems
+from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import best_file_name, dataset_name, default_run_id, fingerprint_hash
 
 JOBS = {"infer": infer.main, "main": main.main, "reduce": reduce.main}
@@ -101,5 +108,72 @@ def test_a_run_id_that_reads_as_a_best_answer_file_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("error: run_id") and ".jsonl" in err, err
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ refused data values
+
+# Per field, values the loader refuses. JSON can spell a lone surrogate (\ud800) that no UTF-8 text holds.
+REFUSED_VALUES = {
+    "problem": ["", "  ", None, [1], {"a": 1}, True, math.nan, math.inf, "\ud800", "a\udfffb", "ok \ud83d"],
+    "answer": [[1], {"a": 1}, True, math.nan, -math.inf, "\udc00", "x\ud800"],
+    "unique_id": ["", [1], True, 3.5, math.nan, "\ud800id"],
+    "subject": [1, [1], True, "\ud800"],
+    "level": ["x", -1, 2**31, 3.5, True, [1], math.nan, "Level \ud800"],
+}
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".parquet":
+        # from_pylist takes its columns from the first row: give every row every field.
+        fields = {name: None for row in rows for name in row}
+        pq.write_table(pa.Table.from_pylist([fields | row for row in rows]), path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def has_surrogate(value) -> bool:
+    return isinstance(value, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("seed", range(40))
+def test_every_refused_value_names_its_file_row_and_field(tmp_path, seed):
+    rng = random.Random(seed)
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1), "unique_id": f"p{i}"} for i in range(6)]
+    field = rng.choice(sorted(REFUSED_VALUES))
+    value = rng.choice(REFUSED_VALUES[field])
+    row = rng.randrange(len(rows))
+    rows[row][field] = value
+    # Parquet columns hold one type and no surrogates: those cases stay JSON.
+    suffixes = [".jsonl", ".json"] + ([] if has_surrogate(value) or isinstance(value, (list, dict)) else [".parquet"])
+    path = tmp_path / f"rows{rng.choice(suffixes)}"
+    try:
+        write_rows(path, rows)
+    except (pa.ArrowException, TypeError, ValueError):
+        path = tmp_path / "rows.jsonl"
+        write_rows(path, rows)
+    with pytest.raises(PipelineError) as err:
+        load_problems(str(path))
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text and f"row {row + 1}: '{field}'" in text, (value, text)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("rows", "row", "field"),
+    [
+        ([{"problem": "a", "unique_id": "x"}, {"problem": "b", "unique_id": "x"}], 2, "unique_id"),
+        ([{"problem": "a", "unique_id": 7}, {"problem": "b"}, {"problem": "c", "unique_id": "7"}], 3, "unique_id"),
+        ([{"problem": "same"}, {"problem": "other"}, {"problem": "same"}], 3, "problem"),
+    ],
+)
+def test_a_repeated_id_names_both_rows_and_the_field(tmp_path, rows, row, field):
+    path = tmp_path / "dup.jsonl"
+    write_rows(path, rows)
+    with pytest.raises(PipelineError) as err:
+        load_problems(str(path))
+    assert f"{path}: row {row}: '{field}'" in str(err.value) and "first in row" in str(err.value), str(err.value)
 
 
