@@ -160,7 +160,8 @@ class Manifest:
         return cls(run_id, stamp, model_name, fp, shards)
 
     @classmethod
-    def load(cls, run_dir: Location) -> Manifest | None:
+    def load(cls, run_dir: Location, fix: str = "pass --overwrite to start this run folder over") -> Manifest | None:
+        """The folder's manifest, None if it has none; one that does not read is refused with `fix`."""
         path = StoragePath.parse(run_dir) / MANIFEST_NAME
         if not path.is_file():
             return None
@@ -177,7 +178,7 @@ class Manifest:
             # ValueError covers broken JSON and bytes that are not UTF-8.
             reason = first_line(exc)
             raise PipelineError(
-                f"{path} is not a readable manifest ({reason}); pass --overwrite to start this run folder over"
+                f"{path} is not a readable manifest ({reason}); {fix}"
             ) from None
 
     def save(self, run_dir: Location) -> None:

@@ -323,7 +323,8 @@ def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
     """
     run_dir = StoragePath.parse(run_dir)
     config = reselect_config(run_dir, overrides)
-    manifest = Manifest.load(run_dir)
+    # The reducer starts nothing over: the job that made the folder does.
+    manifest = Manifest.load(run_dir, fix="rerun the jobs.infer or jobs.main command that made it with --overwrite")
     # The plan says which shards must exist: a missing one is refused unless --allow_partial.
     expected_shards = sorted(manifest.expected_rows()) if manifest else None
     if expected_shards is not None:

@@ -209,7 +209,7 @@ def highest_coe_c(candidates: list[dict], params: SelectionParams) -> Choice:
 def highest_self_eval(candidates: list[dict], params: SelectionParams) -> Choice:
     """The candidate whose weakest step the model itself finds most likely correct (min over steps)."""
     if any(c["token_count"] and c["step_self_eval"] is None for c in candidates):
-        raise MethodUnavailable("method self-eval needs shards scored with --self_eval")
+        raise MethodUnavailable("method self-eval needs shards scored with jobs.infer or jobs.main --self_eval")
     scores = [min(c["step_self_eval"]) if c["token_count"] else math.nan for c in candidates]
     return best_scored(candidates, scores, params)
 

@@ -11,8 +11,12 @@ No Ray cluster: every job here stops before Ray would start (the fast tier's gua
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import math
+import os
 import random
 import re
 import string
@@ -23,9 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import infer, main, reduce
+from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import best_file_name, dataset_name, default_run_id, fingerprint_hash
+from ray_pipeline.manifest import Manifest, best_file_name, dataset_name, default_run_id, fingerprint_hash
+from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
 
 JOBS = {"infer": infer.main, "main": main.main, "reduce": reduce.main}
 
@@ -175,5 +181,191 @@ def test_a_repeated_id_names_both_rows_and_the_field(tmp_path, rows, row, field)
     with pytest.raises(PipelineError) as err:
         load_problems(str(path))
     assert f"{path}: row {row}: '{field}'" in str(err.value) and "first in row" in str(err.value), str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------- hints
+
+
+def flags_of(job: str) -> set[str]:
+    """The flags a job's parser takes, read from its --help."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        JOBS[job](["--help"])
+    return set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", out.getvalue()))
+
+
+JOB_NAME = re.compile(r"(?:jobs\.|bestofn-)(infer|main|reduce)\b")
+
+
+def misplaced_hints(text: str, job: str, flags: dict[str, set[str]]) -> list[str]:
+    """Flags in `text` that the job they are for does not take: the job named nearest in the line, else `job`."""
+    bad = []
+    for line in text.splitlines():
+        # argparse's refusal quotes the user's own flags back: they are the input, not a hint.
+        line = re.sub(r"unrecognized arguments: .*?(\(see --help\)|$)", r"\1", line)
+        named = [(m.start(), m.group(1)) for m in JOB_NAME.finditer(line)]
+        for m in re.finditer(r"(?<![\w-])(--[a-z][\w-]*)", line):
+            owner = min(named, key=lambda n: abs(n[0] - m.start()))[1] if named else job
+            if m.group(1) not in flags[owner]:
+                bad.append(f"{owner} does not take {m.group(1)}: {line}")
+    return bad
+
+
+def candidate_rows(n: int = 2) -> list[dict]:
+    rows = []
+    for p in range(2):
+        for k in range(n):
+            row = {name: None for name in SHARD_SCHEMA.names}
+            row.update(
+                problem_id=f"p{p}", problem_index=p, shard_id=p, problem=f"q{p}", gold="1", candidate_index=k,
+                text=r"\boxed{1}", token_count=3, pred="1", correct=True, mean_entropy=1.0, mean_self_certainty=1.0,
+                step_self_certainty=[1.0], step_entropy=[1.0], step_texts=["s"], token_confidence=[1.0, 1.0, 1.0],
+                coe_magnitude=[1.0], coe_angle=[0.5], coe_span_magnitude=1.0, coe_span_angle=1.0, vocab_size=10,
+            )  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def finished_run(folder: Path) -> Path:
+    """A run folder as jobs.infer leaves it: config.json, manifest.json (with its resume command), two shards."""
+    run_dir = folder / "run"
+    config = RunConfig(num_return_sequences=2, shard_size=1, dataset="embedded:2", run_id="run")
+    manifest = Manifest.plan("run", "20260101_000000", "M", {"seed": 0}, {0: 2, 1: 2}, 2)
+    writer = ShardWriter(run_dir / "shards", {0: 2, 1: 2}, fingerprint=manifest.fingerprint_hash)
+    writer.add(pa.Table.from_pylist(candidate_rows(), schema=SHARD_SCHEMA))
+    manifest.command = "python -m jobs.infer --dataset embedded:2 --shard_size 1 --run_id run"
+    for shard in (0, 1):
+        manifest.set_status(shard, "committed")
+    manifest.save(run_dir)
+    config.save(run_dir / "config.json")
+    return run_dir
+
+
+def damage(run_dir: Path, how: str) -> list[str]:
+    """Damage a finished run folder one way; the jobs.reduce flags that then meet it."""
+    shards = run_dir / "shards"
+    if how == "corrupt manifest":
+        (run_dir / "manifest.json").write_text("{broken")
+    elif how == "manifest of another shape":
+        (run_dir / "manifest.json").write_text(json.dumps({"run_id": "run"}))
+    elif how == "no manifest":
+        (run_dir / "manifest.json").unlink()
+    elif how == "no config":
+        (run_dir / "config.json").unlink()
+    elif how == "corrupt config":
+        (run_dir / "config.json").write_text("[1, 2")
+    elif how == "missing shard":
+        (shards / "shard-00001.parquet").unlink()
+    elif how == "truncated shard":
+        data = (shards / "shard-00000.parquet").read_bytes()
+        (shards / "shard-00000.parquet").write_bytes(data[: len(data) // 2])
+    elif how == "stray shard":
+        (shards / "shard-00009.parquet").write_bytes((shards / "shard-00000.parquet").read_bytes())
+    elif how == "unknown method":
+        return ["--method", "magic"]
+    elif how == "self-eval without its passes":
+        return ["--method", "self-eval"]
+    elif how == "too many candidates":
+        return ["--num_return_sequences", "3"]
+    elif how == "alpha out of range":
+        return ["--alpha", "7"]
+    elif how == "an unknown flag":
+        return ["--overwrite"]
+    elif how == "every method compared":
+        return ["--method", "all"]
+    return []
+
+
+DAMAGES = [
+    "corrupt manifest", "manifest of another shape", "no manifest", "no config", "corrupt config", "missing shard",
+    "truncated shard", "stray shard", "unknown method", "self-eval without its passes", "too many candidates",
+    "alpha out of range", "an unknown flag", "every method compared",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def job_flags():
+    return {job: flags_of(job) for job in JOBS}
+
+
+@pytest.fixture
+def quiet_env(monkeypatch):
+    """The jobs set Ray's quiet variables in os.environ; keep them out of the other tests."""
+    for name in ("RAY_LOGGER_LEVEL", "RAY_DATA_LOG_LEVEL", "RAY_BACKEND_LOG_LEVEL", "TQDM_DISABLE",
+                 "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):  # fmt: skip
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("how", DAMAGES)
+def test_every_hint_jobs_reduce_prints_names_a_flag_of_its_job(tmp_path, how, job_flags, capsys):
+    run_dir = finished_run(tmp_path)
+    extra = damage(run_dir, how)
+    with contextlib.suppress(SystemExit):
+        reduce.main([str(run_dir), "--method", "baseline", *extra])
+    captured = capsys.readouterr()
+    assert not misplaced_hints(captured.out + captured.err, "reduce", job_flags)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO])
+@pytest.mark.parametrize("raised", ["storage", "os"])
+def test_every_hint_a_failed_write_gives_jobs_reduce_names_a_flag_of_its_job(
+    tmp_path, errno_, raised, job_flags, capsys, monkeypatch
+):
+    """A disk that fills up or refuses a write while jobs.reduce writes its outputs, through either path."""
+    from ray_pipeline.storage import StorageError, StoragePath
+
+    def refuse(self, *args, **kwargs):
+        exc = OSError(errno_, os.strerror(errno_), str(self))
+        raise StorageError("write", str(self), exc, remote=False) if raised == "storage" else exc
+
+    run_dir = finished_run(tmp_path)
+    monkeypatch.setattr(StoragePath, "write_text", refuse)
+    assert reduce.main([str(run_dir), "--method", "baseline"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and not misplaced_hints(captured.err, "reduce", job_flags)
+
+
+def infer_cases(tmp_path: Path) -> list[list[str]]:
+    """jobs.infer and jobs.main arguments that each stop before Ray, at a different refusal."""
+    run_dir = finished_run(tmp_path / "out")
+    (run_dir / "manifest.json").write_text("{broken")
+    bare = finished_run(tmp_path / "bare")
+    (bare / "manifest.json").unlink()
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"problem": "a \\ud800"}\n', encoding="utf-8")
+    base = ["--dataset", "embedded:2", "--shard_size", "1", "--num_return_sequences", "2"]
+    return [
+        [*base, "--output_dir", str(tmp_path / "out"), "--run_id", "run"],
+        [*base, "--output_dir", str(tmp_path / "bare"), "--run_id", "run"],
+        [*base, "--temperature", "0"],
+        [*base, "--run_id", "a/b"],
+        [*base, "--reprocess_shards", "x"],
+        [*base, "--method", "magic"],
+        [*base, "--method", "self-eval"],
+        ["--dataset", str(data)],
+        ["--dataset", str(tmp_path / "missing.jsonl")],
+        [*base, "--model_path", str(tmp_path / "nothing.gguf")],
+        [*base, "--bogus_flag", "1"],
+    ]
+
+
+@pytest.mark.parametrize("job", ["infer", "main"])
+def test_every_hint_jobs_infer_and_main_print_names_a_flag_of_its_job(tmp_path, job, job_flags, capsys, quiet_env):
+    for argv in infer_cases(tmp_path):
+        with contextlib.suppress(SystemExit):
+            assert JOBS[job](argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: "), (argv, captured.err)
+        assert not misplaced_hints(captured.out + captured.err, job, job_flags), argv
+
+
+@pytest.mark.fast
+def test_the_hint_check_finds_a_flag_the_job_does_not_take(job_flags):
+    assert misplaced_hints("error: x is corrupt; pass --overwrite to start over", "reduce", job_flags)
+    assert not misplaced_hints("error: x (the run resumes with: python -m jobs.infer --overwrite)", "reduce", job_flags)
+    assert not misplaced_hints("error: x; rerun with --verbose for the traceback", "reduce", job_flags)
 
 
