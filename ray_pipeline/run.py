@@ -40,7 +40,7 @@ from ray_pipeline.manifest import (
     fingerprint_hash,
     shard_faults,
 )
-from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
+from ray_pipeline.model import check_context, check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.plots import PLOTS
 from ray_pipeline.progress import Progress
 from ray_pipeline.reduce import Summary, reduce_run, summary_json
@@ -106,6 +106,7 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     if model == config.model_path and not Path(model).exists():
         check_hub_model(model)
     check_tensor_parallel(model, config.tensor_parallel_size)
+    check_context(model, config.max_tokens, config.max_model_len)
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
     # The backend as given ('auto' included): the same command names the same folder on any cluster.

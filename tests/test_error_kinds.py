@@ -342,6 +342,7 @@ def infer_cases(tmp_path: Path) -> list[list[str]]:
         [*base, "--output_dir", str(tmp_path / "bare"), "--run_id", "run"],
         [*base, "--temperature", "0"],
         [*base, "--run_id", "a/b"],
+        [*base, "--max_tokens", "9000"],
         [*base, "--reprocess_shards", "x"],
         [*base, "--method", "magic"],
         [*base, "--method", "self-eval"],
@@ -369,3 +370,14 @@ def test_the_hint_check_finds_a_flag_the_job_does_not_take(job_flags):
     assert not misplaced_hints("error: x; rerun with --verbose for the traceback", "reduce", job_flags)
 
 
+# ------------------------------------------------------------------------------------------ max_tokens
+
+
+@pytest.mark.parametrize(("extra", "limit"), [([], 8192), (["--max_model_len", "512"], 512)])
+def test_max_tokens_that_fill_the_context_are_refused_before_ray(tmp_path, extra, limit, capsys, quiet_env):
+    for max_tokens in (limit, limit + 1, 10 * limit):
+        argv = ["--dataset", "embedded:2", "--max_tokens", str(max_tokens), "--output_dir", str(tmp_path), *extra]
+        assert infer.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"max_tokens {max_tokens} leaves no room" in err[0] and f"{limit} tokens" in err[0]
+    assert not any(tmp_path.iterdir()), "refused before the run folder is made"
