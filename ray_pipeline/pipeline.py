@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import math
 import os
 import re
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,8 +147,18 @@ def pool_strategy(config: RunConfig, pool: str):
     )
 
 
-def _resources(name: str | None) -> dict[str, float] | None:
-    return {name: 1.0} if name else None
+def actor_resources(cpus: float, gpus: float, resource: str | None) -> dict:
+    """map_batches' resource arguments for one actor of a pool.
+
+    Ray Data reserves 1 CPU for a map worker that names none, and warns that naming CPUs beside
+    GPUs is experimental: a GPU actor that wants the 1 CPU Ray Data reserves anyway leaves it out.
+    """
+    wanted: dict = {"num_gpus": gpus}
+    if not (gpus and cpus == 1):
+        wanted["num_cpus"] = cpus
+    if resource:
+        wanted["resources"] = {resource: 1.0}
+    return wanted
 
 
 def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
@@ -162,22 +176,24 @@ def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
     return blocks
 
 
-def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type):
-    """The generator pool's dataset: batches of problems in, one row per problem with its N candidates out."""
+def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type, monitor=None):
+    """The generator pool's dataset: batches of problems in, one row per problem with its N candidates out.
+
+    `monitor` (a StageMonitor actor, made here when not given) counts each batch's attempts and
+    notes when the first candidate was generated.
+    """
     import ray.data
 
+    monitor = monitor or start_monitor()
     ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
     ds = ray.data.from_arrow(problem_blocks(problems, config.generate_batch_size))
     return ds.map_batches(
-        generator_cls,
-        fn_constructor_kwargs={"config": config},
+        monitored(generator_cls, "generator"),
+        fn_constructor_kwargs={"config": config, "monitor": monitor},
         batch_size=config.generate_batch_size,
         batch_format="pyarrow",
         compute=pool_strategy(config, "generators"),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=actor_gpus(config)[0],
-        resources=_resources(config.generator_resource),
-        **_fault_tolerance(config),
+        **actor_resources(config.cpus_per_actor, actor_gpus(config)[0], config.generator_resource),
     )
 
 
@@ -190,30 +206,32 @@ def run_stages(
     on_commit: Callable[[int, StoragePath, int], None] | None = None,
     fingerprint: str = "",
     on_batch: Callable[[pa.Table], None] | None = None,
+    on_generating: Callable[[float], None] | None = None,
 ) -> ShardWriter:
     """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`.
 
-    `config` is the resolved one (see `resolve_execution`); `on_batch` sees each scored batch (progress).
+    `config` is the resolved one (see `resolve_execution`); `on_batch` sees each scored batch (progress);
+    `on_generating` learns, with the first scored batch, when (time.monotonic()) the first candidate was generated.
     """
-    score_gpus = actor_gpus(config)[1]
-    ds = generate_stage(config, problems, generator_cls)
+    monitor = start_monitor()
+    ds = generate_stage(config, problems, generator_cls, monitor)
     ds = ds.map_batches(
-        scorer_cls,
-        fn_constructor_kwargs={"config": config},
+        monitored(scorer_cls, "scorer"),
+        fn_constructor_kwargs={"config": config, "monitor": monitor},
         # Rows here are problems (N candidates each, see GENERATED_SCHEMA): about score_batch_size candidates.
         batch_size=max(1, config.score_batch_size // config.num_return_sequences),
         batch_format="pyarrow",
         compute=pool_strategy(config, "scorers"),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=score_gpus,
-        resources=_resources(config.scorer_resource),
         # A problem row in, its N candidate rows out.
         udf_modifying_row_count=True,
-        **_fault_tolerance(config),
+        **actor_resources(config.cpus_per_actor, actor_gpus(config)[1], config.scorer_resource),
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if on_generating is not None:
+                on_generating(first_generated(monitor))
+                on_generating = None
             fresh = writer.add(batch)
             if on_batch and fresh.num_rows:
                 on_batch(fresh)
@@ -246,9 +264,112 @@ def stop_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def _fault_tolerance(config: RunConfig) -> dict:
-    """A dead actor (OOM, killed) is restarted and its batch retried, a bounded number of times.
+class StageMonitor:
+    """One small actor per run that the pools' actors report to: how often each batch was started,
+    and when the first candidate was generated.
 
-    Ray Data's default retries forever, which would loop on a batch that kills every actor.
+    Ray Data restarts a dead actor and retries its batch; how often is set only through
+    map_batches' `**ray_remote_args` (max_restarts, max_task_retries), which Ray 2.60 deprecates
+    with no named replacement. Without them a batch is retried without end, so each batch's
+    attempts are counted here, where an actor's death does not reset the count.
     """
-    return {"max_restarts": -1, "max_task_retries": config.max_task_retries}
+
+    def __init__(self):
+        self.attempts: Counter[str] = Counter()
+        self.generated_at: float | None = None
+
+    def attempt(self, key: str) -> int:
+        self.attempts[key] += 1
+        return self.attempts[key]
+
+    def generated(self, at: float) -> None:
+        self.generated_at = at if self.generated_at is None else min(self.generated_at, at)
+
+    def first_generated(self) -> float | None:
+        return self.generated_at
+
+
+def start_monitor():
+    import ray
+
+    # No CPU: it must fit beside the pools on any node, the head included.
+    return ray.remote(num_cpus=0)(StageMonitor).remote()
+
+
+def first_generated(monitor) -> float:
+    """When the first candidate was generated, on this process's monotonic clock (now if nobody said)."""
+    import ray
+
+    at = ray.get(monitor.first_generated.remote())
+    now = time.monotonic()
+    return now if at is None else min(now, now - (time.time() - at))
+
+
+class BatchRetriesExhausted(RuntimeError):
+    """A batch whose actor kept dying: its retries are used up."""
+
+
+def batch_key(stage: str, batch: pa.Table) -> str:
+    """The same key for every attempt of one batch: its stage and its problems."""
+    ids = "\n".join(map(str, batch.column("problem_id").to_pylist()))
+    return f"{stage}:{hashlib.sha1(ids.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def monitored(cls: type, stage: str) -> type:
+    """`cls` (a Ray Data callable class taking `config`) whose calls report to a StageMonitor first.
+
+    A call counts its batch's attempt and refuses one past `config.max_task_retries` retries, with
+    an error that stops the run (committed shards stay); a generator's call also reports when it
+    yields its first rows. The subclass keeps `cls`'s name, which names the actors in Ray.
+    """
+    generator = stage == "generator"
+
+    def __init__(self, config: RunConfig, monitor):
+        self._monitor, self._retries, self._reported = monitor, config.max_task_retries, not generator
+        cls.__init__(self, config)
+
+    async def _check_async(self, batch):
+        self._refuse_if_exhausted(batch, await self._monitor.attempt.remote(batch_key(stage, batch)))
+
+    def _refuse_if_exhausted(self, batch, attempt: int) -> None:
+        if attempt > self._retries + 1:
+            first = batch.column("problem_id")[0].as_py() if batch.num_rows else "none"
+            raise BatchRetriesExhausted(
+                f"a {stage} batch of {batch.num_rows} problems (the first {first}) was started {attempt} times: its "
+                f"actor died each time (out of memory, or killed) and --max_task_retries {self._retries} is used up"
+            )
+
+    def _report(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self._monitor.generated.remote(time.time())
+
+    namespace = {"__init__": __init__, "_refuse_if_exhausted": _refuse_if_exhausted, "_report": _report}
+    if inspect.isasyncgenfunction(cls.__call__):
+
+        async def __call__(self, batch):
+            await _check_async(self, batch)
+            async for out in cls.__call__(self, batch):
+                self._report()
+                yield out
+
+    elif inspect.iscoroutinefunction(cls.__call__):
+
+        async def __call__(self, batch):
+            await _check_async(self, batch)
+            out = await cls.__call__(self, batch)
+            self._report()
+            return out
+
+    else:
+
+        def __call__(self, batch):
+            import ray
+
+            self._refuse_if_exhausted(batch, ray.get(self._monitor.attempt.remote(batch_key(stage, batch))))
+            out = cls.__call__(self, batch)
+            self._report()
+            return out
+
+    namespace |= {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)
