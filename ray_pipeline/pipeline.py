@@ -9,9 +9,12 @@ import math
 import os
 import re
 import socket
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,7 +44,8 @@ def init_ray(config: RunConfig) -> None:
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=config.verbose)
+            with native_lines_hidden(config.verbose):
+                ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
         return
@@ -52,15 +56,53 @@ def init_ray(config: RunConfig) -> None:
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
     try:
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
-            include_dashboard=False,
-            log_to_driver=config.verbose,
-        )
+        with native_lines_hidden(config.verbose):
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+                include_dashboard=False,
+                log_to_driver=config.verbose,
+            )
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         fix = "pass --ray_address to use a running cluster"
         raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
+
+
+# The one line the C++ core writes when RAY_BACKEND_LOG_LEVEL is set (cli.quiet_ray sets it): it
+# announces the level at INFO before that level applies, so the setting that hides the core's lines
+# always shows this one.
+_LEVEL_ANNOUNCEMENT = re.compile(r"logging\.cc:\d+: Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL")
+
+
+@contextmanager
+def native_lines_hidden(verbose: bool):
+    """Around ray.init: what the process writes to its stderr (fd 2) comes through, less the level announcement.
+
+    The C++ core writes to the file descriptor, past sys.stderr, so the descriptor is pointed at a
+    temporary file for the call and that file is copied back after it, less the announcement.
+    """
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line
+                for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not _LEVEL_ANNOUNCEMENT.search(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
