@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
+from ray_pipeline.cli import Stopped, install_stop_handlers
 from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.shards import ShardWriter, expected_rows
@@ -48,6 +50,12 @@ def init_ray(config: RunConfig) -> None:
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
+        except SystemExit:
+            # For as long as ray.init runs, a SIGTERM meets Ray's own handler, which calls sys.exit.
+            raise Stopped(signal.SIGTERM) from None
+        finally:
+            # ray.init installs its own SIGTERM handler (sys.exit): the job's says how to resume.
+            install_stop_handlers()
         return
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
@@ -66,6 +74,12 @@ def init_ray(config: RunConfig) -> None:
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         fix = "pass --ray_address to use a running cluster"
         raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
+    except SystemExit:
+        # Ray's SIGTERM handler (see above) has stopped the processes it started; the job ends as for any signal.
+        raise Stopped(signal.SIGTERM) from None
+    finally:
+        # A SIGTERM during ray.init meets Ray's handler; from here on it meets the job's.
+        install_stop_handlers()
 
 
 # The one line the C++ core writes when RAY_BACKEND_LOG_LEVEL is set (cli.quiet_ray sets it): it
