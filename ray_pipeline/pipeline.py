@@ -25,6 +25,7 @@ from ray_pipeline.backends import resolve_backend
 from ray_pipeline.cli import Stopped, install_stop_handlers
 from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
+from ray_pipeline.local_ray import reap_local_ray_with_this_process
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
 
@@ -37,7 +38,7 @@ GENERATOR_GPU_SHARE, SCORER_GPU_SHARE = 0.6, 0.4
 
 
 def init_ray(config: RunConfig) -> None:
-    """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray."""
+    """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray that goes with this process."""
     import ray
 
     if ray.is_initialized():
@@ -63,6 +64,8 @@ def init_ray(config: RunConfig) -> None:
     # The actors' own output (model loading, warnings) reaches the driver only with --verbose.
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
+    # Before ray.init: a job killed while Ray starts leaves nothing behind either.
+    reap_local_ray_with_this_process()
     try:
         with native_lines_hidden(config.verbose):
             ray.init(

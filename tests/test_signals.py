@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import ROOT
@@ -135,3 +136,41 @@ def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, signum):
 
     assert all(pq.read_table(p).num_rows == 2 for p in done)
     assert "SIGTERM received" not in stdout + stderr
+
+
+def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path):
+    """kill -9 of the driver alone: every process it started (GCS, raylet, Ray's agents, the actors) ends too."""
+    driver = start_job(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Once the generator actor runs, every kind of process the local Ray has is up.
+        def generator_up():
+            below = psutil.Process(driver.pid).children(recursive=True)
+            return any("GeneratorActor" in " ".join(p.cmdline()) for p in below if p.is_running())
+
+        wait_for(lambda: driver.poll() is not None or generator_up(), "the generator actor")
+        assert driver.poll() is None, "the job ended before it could be killed"
+        started = {(p.pid, p.create_time()) for p in psutil.Process(driver.pid).children(recursive=True)}
+        names = " ".join(" ".join(psutil.Process(pid).cmdline()) for pid, _ in started if psutil.pid_exists(pid))
+        assert all(name in names for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+        def alive() -> list[str]:
+            left = []
+            for pid, created in started:
+                try:
+                    p = psutil.Process(pid)
+                    if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                        left.append(f"{pid} {p.name()}")
+                except psutil.Error:
+                    continue
+            return left
+
+        # Ray's agents outlived a killed driver by one to two minutes before the job had a watcher.
+        deadline = time.monotonic() + 20
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(), alive()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
