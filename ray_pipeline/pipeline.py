@@ -40,17 +40,21 @@ GENERATOR_GPU_SHARE, SCORER_GPU_SHARE = 0.6, 0.4
 def init_ray(config: RunConfig) -> None:
     """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray that goes with this process."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
+        _check_token(address)
         try:
             with native_lines_hidden(config.verbose):
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
+        except AuthenticationError as exc:
+            raise token_missing(address, exc) from None
         except SystemExit:
             # For as long as ray.init runs, a SIGTERM meets Ray's own handler, which calls sys.exit.
             raise Stopped(signal.SIGTERM) from None
@@ -135,6 +139,66 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise PipelineError(
             f"cannot reach the Ray cluster at {address}: {reason}; check --ray_address / $RAY_ADDRESS"
         ) from None
+
+
+def _check_token(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once a cluster that refuses this process's authentication token.
+
+    ray.init retries a refused token for 20 s and then reports that it could not connect. One call
+    to the GCS (the address ray.init joins), with the token Ray would present, says which it is.
+    Ray has no public call for this; where its internals differ, ray.init decides as before.
+    """
+    if "://" in address or address in ("auto", "local"):
+        return
+    try:
+        import grpc
+        from ray._private.gcs_utils import create_gcs_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        with create_gcs_channel(address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise PipelineError(
+                f"the Ray cluster at {address} refused this job's authentication token ({exc.details()}); "
+                f"{token_fix()}"
+            ) from None
+    except AuthenticationError as exc:
+        raise token_missing(address, exc) from None
+    except Exception:  # noqa: BLE001 - the probe only speeds up a refusal; ray.init still decides
+        return
+
+
+def token_missing(address: str, exc: BaseException) -> PipelineError:
+    """Ray's own refusal to connect without a token (RAY_AUTH_MODE=token and none found), in one line."""
+    reason = first_line(getattr(exc, "message", None) or exc).rstrip(".")
+    return PipelineError(
+        f"cannot join the Ray cluster at {address} without an authentication token ({reason}); {token_fix()}"
+    )
+
+
+def token_fix() -> str:
+    """What to do about a refused token, naming where this process looked for one."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "$RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        source = f"the file $RAY_AUTH_TOKEN_PATH names ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    elif (Path.home() / ".ray" / "auth_token").is_file():
+        source = "~/.ray/auth_token"
+    else:
+        source = ""
+    now = f"this job presented the token from {source}" if source else "this job found no token"
+    if mode != "token":
+        now += f" and RAY_AUTH_MODE is {mode or 'unset'}"
+    return (
+        f"{now}; set RAY_AUTH_MODE=token and give the cluster's token in $RAY_AUTH_TOKEN, in a file named by "
+        "$RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
+    )
 
 
 def cluster_has_gpu() -> bool:
