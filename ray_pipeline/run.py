@@ -42,7 +42,7 @@ from ray_pipeline.manifest import (
 )
 from ray_pipeline.model import check_context, check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.plots import PLOTS
-from ray_pipeline.progress import Progress
+from ray_pipeline.progress import Progress, pools_text
 from ray_pipeline.reduce import Summary, reduce_run, summary_json
 from ray_pipeline.report import COMPARISON_FILES, compare_run
 from ray_pipeline.selection import SelectionParams, get_method
@@ -224,7 +224,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     if plan.todo:
         wanted = pc.is_in(plan.problems.column("shard_id"), pa.array(plan.todo, pa.int32()))
         todo_problems = plan.problems.filter(wanted)
-        progress = Progress(todo_problems.num_rows, n)
+        progress = Progress(todo_problems.num_rows, n, pools=pools_text(config.num_generators, config.num_scorers))
         try:
             run_stages(
                 config,
@@ -235,6 +235,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
                 on_commit=committed,
                 fingerprint=fingerprint_hash(fp),
                 on_batch=progress.add,
+                on_generating=progress.generating,
             )
         except PipelineError as exc:
             raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None

@@ -197,6 +197,7 @@ def test_progress_lines_are_bounded_and_end_with_done():
     now = [0.0]
     lines = []
     progress = Progress(10, 2, every_s=10, write=lines.append, clock=lambda: now[0])
+    progress.generating(0.0)
     batch = pa.table({"token_count": pa.array([50, 50], pa.int32())})
     for _ in range(10):
         now[0] += 4
