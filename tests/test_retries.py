@@ -7,6 +7,7 @@ The pipeline counts each batch's attempts in a StageMonitor actor instead (pipel
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from ray.util.annotations import RayDeprecationWarning
 
 from ray_pipeline.config import RunConfig
 from ray_pipeline.pipeline import BatchRetriesExhausted, actor_resources, monitored, start_monitor
@@ -49,7 +51,8 @@ def ray_session(tmp_path_factory):
     marker = tmp_path_factory.mktemp("marker") / "died"
     os.environ["ECHO_MARKER"] = str(marker)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A GPU Ray declares but does not have: the GPU pools' resources are then scheduled as on a GPU cluster.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield marker
     ray.shutdown()
 
@@ -60,8 +63,8 @@ def run(cls: type, ids: list[str], retries: int) -> list[str]:
     config = RunConfig(max_task_retries=retries, cpus_per_actor=0.5)
     ds = ray.data.from_arrow([pa.table({"problem_id": [i]}) for i in ids])
     with warnings.catch_warnings():
-        # What the pipeline passes must not be among what Ray deprecates.
-        warnings.simplefilter("error", DeprecationWarning)
+        # What the pipeline passes must not be among what Ray deprecates (ray_remote_args among them).
+        warnings.simplefilter("error", RayDeprecationWarning)
         ds = ds.map_batches(
             monitored(cls, "generator"),
             fn_constructor_kwargs={"config": config, "monitor": start_monitor()},
@@ -113,3 +116,42 @@ def test_the_monitored_class_keeps_its_name_and_kind():
 def test_a_gpu_actor_leaves_out_the_one_cpu_ray_data_reserves_anyway(cpus, gpus, resource, expected):
     """Naming 1 CPU beside GPUs only adds Ray Data's "experimental" warning: it reserves 1 CPU anyway."""
     assert actor_resources(cpus, gpus, resource) == expected
+
+
+class RecordedWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_gpu_actors_draw_no_experimental_warning(ray_session):
+    """The pools as a GPU cluster gets them (0.6 and 0.4 of a GPU, 1 CPU each), on a Ray that declares a GPU
+    it does not have: Ray Data warns "Specifying both num_cpus and num_gpus ... is experimental" for none."""
+    import ray.data
+
+    from ray_pipeline.pipeline import GENERATOR_GPU_SHARE, SCORER_GPU_SHARE
+
+    # Ray Data's loggers do not propagate to the root logger: listen on its own.
+    recorded = RecordedWarnings()
+    ray_data_logger = logging.getLogger("ray.data")
+    ray_data_logger.addHandler(recorded)
+    try:
+        ds = ray.data.from_arrow([pa.table({"problem_id": ["a"]})])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RayDeprecationWarning)
+            for share in (GENERATOR_GPU_SHARE, SCORER_GPU_SHARE):
+                ds = ds.map_batches(
+                    monitored(Echo, "scorer"),
+                    fn_constructor_kwargs={"config": RunConfig(), "monitor": start_monitor()},
+                    batch_size=1,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=1),
+                    **actor_resources(1.0, share, None),
+                )
+        assert [r["problem_id"] for r in ds.take_all()] == ["a"]
+    finally:
+        ray_data_logger.removeHandler(recorded)
+    assert not [m for m in recorded.messages if "num_cpus and num_gpus" in m], recorded.messages
