@@ -10,6 +10,7 @@ a signal that lands between two committed shards (test_interrupt_e2e.py does Ctr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,8 +37,9 @@ FAKE_JOB = textwrap.dedent(
         if sys.argv[1] == "planned":
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(15))  # what ray.init leaves behind
             install_stop_handlers()
-        print("ready", flush=True)
         try:
+            # Inside the try: a signal right after this line still lands where the job turns it into its line.
+            print("ready", flush=True)
             time.sleep(120)
         except KeyboardInterrupt:
             if sys.argv[1] == "planned":
@@ -138,19 +140,29 @@ def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, signum):
     assert "SIGTERM received" not in stdout + stderr
 
 
+def command_lines(pid: int) -> str:
+    """The command lines of every process below `pid` (those that end while being read are left out)."""
+    lines = []
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            lines.append(" ".join(p.cmdline()))
+    return "\n".join(lines)
+
+
 def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path):
     """kill -9 of the driver alone: every process it started (GCS, raylet, Ray's agents, the actors) ends too."""
     driver = start_job(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Once the generator actor runs, every kind of process the local Ray has is up.
-        def generator_up():
-            below = psutil.Process(driver.pid).children(recursive=True)
-            return any("GeneratorActor" in " ".join(p.cmdline()) for p in below if p.is_running())
-
-        wait_for(lambda: driver.poll() is not None or generator_up(), "the generator actor")
+        wait_for(
+            lambda: driver.poll() is not None or "GeneratorActor" in command_lines(driver.pid), "the generator actor"
+        )
         assert driver.poll() is None, "the job ended before it could be killed"
-        started = {(p.pid, p.create_time()) for p in psutil.Process(driver.pid).children(recursive=True)}
-        names = " ".join(" ".join(psutil.Process(pid).cmdline()) for pid, _ in started if psutil.pid_exists(pid))
+        started = set()
+        for p in psutil.Process(driver.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                started.add((p.pid, p.create_time()))
+        names = command_lines(driver.pid)
         assert all(name in names for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
