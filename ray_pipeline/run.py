@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
 from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
     FAILED,
@@ -311,10 +312,38 @@ def reselect_config(run_dir: StoragePath, overrides: dict) -> RunConfig:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise PipelineError(f"{run_dir} has no config.json: pass a run folder written by jobs.infer or jobs.main")
-    config = dataclasses.replace(RunConfig.load(saved), **overrides).validate()
+    fix = "fix that value in the file, or rerun the jobs.infer or jobs.main command that made the run (it rewrites it)"
+    loaded = RunConfig.load(saved)
+    wrong = wrong_type_field(loaded)
+    if wrong:
+        raise ConfigError(f"run configuration {saved}: {wrong}; {fix}")
+    try:
+        config = dataclasses.replace(loaded, **overrides).validate()
+    except ConfigError as exc:
+        # A refused value the flags did not give is the file's: the line names the file, not a flag.
+        if str(exc).split(" ", 1)[0] in overrides:
+            raise
+        raise ConfigError(f"run configuration {saved}: {exc}; {fix}") from None
     if config.method != "all":
         get_method(config.method)
     return config
+
+
+def wrong_type_field(config: RunConfig) -> str | None:
+    """The first field holding a value of another type than its annotation allows (a hand-edited config.json)."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        value, hint = getattr(config, f.name), hints[f.name]
+        allowed = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        kinds = tuple(allowed)
+        fits = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            fits = True
+        if not fits:
+            return f"'{f.name}' is {type(value).__name__} {value!r}, not {' or '.join(a.__name__ for a in allowed)}"
+    return None
 
 
 def reselect(run_dir: Location, overrides: dict) -> Summary | dict:

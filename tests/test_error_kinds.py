@@ -20,6 +20,7 @@ import os
 import random
 import re
 import string
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -181,6 +182,33 @@ def test_a_repeated_id_names_both_rows_and_the_field(tmp_path, rows, row, field)
     with pytest.raises(PipelineError) as err:
         load_problems(str(path))
     assert f"{path}: row {row}: '{field}'" in str(err.value) and "first in row" in str(err.value), str(err.value)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("seed", range(24))
+def test_every_refused_value_in_a_run_configuration_names_its_file_and_field(tmp_path, seed, capsys):
+    """A hand-edited config.json given to jobs.reduce: a value of another type or out of its range."""
+    import dataclasses
+
+    rng = random.Random(seed)
+    run_dir = finished_run(tmp_path)
+    saved = json.loads((run_dir / "config.json").read_text())
+    fields = [f for f in dataclasses.fields(RunConfig) if f.name in saved]
+    field = rng.choice(fields)
+    low, high = field.metadata["low"], field.metadata["high"]
+    takes_text = str in typing.get_args(typing.get_type_hints(RunConfig)[field.name]) + (
+        typing.get_type_hints(RunConfig)[field.name],
+    )
+    bad = [[1], {"a": 1}, 7 if takes_text else "text"]
+    if low is not None:
+        bad.append(low - 1)
+    if high is not None:
+        bad.append(high * 10 + 1)
+    saved[field.name] = rng.choice(bad)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert reduce.main([str(run_dir), "--method", "baseline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"run configuration {run_dir / 'config.json'}: " in err and field.name in err, err
 
 
 # ----------------------------------------------------------------------------------------------- hints
