@@ -28,6 +28,7 @@ from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
 from jobs.dummy_model import DUMMY_SHAPES, write_random_model
 from jobs.records import device_name, write_record
+from ray_pipeline.cli import quiet_ray
 from ray_pipeline.columns import candidate_rows
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", help="also write the result with device, date and commit to this JSON file")
     parser.set_defaults(backend="vllm")
     args = parser.parse_args(argv)
+    # Its own lines only, as the jobs print (the C++ core's actor-argument line among what it hides).
+    quiet_ray(args.verbose)
     return exit_status(lambda: _run(args))
 
 

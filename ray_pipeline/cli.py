@@ -1,7 +1,9 @@
 """What every entry point does around its job: Ray kept quiet, the resume command, one last error line.
 
-The rule: a refused job ends with one `error: ...` line, the last line on stderr, and exit 2;
-Ctrl-C ends with one `interrupted: ...` line naming the command that resumes, and exit 130.
+The rule: a refused job ends with one `error: ...` line, the last line on stderr, and exit 2.
+A stop signal (Ctrl-C's SIGINT, SIGTERM from Kubernetes, Slurm or `ray job stop`, SIGHUP from a
+closed terminal) ends it with one `interrupted...` line naming the command that resumes, and exit
+128 + the signal's number (130, 143, 129), as a shell reports a process the signal stopped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -20,8 +23,47 @@ from ray_pipeline.errors import PipelineError, first_line, os_error_text
 _NOT_REPEATED = {"--overwrite": 0, "--no-resume": 0, "--reprocess_failed": 0, "--reprocess_shards": 1}
 
 
+# The signals a terminal or a scheduler sends to stop a job before it kills it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupted(PipelineError):
-    """Ctrl-C during a job; the message says how to resume."""
+    """A stop signal during a job; the message says how to resume."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived. A KeyboardInterrupt, so that everything that turns Ctrl-C into the resume
+    line (and leaves committed shards alone) does the same for SIGTERM and SIGHUP."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Set while run_entry runs a job: only then are the stop handlers (re)installed.
+_job_running = False
+
+
+def _stop_job(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """Route every stop signal to the job's handler; call it again after anything that replaces it (ray.init).
+
+    ray.init sets its own SIGTERM handler (a bare sys.exit), and Ray's C++ core one that prints a
+    native stack dump: neither says how to resume. Outside run_entry (a library call, a test) it does nothing.
+    """
+    if _job_running and threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stop_job)
+
+
+def _ignore_stop_signals() -> None:
+    """While the job ends (Ray shutting down), a further signal would only cut its last line short."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def program(module: str) -> str:
@@ -87,26 +129,47 @@ def _stop_ray() -> None:
 
 
 def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
-    """Run `job`: 0 when it finishes, 2 with one `error:` line when it refuses or fails, 130 on Ctrl-C."""
+    """Run `job`: 0 when it finishes, 2 with one `error:` line when it refuses or fails, 128 + n on stop signal n."""
+    global _job_running
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} if main_thread else {}
+    _job_running = True
+    install_stop_handlers()
+    try:
+        return _run(job, verbose)
+    finally:
+        _job_running = False
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _run(job: Callable[[], object], verbose: bool) -> int:
     try:
         job()
     except (Interrupted, KeyboardInterrupt) as exc:
-        # A second Ctrl-C while Ray shuts down would end in a traceback: the job is stopping anyway.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_stop_signals()
         _stop_ray()
+        # Interrupted is raised from the Stopped it replaces.
+        signum = next((e.signum for e in (exc, exc.__context__) if isinstance(e, Stopped)), signal.SIGINT)
         detail = str(exc) if isinstance(exc, Interrupted) else "stopped before any work was committed"
-        print(f"interrupted: {detail}", file=sys.stderr, flush=True)
-        return 130
+        # Ctrl-C is the user's own key; another signal came from elsewhere, so the line names it.
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(f"interrupted{by}: {detail}", file=sys.stderr, flush=True)
+        return 128 + signum
     except PipelineError as exc:
+        _ignore_stop_signals()
         _stop_ray()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:
         # The system refused outside the storage layer (a full disk while caching a model, a log file).
+        _ignore_stop_signals()
         _stop_ray()
         print(f"error: {os_error_text(exc)}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - an unforeseen failure still ends in one line; --verbose shows where
+        _ignore_stop_signals()
         _stop_ray()
         if verbose:
             traceback.print_exc()
@@ -117,4 +180,7 @@ def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
             flush=True,
         )
         return 2
+    # The work is done: a signal now would only interrupt Ray's shutdown.
+    _ignore_stop_signals()
+    _stop_ray()
     return 0

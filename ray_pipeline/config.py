@@ -360,7 +360,10 @@ class RunConfig:
             )
         self.reprocess_shard_ids()
         if self.method == "self-eval" and not self.self_eval:
-            raise ConfigError("method self-eval needs self_eval: pass --self_eval so the scorer runs its passes")
+            raise ConfigError(
+                "method self-eval needs self_eval: its shards come from jobs.infer or jobs.main with --self_eval, "
+                "so the scorer runs its passes"
+            )
         return self
 
     def reprocess_shard_ids(self) -> list[int]:

@@ -146,6 +146,18 @@ class _Row:
     def refuse(self, field: str, value: object, want: str) -> PipelineError:
         return PipelineError(f"{self.where}: '{field}' is {_describe(value)}; {want}")
 
+    def encodable(self, field: str, value: str) -> str:
+        """Text that UTF-8 can hold: JSON's \\ud800-style escapes can spell a lone surrogate, which it cannot."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            raise PipelineError(
+                f"{self.where}: '{field}' holds a lone surrogate (\\u{ord(char):04x} at character {exc.start + 1}), "
+                "which no UTF-8 text can hold; fix that escape in the file, or remove the row"
+            ) from None
+        return value
+
     def text(self, field: str, *, required: bool) -> str | None:
         """Text, or a finite number written as text; None only where the field is optional."""
         value = self.record.get(field)
@@ -155,15 +167,17 @@ class _Row:
         if isinstance(value, str):
             if required and not value.strip():
                 raise PipelineError(f"{self.where}: '{field}' is empty; fill it in or remove the row")
-            return value
+            return self.encodable(field, value)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return _number_text(value)
         raise self.refuse(field, value, want)
 
     def label(self, field: str) -> str | None:
         value = self.record.get(field)
-        if value is None or isinstance(value, str):
-            return value
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return self.encodable(field, value)
         raise self.refuse(field, value, f"write the {field} as text, or null")
 
     def uid(self) -> str | None:
@@ -172,7 +186,7 @@ class _Row:
         if value is None:
             return None
         if isinstance(value, str) and value.strip():
-            return value
+            return self.encodable("unique_id", value)
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -187,7 +201,7 @@ class _Row:
         if value is None:
             return None
         if isinstance(value, str):
-            digits = value.strip().removeprefix("Level").removeprefix("level").strip()
+            digits = self.encodable("level", value).strip().removeprefix("Level").removeprefix("level").strip()
             if digits in ("", "?"):  # MATH writes "Level ?" where the level is unknown
                 return None
             number = int(digits) if digits.isascii() and digits.isdigit() else None
@@ -207,15 +221,22 @@ def load_problems(dataset: str, *, split: str = "test", limit: int | None = None
     if not records:
         raise PipelineError(f"data set {dataset} has no rows: pass a file with at least one problem")
     records = records[:limit] if limit else records
-    rows, seen = [], set()
+    rows, seen = [], {}
     for index, record in enumerate(records):
         row = _Row(dataset, index + 1, record)
         text = row.text("problem", required=True)
         uid = row.uid()
         pid = problem_id({"problem": text, "unique_id": uid})
         if pid in seen:
-            raise PipelineError(f"data set {dataset}: problem id {pid!r} appears twice; ids must be unique")
-        seen.add(pid)
+            # Without a unique_id the id is the problem's hash: the repeated value is then the problem.
+            field, fix = ("unique_id", "give each row its own id") if uid is not None else (
+                "problem", "give the rows unique_ids, or remove the repeat"
+            )
+            raise PipelineError(
+                f"{row.where}: '{field}' makes the problem id {pid!r}, which appears twice (first in row {seen[pid]}); "
+                f"ids must be unique: {fix}"
+            )
+        seen[pid] = index + 1
         rows.append(
             {
                 "problem_id": pid,

@@ -47,7 +47,8 @@ def os_error_text(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space on that disk and run the same command again"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "check that path's permissions, or pass another --output_dir"
+        # No flag named: the same failure reaches every job, and not every job takes --output_dir.
+        fix = "check that path's permissions and run the same command again"
     else:
         fix = "check that path and run the same command again"
     return f"{reason}{where}: {fix}"

@@ -102,16 +102,36 @@ def dataset_name(dataset: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", stem.lower())[:40] or "data"
 
 
+# The run part of a default run id: the first 10 hex digits of the fingerprint's hash.
+RUN_HASH = re.compile(r"[0-9a-f]{10}")
+# The run part of a best-answer file named after a run id that needs escaping (see best_file_name).
+ESCAPED_RUN = "run-"
+
+
 def default_run_id(dataset: str, model_name: str, fp: dict) -> str:
     """`{dataset}_candidates_{model}_{hash}`: the same command and data give the same folder, so it resumes."""
     return f"{dataset_name(dataset)}_candidates_{model_name}_{fingerprint_hash(fp)[:10]}"
 
 
 def best_file_name(dataset: str, model_name: str, run_id: str) -> str:
-    """`{dataset}_best_{model}_{run}.jsonl`, one per run folder (the run part of its name, else the whole)."""
-    prefix = f"{dataset_name(dataset)}_candidates_{model_name}_"
-    run = run_id.removeprefix(prefix) or run_id
-    return f"{dataset_name(dataset)}_best_{model_name}_{run}.jsonl"
+    """`{dataset}_best_{model}_{run}.jsonl`: one file per run folder, and never one for two run ids.
+
+    The run part holds no `_`, so the name splits back into its parts (the data set's part holds
+    none either, the model's may): the run part is the text after the last `_`. Three forms:
+
+    - a default run id (`default_run_id` of this data set and model): its hash, 10 hex digits;
+    - another run id with no `_` that is neither 10 hex digits nor starts with `run-`: the run id itself;
+    - any other: `run-` and the run id with `%` and `_` written %25 and %5F.
+
+    The three forms never meet, and each gives back its run id, so two run ids never share a file.
+    """
+    ds = dataset_name(dataset)
+    default = f"{ds}_candidates_{model_name}_"
+    tail = run_id.removeprefix(default)
+    if not (run_id.startswith(default) and RUN_HASH.fullmatch(tail)):
+        plain = "_" not in run_id and not RUN_HASH.fullmatch(run_id) and not run_id.startswith(ESCAPED_RUN)
+        tail = run_id if plain else ESCAPED_RUN + run_id.replace("%", "%25").replace("_", "%5F")
+    return f"{ds}_best_{model_name}_{tail}.jsonl"
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -140,7 +160,8 @@ class Manifest:
         return cls(run_id, stamp, model_name, fp, shards)
 
     @classmethod
-    def load(cls, run_dir: Location) -> Manifest | None:
+    def load(cls, run_dir: Location, fix: str = "pass --overwrite to start this run folder over") -> Manifest | None:
+        """The folder's manifest, None if it has none; one that does not read is refused with `fix`."""
         path = StoragePath.parse(run_dir) / MANIFEST_NAME
         if not path.is_file():
             return None
@@ -160,7 +181,7 @@ class Manifest:
             # ValueError covers broken JSON and bytes that are not UTF-8.
             reason = first_line(exc)
             raise PipelineError(
-                f"{path} is not a readable manifest ({reason}); pass --overwrite to start this run folder over"
+                f"{path} is not a readable manifest ({reason}); {fix}"
             ) from None
 
     def save(self, run_dir: Location) -> None:

@@ -190,6 +190,42 @@ def check_tensor_parallel(resolved: str, tensor_parallel_size: int) -> None:
         )
 
 
+def model_context(resolved: str) -> tuple[int, str] | None:
+    """The model's context length (max_position_embeddings) and where it was read, if it can be read here."""
+    config_path = Path(resolved) / "config.json"
+    if config_path.is_file():
+        config, where = _json_file(config_path, "model config"), str(config_path)
+    else:
+        # A Hub id: check_hub_model has just fetched its config into the cache.
+        try:
+            from transformers import AutoConfig
+
+            config, where = AutoConfig.from_pretrained(resolved, local_files_only=True).to_dict(), resolved
+        except Exception:  # noqa: BLE001 - no cached config: vLLM and the generator still check each prompt
+            return None
+    context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return (context, where) if isinstance(context, int) and context > 0 else None
+
+
+def check_context(resolved: str, max_tokens: int, max_model_len: int | None) -> None:
+    """Refuse a --max_tokens that leaves no room for a prompt in the context (--max_model_len, else the model's).
+
+    Clamping it would quietly change what the run samples (and its fingerprint); a refusal names the limit.
+    """
+    found = model_context(resolved)
+    if max_model_len is not None:
+        limit, what = max_model_len, "--max_model_len"
+    elif found is not None:
+        limit, what = found[0], f"the model's context (max_position_embeddings in {found[1]})"
+    else:
+        return
+    if max_tokens >= limit:
+        raise PipelineError(
+            f"max_tokens {max_tokens} leaves no room for a prompt in {what}, {limit} tokens: "
+            f"pass a --max_tokens below {limit}, with room for the longest prompt"
+        )
+
+
 def check_hub_model(model_id: str) -> None:
     """Fail early, in one line and without retry warnings, when a Hub id cannot be reached."""
     from ray_pipeline import hub

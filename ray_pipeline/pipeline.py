@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import math
 import os
 import re
+import signal
 import socket
+import sys
+import tempfile
+import time
+from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
+from ray_pipeline.cli import Stopped, install_stop_handlers
 from ray_pipeline.config import RunConfig, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
+from ray_pipeline.local_ray import reap_local_ray_with_this_process
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
 
@@ -28,18 +38,29 @@ GENERATOR_GPU_SHARE, SCORER_GPU_SHARE = 0.6, 0.4
 
 
 def init_ray(config: RunConfig) -> None:
-    """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray."""
+    """Join the cluster at --ray_address / $RAY_ADDRESS, else start a local Ray that goes with this process."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
+        _check_token(address)
         try:
-            ray.init(address=address, log_to_driver=config.verbose)
+            with native_lines_hidden(config.verbose):
+                ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
+        except AuthenticationError as exc:
+            raise token_missing(address, exc) from None
+        except SystemExit:
+            # For as long as ray.init runs, a SIGTERM meets Ray's own handler, which calls sys.exit.
+            raise Stopped(signal.SIGTERM) from None
+        finally:
+            # ray.init installs its own SIGTERM handler (sys.exit): the job's says how to resume.
+            install_stop_handlers()
         return
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
@@ -47,16 +68,62 @@ def init_ray(config: RunConfig) -> None:
     # The actors' own output (model loading, warnings) reaches the driver only with --verbose.
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
+    # Before ray.init: a job killed while Ray starts leaves nothing behind either.
+    reap_local_ray_with_this_process()
     try:
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
-            include_dashboard=False,
-            log_to_driver=config.verbose,
-        )
+        with native_lines_hidden(config.verbose):
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+                include_dashboard=False,
+                log_to_driver=config.verbose,
+            )
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         fix = "pass --ray_address to use a running cluster"
         raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
+    except SystemExit:
+        # Ray's SIGTERM handler (see above) has stopped the processes it started; the job ends as for any signal.
+        raise Stopped(signal.SIGTERM) from None
+    finally:
+        # A SIGTERM during ray.init meets Ray's handler; from here on it meets the job's.
+        install_stop_handlers()
+
+
+# The one line the C++ core writes when RAY_BACKEND_LOG_LEVEL is set (cli.quiet_ray sets it): it
+# announces the level at INFO before that level applies, so the setting that hides the core's lines
+# always shows this one.
+_LEVEL_ANNOUNCEMENT = re.compile(r"logging\.cc:\d+: Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL")
+
+
+@contextmanager
+def native_lines_hidden(verbose: bool):
+    """Around ray.init: what the process writes to its stderr (fd 2) comes through, less the level announcement.
+
+    The C++ core writes to the file descriptor, past sys.stderr, so the descriptor is pointed at a
+    temporary file for the call and that file is copied back after it, less the announcement.
+    """
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line
+                for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not _LEVEL_ANNOUNCEMENT.search(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -72,6 +139,66 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise PipelineError(
             f"cannot reach the Ray cluster at {address}: {reason}; check --ray_address / $RAY_ADDRESS"
         ) from None
+
+
+def _check_token(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once a cluster that refuses this process's authentication token.
+
+    ray.init retries a refused token for 20 s and then reports that it could not connect. One call
+    to the GCS (the address ray.init joins), with the token Ray would present, says which it is.
+    Ray has no public call for this; where its internals differ, ray.init decides as before.
+    """
+    if "://" in address or address in ("auto", "local"):
+        return
+    try:
+        import grpc
+        from ray._private.gcs_utils import create_gcs_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        with create_gcs_channel(address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise PipelineError(
+                f"the Ray cluster at {address} refused this job's authentication token ({exc.details()}); "
+                f"{token_fix()}"
+            ) from None
+    except AuthenticationError as exc:
+        raise token_missing(address, exc) from None
+    except Exception:  # noqa: BLE001 - the probe only speeds up a refusal; ray.init still decides
+        return
+
+
+def token_missing(address: str, exc: BaseException) -> PipelineError:
+    """Ray's own refusal to connect without a token (RAY_AUTH_MODE=token and none found), in one line."""
+    reason = first_line(getattr(exc, "message", None) or exc).rstrip(".")
+    return PipelineError(
+        f"cannot join the Ray cluster at {address} without an authentication token ({reason}); {token_fix()}"
+    )
+
+
+def token_fix() -> str:
+    """What to do about a refused token, naming where this process looked for one."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "$RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        source = f"the file $RAY_AUTH_TOKEN_PATH names ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    elif (Path.home() / ".ray" / "auth_token").is_file():
+        source = "~/.ray/auth_token"
+    else:
+        source = ""
+    now = f"this job presented the token from {source}" if source else "this job found no token"
+    if mode != "token":
+        now += f" and RAY_AUTH_MODE is {mode or 'unset'}"
+    return (
+        f"{now}; set RAY_AUTH_MODE=token and give the cluster's token in $RAY_AUTH_TOKEN, in a file named by "
+        "$RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
+    )
 
 
 def cluster_has_gpu() -> bool:
@@ -143,8 +270,18 @@ def pool_strategy(config: RunConfig, pool: str):
     )
 
 
-def _resources(name: str | None) -> dict[str, float] | None:
-    return {name: 1.0} if name else None
+def actor_resources(cpus: float, gpus: float, resource: str | None) -> dict:
+    """map_batches' resource arguments for one actor of a pool.
+
+    Ray Data reserves 1 CPU for a map worker that names none, and warns that naming CPUs beside
+    GPUs is experimental: a GPU actor that wants the 1 CPU Ray Data reserves anyway leaves it out.
+    """
+    wanted: dict = {"num_gpus": gpus}
+    if not (gpus and cpus == 1):
+        wanted["num_cpus"] = cpus
+    if resource:
+        wanted["resources"] = {resource: 1.0}
+    return wanted
 
 
 def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
@@ -162,22 +299,24 @@ def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
     return blocks
 
 
-def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type):
-    """The generator pool's dataset: batches of problems in, one row per problem with its N candidates out."""
+def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type, monitor=None):
+    """The generator pool's dataset: batches of problems in, one row per problem with its N candidates out.
+
+    `monitor` (a StageMonitor actor, made here when not given) counts each batch's attempts and
+    notes when the first candidate was generated.
+    """
     import ray.data
 
+    monitor = monitor or start_monitor()
     ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
     ds = ray.data.from_arrow(problem_blocks(problems, config.generate_batch_size))
     return ds.map_batches(
-        generator_cls,
-        fn_constructor_kwargs={"config": config},
+        monitored(generator_cls, "generator"),
+        fn_constructor_kwargs={"config": config, "monitor": monitor},
         batch_size=config.generate_batch_size,
         batch_format="pyarrow",
         compute=pool_strategy(config, "generators"),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=actor_gpus(config)[0],
-        resources=_resources(config.generator_resource),
-        **_fault_tolerance(config),
+        **actor_resources(config.cpus_per_actor, actor_gpus(config)[0], config.generator_resource),
     )
 
 
@@ -190,30 +329,32 @@ def run_stages(
     on_commit: Callable[[int, StoragePath, int], None] | None = None,
     fingerprint: str = "",
     on_batch: Callable[[pa.Table], None] | None = None,
+    on_generating: Callable[[float], None] | None = None,
 ) -> ShardWriter:
     """Stream `problems` through both actor pools and commit every complete shard under `shards_dir`.
 
-    `config` is the resolved one (see `resolve_execution`); `on_batch` sees each scored batch (progress).
+    `config` is the resolved one (see `resolve_execution`); `on_batch` sees each scored batch (progress);
+    `on_generating` learns, with the first scored batch, when (time.monotonic()) the first candidate was generated.
     """
-    score_gpus = actor_gpus(config)[1]
-    ds = generate_stage(config, problems, generator_cls)
+    monitor = start_monitor()
+    ds = generate_stage(config, problems, generator_cls, monitor)
     ds = ds.map_batches(
-        scorer_cls,
-        fn_constructor_kwargs={"config": config},
+        monitored(scorer_cls, "scorer"),
+        fn_constructor_kwargs={"config": config, "monitor": monitor},
         # Rows here are problems (N candidates each, see GENERATED_SCHEMA): about score_batch_size candidates.
         batch_size=max(1, config.score_batch_size // config.num_return_sequences),
         batch_format="pyarrow",
         compute=pool_strategy(config, "scorers"),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=score_gpus,
-        resources=_resources(config.scorer_resource),
         # A problem row in, its N candidate rows out.
         udf_modifying_row_count=True,
-        **_fault_tolerance(config),
+        **actor_resources(config.cpus_per_actor, actor_gpus(config)[1], config.scorer_resource),
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if on_generating is not None:
+                on_generating(first_generated(monitor))
+                on_generating = None
             fresh = writer.add(batch)
             if on_batch and fresh.num_rows:
                 on_batch(fresh)
@@ -246,9 +387,112 @@ def stop_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def _fault_tolerance(config: RunConfig) -> dict:
-    """A dead actor (OOM, killed) is restarted and its batch retried, a bounded number of times.
+class StageMonitor:
+    """One small actor per run that the pools' actors report to: how often each batch was started,
+    and when the first candidate was generated.
 
-    Ray Data's default retries forever, which would loop on a batch that kills every actor.
+    Ray Data restarts a dead actor and retries its batch; how often is set only through
+    map_batches' `**ray_remote_args` (max_restarts, max_task_retries), which Ray 2.60 deprecates
+    with no named replacement. Without them a batch is retried without end, so each batch's
+    attempts are counted here, where an actor's death does not reset the count.
     """
-    return {"max_restarts": -1, "max_task_retries": config.max_task_retries}
+
+    def __init__(self):
+        self.attempts: Counter[str] = Counter()
+        self.generated_at: float | None = None
+
+    def attempt(self, key: str) -> int:
+        self.attempts[key] += 1
+        return self.attempts[key]
+
+    def generated(self, at: float) -> None:
+        self.generated_at = at if self.generated_at is None else min(self.generated_at, at)
+
+    def first_generated(self) -> float | None:
+        return self.generated_at
+
+
+def start_monitor():
+    import ray
+
+    # No CPU: it must fit beside the pools on any node, the head included.
+    return ray.remote(num_cpus=0)(StageMonitor).remote()
+
+
+def first_generated(monitor) -> float:
+    """When the first candidate was generated, on this process's monotonic clock (now if nobody said)."""
+    import ray
+
+    at = ray.get(monitor.first_generated.remote())
+    now = time.monotonic()
+    return now if at is None else min(now, now - (time.time() - at))
+
+
+class BatchRetriesExhausted(RuntimeError):
+    """A batch whose actor kept dying: its retries are used up."""
+
+
+def batch_key(stage: str, batch: pa.Table) -> str:
+    """The same key for every attempt of one batch: its stage and its problems."""
+    ids = "\n".join(map(str, batch.column("problem_id").to_pylist()))
+    return f"{stage}:{hashlib.sha1(ids.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def monitored(cls: type, stage: str) -> type:
+    """`cls` (a Ray Data callable class taking `config`) whose calls report to a StageMonitor first.
+
+    A call counts its batch's attempt and refuses one past `config.max_task_retries` retries, with
+    an error that stops the run (committed shards stay); a generator's call also reports when it
+    yields its first rows. The subclass keeps `cls`'s name, which names the actors in Ray.
+    """
+    generator = stage == "generator"
+
+    def __init__(self, config: RunConfig, monitor):
+        self._monitor, self._retries, self._reported = monitor, config.max_task_retries, not generator
+        cls.__init__(self, config)
+
+    async def _check_async(self, batch):
+        self._refuse_if_exhausted(batch, await self._monitor.attempt.remote(batch_key(stage, batch)))
+
+    def _refuse_if_exhausted(self, batch, attempt: int) -> None:
+        if attempt > self._retries + 1:
+            first = batch.column("problem_id")[0].as_py() if batch.num_rows else "none"
+            raise BatchRetriesExhausted(
+                f"a {stage} batch of {batch.num_rows} problems (the first {first}) was started {attempt} times: its "
+                f"actor died each time (out of memory, or killed) and --max_task_retries {self._retries} is used up"
+            )
+
+    def _report(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self._monitor.generated.remote(time.time())
+
+    namespace = {"__init__": __init__, "_refuse_if_exhausted": _refuse_if_exhausted, "_report": _report}
+    if inspect.isasyncgenfunction(cls.__call__):
+
+        async def __call__(self, batch):
+            await _check_async(self, batch)
+            async for out in cls.__call__(self, batch):
+                self._report()
+                yield out
+
+    elif inspect.iscoroutinefunction(cls.__call__):
+
+        async def __call__(self, batch):
+            await _check_async(self, batch)
+            out = await cls.__call__(self, batch)
+            self._report()
+            return out
+
+    else:
+
+        def __call__(self, batch):
+            import ray
+
+            self._refuse_if_exhausted(batch, ray.get(self._monitor.attempt.remote(batch_key(stage, batch))))
+            out = cls.__call__(self, batch)
+            self._report()
+            return out
+
+    namespace |= {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)

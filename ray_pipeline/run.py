@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
 from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
-from ray_pipeline.errors import PipelineError
+from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
     FAILED,
@@ -40,9 +41,9 @@ from ray_pipeline.manifest import (
     fingerprint_hash,
     shard_faults,
 )
-from ray_pipeline.model import check_hub_model, check_tensor_parallel, model_name, resolve_model
+from ray_pipeline.model import check_context, check_hub_model, check_tensor_parallel, model_name, resolve_model
 from ray_pipeline.plots import PLOTS
-from ray_pipeline.progress import Progress
+from ray_pipeline.progress import Progress, pools_text
 from ray_pipeline.reduce import (
     GradedRun,
     ShardFault,
@@ -117,11 +118,15 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     if model == config.model_path and not Path(model).exists():
         check_hub_model(model)
     check_tensor_parallel(model, config.tensor_parallel_size)
+    check_context(model, config.max_tokens, config.max_model_len)
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
     # The backend as given ('auto' included): the same command names the same folder on any cluster.
     fp = fingerprint(config, problems, model)
     run_id = config.run_id or default_run_id(config.dataset, name, fp)
+    if run_id.lower().endswith(".jsonl"):
+        # Best-answer files live beside the run folders: a folder named like one could take another run's name.
+        raise PipelineError(f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another")
     run_dir = output_dir / run_id
     resume = resume_command(command, argv if argv is not None else [], run_id)
     _make_folder(run_dir)
@@ -231,7 +236,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     if plan.todo:
         wanted = pc.is_in(plan.problems.column("shard_id"), pa.array(plan.todo, pa.int32()))
         todo_problems = plan.problems.filter(wanted)
-        progress = Progress(todo_problems.num_rows, n)
+        progress = Progress(todo_problems.num_rows, n, pools=pools_text(config.num_generators, config.num_scorers))
         try:
             run_stages(
                 config,
@@ -242,6 +247,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
                 on_commit=committed,
                 fingerprint=fingerprint_hash(fp),
                 on_batch=progress.add,
+                on_generating=progress.generating,
             )
         except PipelineError as exc:
             raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None
@@ -316,10 +322,38 @@ def reselect_config(run_dir: StoragePath, overrides: dict) -> RunConfig:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise PipelineError(f"{run_dir} has no config.json: pass a run folder written by jobs.infer or jobs.main")
-    config = dataclasses.replace(RunConfig.load(saved), **overrides).validate()
+    fix = "fix that value in the file, or rerun the jobs.infer or jobs.main command that made the run (it rewrites it)"
+    loaded = RunConfig.load(saved)
+    wrong = wrong_type_field(loaded)
+    if wrong:
+        raise ConfigError(f"run configuration {saved}: {wrong}; {fix}")
+    try:
+        config = dataclasses.replace(loaded, **overrides).validate()
+    except ConfigError as exc:
+        # A refused value the flags did not give is the file's: the line names the file, not a flag.
+        if str(exc).split(" ", 1)[0] in overrides:
+            raise
+        raise ConfigError(f"run configuration {saved}: {exc}; {fix}") from None
     if config.method != "all":
         get_method(config.method)
     return config
+
+
+def wrong_type_field(config: RunConfig) -> str | None:
+    """The first field holding a value of another type than its annotation allows (a hand-edited config.json)."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        value, hint = getattr(config, f.name), hints[f.name]
+        allowed = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        kinds = tuple(allowed)
+        fits = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            fits = True
+        if not fits:
+            return f"'{f.name}' is {type(value).__name__} {value!r}, not {' or '.join(a.__name__ for a in allowed)}"
+    return None
 
 
 def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
@@ -330,7 +364,8 @@ def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
     """
     run_dir = StoragePath.parse(run_dir)
     config = reselect_config(run_dir, overrides)
-    manifest = Manifest.load(run_dir)
+    # The reducer starts nothing over: the job that made the folder does.
+    manifest = Manifest.load(run_dir, fix="rerun the jobs.infer or jobs.main command that made it with --overwrite")
     # The plan says which shards must exist and what each must hold: the resume's shard check runs on each.
     shard_plan = ShardPlan.of(manifest) if manifest else None
     if shard_plan is not None:

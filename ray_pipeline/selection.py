@@ -234,7 +234,7 @@ def highest_coe_c(block: Candidates, params: SelectionParams) -> Picks:
 def highest_self_eval(block: Candidates, params: SelectionParams) -> Picks:
     """The candidate whose weakest step the model itself finds most likely correct (min over steps)."""
     if block.self_eval_missing.any():
-        raise MethodUnavailable("method self-eval needs shards scored with --self_eval")
+        raise MethodUnavailable("method self-eval needs shards scored with jobs.infer or jobs.main --self_eval")
     return best_scored(block, block.self_eval_min, params)
 
 

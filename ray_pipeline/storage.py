@@ -57,7 +57,7 @@ class StorageError(PipelineError):
         )
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # Rerunning the same command resumes: the shards already committed are kept.
-            self.hint = "free some space there (or pass another --output_dir) and run the same command again"
+            self.hint = "free some space there and run the same command again"
         super().__init__(f"cannot {action} {location}: {self.reason}; {self.hint}")
 
 

@@ -94,9 +94,10 @@ def test_dataset_names(dataset, name):
 
 
 def test_each_run_has_its_own_best_file():
-    names = {best_file_name("d.jsonl", "M", run) for run in ("a", "b", "d_candidates_M_1234", "d_candidates_M_5678")}
+    runs = ("a", "b", "d_candidates_M_0123456789", "d_candidates_M_5678abcdef")
+    names = {best_file_name("d.jsonl", "M", run) for run in runs}
     assert len(names) == 4
-    assert best_file_name("d.jsonl", "M", "d_candidates_M_1234") == "d_best_M_1234.jsonl"
+    assert best_file_name("d.jsonl", "M", "d_candidates_M_0123456789") == "d_best_M_0123456789.jsonl"
     assert best_file_name("HuggingFaceH4/MATH-500", "M", "run") == "math500_best_M_run.jsonl"
 
 
@@ -196,6 +197,7 @@ def test_progress_lines_are_bounded_and_end_with_done():
     now = [0.0]
     lines = []
     progress = Progress(10, 2, every_s=10, write=lines.append, clock=lambda: now[0])
+    progress.generating(0.0)
     batch = pa.table({"token_count": pa.array([50, 50], pa.int32())})
     for _ in range(10):
         now[0] += 4
