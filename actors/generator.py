@@ -6,23 +6,16 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
 
+from actors.samples import Sample
 from ray_pipeline.backends import resolve_backend, stable_seed
 from ray_pipeline.config import RunConfig
 from ray_pipeline.model import ensure_pad_token, resolve_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.shards import GENERATED_SCHEMA
-
-
-@dataclass
-class Sample:
-    token_ids: list[int]
-    finish_reason: str
-    logprobs: list[float]
 
 
 class GenerationBackend(Protocol):

@@ -7,7 +7,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 
-from actors.generator import Sample
+from actors.samples import Sample
 from ray_pipeline.backends import stable_seed, vllm_is_cpu_build
 from ray_pipeline.config import RunConfig
 
