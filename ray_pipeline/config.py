@@ -145,6 +145,13 @@ class RunConfig:
         "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)",
         role="scores",
     )
+    generator_logprobs: bool = _opt(
+        False,
+        "vLLM: also store the sampler's log-probability of each token (column generator_logprobs), a cross-check "
+        "of the scorer's own; it costs generation time (15-36 %% on an H200), so it is off unless asked "
+        "(transformers stores none)",
+        role="scores",
+    )
     # Execution
     backend: str = _opt(
         "auto",

@@ -32,7 +32,9 @@ STATUSES = (COMMITTED, PENDING, FAILED)
 
 
 # Samples/scores fields added after the shard format's first runs, with the value those runs had.
-LATER_FIELDS: dict[str, object] = {"reproducible": False}
+# generator_logprobs: runs before it always stored the sampler's log-probs, but nothing selects by them (only a
+# cross-check test reads them), so such a run resumes at the default and its new shards store none.
+LATER_FIELDS: dict[str, object] = {"reproducible": False, "generator_logprobs": False}
 
 
 def code_version() -> str:
