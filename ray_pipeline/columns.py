@@ -31,6 +31,8 @@ class Column:
     selection: bool = True
     # Its value for a candidate with no response tokens (an empty response or an error row).
     empty: object = None
+    # Added after shards of this format existed: such a shard lacks the column, which reads back as null.
+    later: bool = False
 
 
 COLUMNS = (
@@ -38,10 +40,47 @@ COLUMNS = (
     Column("prompt_token_ids", _ints, GENERATOR, "the prompt's token ids", selection=False),
     Column("token_ids", _ints, GENERATOR, "the response's token ids", selection=False),
     Column("text", pa.string(), GENERATOR, "the response text"),
-    Column("finish_reason", pa.string(), GENERATOR, "stop or length", selection=False),
-    Column("generator_logprobs", _floats, GENERATOR, "the sampler's log-probability of each token", selection=False),
+    Column(
+        "finish_reason",
+        pa.string(),
+        GENERATOR,
+        "stop, length, low-confidence (deepconf-online stopped it) or skipped (a consensus stop never launched it)",
+        selection=False,
+    ),
+    Column(
+        "generator_logprobs",
+        _floats,
+        GENERATOR,
+        "the sampler's log-probability of each token (--generator_logprobs; else empty)",
+        selection=False,
+    ),
     Column("backend", pa.string(), GENERATOR, "vllm or hf", selection=False),
     Column("error", pa.string(), GENERATOR, "why the candidate has no text (e.g. a prompt too long); else null"),
+    Column(
+        "engine_confidence",
+        _doubles,
+        GENERATOR,
+        "DeepConf's confidence of each token as the generator saw it: -mean of its top-k log-probs, a multiple of "
+        "2^-16 nat (--engine_confidence, deepconf-online; else empty)",
+        later=True,
+    ),
+    Column("phase", pa.string(), GENERATOR, "deepconf-online: warmup, final or skipped; null otherwise", later=True),
+    Column(
+        "stopped_at",
+        pa.int32(),
+        GENERATOR,
+        "deepconf-online: tokens kept when the trace was stopped for low confidence; null when it was not",
+        later=True,
+    ),
+    Column("stop_threshold", pa.float64(), GENERATOR, "deepconf-online: the problem's threshold s", later=True),
+    Column(
+        "engine_token_count",
+        pa.int32(),
+        GENERATOR,
+        "tokens the engine generated for the trace: its tokens, plus any after an early stop that were dropped "
+        "(vLLM aborts a request a step or more after the stopping token)",
+        later=True,
+    ),
     Column("token_count", pa.int32(), SCORER, "response tokens", empty=0),
     Column("token_entropy", _floats, SCORER, "H_t per response token", selection=False, empty=[]),
     Column("token_self_certainty", _floats, SCORER, "KL(U || p) per response token", selection=False, empty=[]),
