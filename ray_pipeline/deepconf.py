@@ -14,9 +14,10 @@ does this per problem:
    the final traces that were not stopped; like `deepconf-online.py`, which marks every final trace whose
    lowest group confidence is below s as stopped after generation, it also leaves out a final trace shorter
    than the window whose mean is below s. Traces without an answer never vote.
-5. Optional consensus stop (the paper's adaptive sampling): the final traces run in waves, and before each
+5. Optional consensus stop (the paper's adaptive sampling): the final traces run in waves, and after each
    wave the problem stops once the leading answer holds at least `consensus` of the vote's weight; the
-   traces not yet launched are never generated.
+   traces not yet launched are never generated. As in the paper, where the check follows each new trace, at
+   least one wave runs: the warm-up's vote alone (with DeepConf-low often one or two traces) never stops it.
 
 A token's engine confidence is minus the mean of the generator's top-k log-probabilities of the raw
 (temperature 1) distribution at that position, DeepConf's definition, read from the engine that samples
@@ -232,9 +233,9 @@ def replay_problem(confidences: Sequence, class_ids, settings: OnlineSettings) -
         phase[k], kept[k] = WARMUP, len(confidences[k])
         lowest[k] = lowest_group_confidence(confidences[k], settings.window)
     threshold = stop_threshold(lowest[:warmup], settings.percentile)
-    for wave in settings.final_waves(n):
+    for number, wave in enumerate(settings.final_waves(n)):
         launched = np.array([p != SKIPPED for p in phase], dtype=bool)
-        if settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold)):
+        if number and settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold)):
             break
         for k in wave:
             conf = np.asarray(confidences[k])

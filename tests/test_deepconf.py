@@ -162,14 +162,17 @@ def test_replay_with_consensus_skips_the_waves_after_agreement():
     settings = OnlineSettings(window=2, warmup=2, percentile=50, consensus=0.9, wave=2)
     assert settings.final_waves(8) == [[2, 3], [4, 5], [6, 7]]
     replay = replay_problem(confidences, [0] * 8, settings)
-    # The warm-up already agrees (share 1.0 >= 0.9): no final trace is launched.
-    assert replay.phase == [WARMUP, WARMUP] + [SKIPPED] * 6 and replay.tokens == 6
-    assert replay.launched.tolist() == [True, True] + [False] * 6
+    # The warm-up already agrees, but a first wave always runs; then the vote is unanimous: stop.
+    assert replay.phase == [WARMUP] * 2 + [FINAL] * 2 + [SKIPPED] * 4 and replay.tokens == 12
+    assert replay.launched.tolist() == [True] * 4 + [False] * 4
     split = replay_problem(confidences, [0, 1, 0, 0, 1, 1, 0, 0], settings)
-    # Warm-up 1:1 (share 0.5), after the first wave 3:1 (0.75), after the second 3:3, after the third 5:3.
+    # After the first wave 3:1 (share 0.75), after the second 3:3, after the third 5:3: all run. With
+    # [0, 1, 0, 1, 0, 0, ...] and 0.65: 2:2 after the first wave, 4:2 (0.67) after the second: stop.
     assert split.phase == [WARMUP] * 2 + [FINAL] * 6
     stop_after_one = replay_problem(confidences, [0, 1, 0, 0, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.75, 2))
     assert stop_after_one.phase == [WARMUP] * 2 + [FINAL] * 2 + [SKIPPED] * 4
+    stop_after_two = replay_problem(confidences, [0, 1, 0, 1, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.65, 2))
+    assert stop_after_two.phase == [WARMUP] * 2 + [FINAL] * 4 + [SKIPPED] * 2
     assert OnlineSettings(2, 2, 50).final_waves(8) == [[2, 3, 4, 5, 6, 7]]
 
 
