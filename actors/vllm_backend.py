@@ -1,4 +1,5 @@
-"""vLLM generation backend: one request per problem with n samples, so the prompt's prefill is shared."""
+"""vLLM generation backend: one request per problem with n samples, so the prompt's prefill is shared; or, for
+runs that generate traces, one request per trace (actors/traces.py), streamed when the online rule watches it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 
-from actors.samples import Sample
+import numpy as np
+
+from actors.samples import LOW_CONFIDENCE, RequestRefused, Sample
+from actors.traces import trace_seed
 from ray_pipeline.backends import stable_seed, vllm_is_cpu_build
 from ray_pipeline.config import RunConfig
+from ray_pipeline.deepconf import WindowMonitor, token_confidences
 
 
 def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
@@ -32,6 +37,9 @@ def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
         engine["distributed_executor_backend"] = "mp"
     if config.max_model_len:
         engine["max_model_len"] = config.max_model_len
+    if config.trace_requests and config.deepconf_top_k > 20:
+        # vLLM returns at most max_logprobs (default 20) per position.
+        engine["max_logprobs"] = config.deepconf_top_k
     if config.reproducible:
         # A child request that reuses a sibling's cached prompt blocks takes another kernel path than one
         # that computes them, and which one it takes depends on timing.
@@ -94,6 +102,63 @@ class VLLMGenerator:
             return index, f"vLLM refused the request: {exc}"
         return index, [_sample(c) for c in sorted(final.outputs, key=_index)]
 
+    async def generate_traces(
+        self, prompt: list[int], key: str, traces: list[int], threshold: float | None
+    ) -> list[Sample]:
+        """Each trace its own request (n = 1; prefix caching shares the prompt's blocks), all at once.
+
+        A refused request refuses the problem (RequestRefused); its other traces are cancelled, which aborts them.
+        """
+        tasks = [asyncio.ensure_future(self._trace(prompt, key, k, threshold)) for k in traces]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _trace(self, prompt: list[int], key: str, trace: int, threshold: float | None) -> Sample:
+        """One trace with its engine confidences. With a threshold its tokens stream in as they are sampled
+        (RequestOutputKind.DELTA) and the request is aborted at the first token whose window falls below it.
+
+        vLLM delivers a token or more after that one before the abort lands: they are dropped, and counted in
+        `engine_tokens`.
+        """
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+
+        cfg = self.config
+        seed = trace_seed(cfg.seed, key, trace)
+        params = trace_sampling_params(cfg, seed, cpu=self.cpu, stream=threshold is not None)
+        monitor = WindowMonitor(cfg.deepconf_window, threshold) if threshold is not None else None
+        tokens: list[int] = []
+        confidences: list[float] = []
+        finish, stopped_at, engine_tokens = None, None, 0
+        stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"{key}-t{trace}-{next(self.ids)}")
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                new = list(completion.token_ids)
+                engine_tokens += len(new)
+                new_confidences = top_k_confidences(completion.logprobs, cfg.deepconf_top_k)
+                if len(new_confidences) != len(new):
+                    raise RuntimeError(f"vLLM returned log-probs for {len(new_confidences)} of {len(new)} new tokens")
+                for token, confidence in zip(new, new_confidences):
+                    tokens.append(token)
+                    confidences.append(confidence)
+                    if monitor is not None and monitor.add(confidence):
+                        stopped_at = len(tokens)
+                        break
+                if stopped_at is not None:
+                    break
+                finish = completion.finish_reason or finish
+        except (VLLMValidationError, ValueError) as exc:
+            raise RequestRefused(f"vLLM refused the request: {exc}") from None
+        finally:
+            # Closing the stream aborts the request in the engine if it still runs (AsyncLLM.generate's contract).
+            await stream.aclose()
+        finish = LOW_CONFIDENCE if stopped_at is not None else finish or "length"
+        return Sample(tokens, finish, confidences=confidences, stopped_at=stopped_at, engine_tokens=engine_tokens)
+
 
 def plain_sampling_params(config: RunConfig, key: str, cpu: bool):
     """The user's sampling settings as plain vLLM takes them: n samples of one prompt, no log-probs.
@@ -122,6 +187,49 @@ def sampling_params(config: RunConfig, key: str, cpu: bool):
     params.logprobs = 0 if config.generator_logprobs else None
     params.detokenize = False
     return params
+
+
+def trace_sampling_params(config: RunConfig, seed: int, cpu: bool, stream: bool):
+    """One trace's SamplingParams: n = 1 from its own seed, with the top --deepconf_top_k log-probs of each position.
+
+    `stream`: deliver tokens as they are sampled (the online rule watches them), else the whole trace at its end.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        n=1,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        ignore_eos=config.ignore_eos,
+        seed=None if cpu else seed,
+        logprobs=config.deepconf_top_k,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+    )
+    if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
+        # Log-probs as flat lists (vLLM >= 0.11): no Logprob object per entry for the frontend to build and collect.
+        params.flat_logprobs = True
+    return params
+
+
+def top_k_confidences(logprobs, k: int) -> list[float]:
+    """Engine confidences of the positions in vLLM's `logprobs` (ray_pipeline.deepconf.token_confidences).
+
+    Each position holds the sampled token's entry first, then the top k (FlatLogprobs: always 1 + k entries);
+    as a dict the sampled token's entry is merged into the top k when it is one of them (k or 1 + k entries).
+    """
+    if not logprobs:
+        return []
+    if hasattr(logprobs, "start_indices"):
+        starts = np.asarray(logprobs.start_indices, dtype=np.int64)
+        values = np.asarray(logprobs.logprobs, dtype=np.float64)
+        top = values[(starts + 1)[:, None] + np.arange(k)]
+    else:
+        rows = [[entry.logprob for entry in position.values()] for position in logprobs]
+        top = np.array([row[1:] if len(row) > k else row for row in rows], dtype=np.float64)
+    return token_confidences(top).tolist()
 
 
 def _index(completion) -> int:
