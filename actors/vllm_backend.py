@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
+import sys
+import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -55,6 +59,100 @@ def use_batch_invariance(config: RunConfig) -> None:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
+class EngineStartError(RuntimeError):
+    """vLLM's engine did not start; the message names the root cause its engine process reported."""
+
+
+def start_engine(build):
+    """`build()` (an engine constructor) with the root cause of a failed start in the one error.
+
+    vLLM starts its engine core in a child process, and a failure there (out of memory, an unsupported model)
+    reaches the caller as "Engine core initialization failed. See root cause above": the cause is only in the
+    child's output. While the engine starts, this process's stdout and stderr (which the child inherits) pass
+    through `OutputTee`, which copies them on and keeps their last lines; a failed start raises
+    EngineStartError with the last exception those lines name.
+    """
+    tee = OutputTee()
+    try:
+        engine = build()
+    except Exception as exc:
+        tee.restore()
+        cause = root_cause(tee.text(wait_s=3.0)) or f"{type(exc).__name__}: {exc}"
+        raise EngineStartError(f"vLLM engine could not start: {cause}") from exc
+    tee.restore()
+    return engine
+
+
+# A line of a traceback that names what was raised, after vLLM's process prefix "(EngineCore pid=12) " and its log
+# header "ERROR 12-02 20:22:50 [core.py:1510] " where present.
+_RAISED = re.compile(
+    r"^(?:\([^)]*\) )?(?:[A-Z]+ [\d-]+ [\d:.]+ \[[^\]]*\] )?"
+    r"((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception))\b: (.+)$"
+)
+# vLLM's own wrappers of a failure in an engine process: they say where to look, not what went wrong.
+_WRAPPERS = ("Engine core initialization failed", "Frontend process failed during engine core initialization")
+
+
+def root_cause(output: str) -> str | None:
+    """The last exception (`Name: message`) in an engine start's output that is not vLLM's wrapper of it."""
+    causes = []
+    for line in output.splitlines():
+        match = _RAISED.match(line.strip())
+        if match and not match.group(2).startswith(_WRAPPERS):
+            causes.append(f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}")
+    return causes[-1] if causes else None
+
+
+class OutputTee:
+    """Points file descriptors 1 and 2 of this process at pipes whose threads copy everything on to where they
+    pointed before, keeping the last lines. `restore` points this process's descriptors back; processes started
+    meanwhile (vLLM's engine core) keep writing into the pipes, which are copied on for as long as they live."""
+
+    def __init__(self, keep_lines: int = 400):
+        self.lines: deque[str] = deque(maxlen=keep_lines)
+        self.lock = threading.Lock()
+        self.saved: dict[int, int] = {}
+        self.threads: list[threading.Thread] = []
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in (1, 2):
+            read, write = os.pipe()
+            self.saved[fd] = os.dup(fd)
+            os.dup2(write, fd)
+            os.close(write)
+            thread = threading.Thread(target=self._copy, args=(read, os.dup(self.saved[fd])), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _copy(self, read: int, target: int) -> None:
+        pending = b""
+        with os.fdopen(read, "rb", buffering=0) as source:
+            for chunk in iter(lambda: source.read(1 << 16), b""):
+                os.write(target, chunk)
+                *complete, pending = (pending + chunk).split(b"\n")
+                with self.lock:
+                    self.lines.extend(line.decode("utf-8", errors="replace") for line in complete)
+        if pending:
+            with self.lock:
+                self.lines.append(pending.decode("utf-8", errors="replace"))
+        os.close(target)
+
+    def text(self, wait_s: float = 0.0) -> str:
+        """The last lines seen; after `restore`, waits up to `wait_s` for the pipes to close (every process that
+        wrote to them gone), so the output of one that just failed is all read."""
+        for thread in self.threads:
+            thread.join(timeout=wait_s / len(self.threads))
+        with self.lock:
+            return "\n".join(self.lines)
+
+    def restore(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, saved in self.saved.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 class VLLMGenerator:
     """vLLM's `AsyncLLM`: every batch the actor holds feeds one engine, which schedules all their requests together."""
 
@@ -68,7 +166,8 @@ class VLLMGenerator:
 
         self.config = config
         self.cpu = vllm_is_cpu_build()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, config, self.cpu)))
+        arguments = AsyncEngineArgs(**engine_args(path, config, self.cpu))
+        self.engine = start_engine(lambda: AsyncLLM.from_engine_args(arguments))
         self.fatal_errors = (EngineDeadError,)
         self.ids = itertools.count()
 
