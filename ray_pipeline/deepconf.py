@@ -162,6 +162,19 @@ def online_vote(lowest_group, class_ids, launched, threshold: float) -> OnlineVo
     return OnlineVote(winner, float(best / totals.sum()), weights)
 
 
+def filtered_vote(lowest_group, class_ids, keep_percent: float) -> OnlineVote:
+    """DeepConf offline over complete traces: of the traces with an answer, those whose lowest group confidence is
+    at least the (100 - `keep_percent`)-th percentile of theirs vote, weighted by it (the `deepconf-lowest-group-*`
+    methods, here on the engine's confidences)."""
+    lowest_group = np.asarray(lowest_group, dtype=np.float64)
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    answered = (class_ids >= 0) & ~np.isnan(lowest_group)
+    if not answered.any():
+        return OnlineVote(-1, 0.0, np.zeros(lowest_group.size))
+    threshold = float(np.percentile(lowest_group[answered], 100 - keep_percent))
+    return online_vote(lowest_group, class_ids, answered, threshold)
+
+
 @dataclass(frozen=True)
 class OnlineSettings:
     """The online algorithm's parameters (RunConfig's deepconf_window, warmup_traces, deepconf_percentile,

@@ -17,6 +17,7 @@ from ray_pipeline.deepconf import (
     OnlineSettings,
     WindowMonitor,
     estimated_savings,
+    filtered_vote,
     first_stop,
     group_answers,
     lowest_group_confidence,
@@ -237,3 +238,16 @@ def test_estimated_savings_counts_cut_traces_at_their_problems_mean_complete_len
     assert generated == 50
     # Problem a: complete 10 + 20 (mean 15), cut traces 4 -> 15 and 0 -> 15; problem b: 7 + 9.
     assert estimate == 10 + 20 + 15 + 15 + 7 + 9
+
+
+def test_filtered_vote_keeps_the_most_confident_answered_traces():
+    lowest = [1.0, 2.0, 3.0, 4.0, math.nan, 5.0]
+    classes = [0, 0, 1, 1, 0, -1]
+    # Answered and confident: 1, 2, 3, 4 (the 5.0 has no answer, the NaN no tokens). Keep 10 %: the
+    # 90th percentile of [1, 2, 3, 4] is 3.7: trace 3 alone votes.
+    top = filtered_vote(lowest, classes, 10)
+    assert (top.winner, top.share, top.weights.tolist()) == (1, 1.0, [0, 0, 0, 4.0, 0, 0])
+    # Keep 90 %: the 10th percentile is 1.3: traces 1, 2, 3 vote, class 1 with 7 of 9.
+    most = filtered_vote(lowest, classes, 90)
+    assert most.winner == 1 and most.share == pytest.approx(7 / 9)
+    assert filtered_vote([1.0], [-1], 90).winner == -1
