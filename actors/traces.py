@@ -67,10 +67,11 @@ async def problem_traces(
         samples[k], sample.phase = sample, WARMUP
         lowest[k] = lowest_group_confidence(sample.confidences, settings.window)
     threshold = stop_threshold(lowest[: settings.warmup], settings.percentile)
+    answers: dict[int, str | None] = {}
     for number, wave in enumerate(settings.final_waves(n)):
         # After each wave, not before the first (see ray_pipeline.deepconf, step 5).
         if number and settings.consensus is not None:
-            if await _agreed(samples, lowest, threshold, settings, config, decode):
+            if await _agreed(samples, answers, lowest, threshold, settings, config, decode):
                 break
         for k, sample in zip(wave, await backend.generate_traces(prompt, key, wave, threshold)):
             samples[k], sample.phase = sample, FINAL
@@ -83,19 +84,24 @@ async def problem_traces(
 
 async def _agreed(
     samples: Sequence[Sample | None],
+    answers: dict[int, str | None],
     lowest: np.ndarray,
     threshold: float,
     settings: OnlineSettings,
     config: RunConfig,
     decode: Callable[[list[int]], str],
 ) -> bool:
-    """Whether the launched traces' online vote already gives the leader `consensus` of the weight."""
+    """Whether the launched traces' online vote already gives the leader `consensus` of the weight.
+
+    `answers` keeps each trace's extracted answer from one check to the next: each is read once."""
     launched = np.array([s is not None for s in samples], dtype=bool)
 
     def classes() -> np.ndarray:
         # Answer extraction and math-verify take milliseconds: off the event loop, which also serves the engine.
-        answers = [extract_answer(decode(s.token_ids), config.answer_extraction) if s else None for s in samples]
-        return group_answers(answers, answers_equivalent)
+        for k, sample in enumerate(samples):
+            if sample is not None and k not in answers:
+                answers[k] = extract_answer(decode(sample.token_ids), config.answer_extraction)
+        return group_answers([answers.get(k) for k in range(len(samples))], answers_equivalent)
 
     class_ids = await asyncio.to_thread(classes)
     return settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold))
