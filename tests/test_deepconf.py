@@ -222,6 +222,7 @@ def test_tokens_vs_accuracy_rows():
     )
     full, online = rows
     assert (full["tokens"], full["tokens_vs_reference"], full["paired_difference"]) == (40, 1.0, 0.0)
+    assert full["paired_difference_ci95"] == (0.0, 0.0)
     assert (online["tokens"], online["tokens_vs_reference"], online["accuracy"]) == (20, 0.5, 0.75)
     assert online["paired_difference"] == 0.25
     low, high = online["paired_difference_ci95"]
