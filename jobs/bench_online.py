@@ -6,7 +6,8 @@
     python -m jobs.bench_online --dummy_shape qwen2.5-math-1.5b --runs full,online --dataset embedded:100 \\
         --num_return_sequences 16 --warmup_traces 4 --max_tokens 512 --deepconf_window 64 --temperature 0.7
 
-Each run is `jobs.bench --skip_raw` in its own process and Ray session (engine start timed apart), one of:
+Each run is `jobs.bench --skip_raw` in its own process and Ray session (engine start timed apart), one of
+(`--raw` lets the `full` run time plain raw `LLM.generate` first, jobs.bench's comparison):
 
 - `full`: plain full generation (no log-probs), every trace to its end;
 - `full-confidence`: full generation that also stores each token's engine confidence (`--engine_confidence`),
@@ -58,7 +59,7 @@ RUNS = {
     "online": ["--generation", "deepconf-online"],
 }
 # The flags this job handles itself: every other flag goes on to each jobs.bench run.
-OWN = ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "generation", "engine_confidence")
+OWN = ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "generation", "engine_confidence")
 COLUMNS = ["problem_id", "problem_index", "candidate_index", "gold", "text", "token_count", "engine_confidence"]
 COLUMNS += ["engine_token_count", "phase", "stopped_at", "stop_threshold"]
 
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench_dir", default="/tmp/bestofn-bench-online", help="one jobs.bench folder per run")
     parser.add_argument("--dummy_shape", help="random-weight model of this shape (jobs.dummy_model), written once")
     parser.add_argument("--simulate_percentiles", default="90,10", help="DeepConf online percentiles to replay")
+    parser.add_argument(
+        "--raw", action="store_true", help="the full run also times plain raw vLLM LLM.generate first (jobs.bench)"
+    )
     parser.add_argument("--record", help="also write the result with device, date and commit to this JSON file")
     parser.set_defaults(backend="vllm")
     args = parser.parse_args(argv)
@@ -95,7 +99,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     timings = {}
     for name in runs:
         out = root / name
-        command = [sys.executable, "-m", "jobs.bench", "--skip_raw", "--bench_dir", str(out), *passed, *RUNS[name]]
+        raw = [] if args.raw and name == "full" else ["--skip_raw"]
+        command = [sys.executable, "-m", "jobs.bench", *raw, "--bench_dir", str(out), *passed, *RUNS[name]]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         if subprocess.run(command).returncode != 0:
             raise PipelineError(f"the {name} run failed (its output is above)")
@@ -105,6 +110,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     graded = {name: _grade(problems, config.answer_extraction) for name, problems in shards.items()}
     result = _compare(config, online, percentiles, shards, graded, timings)
     result |= {"device": device_name(), "runs": runs, "dummy_shape": args.dummy_shape}
+    if timings.get("full", {}).get("raw"):
+        full = timings["full"]
+        result["plain_raw_generate"] = full["raw"] | {
+            "pipeline_work_s": full["pipeline_work_s"],
+            "ratio_work_to_raw_generate": full["ratio_work_to_raw_generate"],
+        }
     (root / "bench_online.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.record:
         write_record(args.record, result)
@@ -279,6 +290,10 @@ def _print(result: dict) -> None:
         print(f"{name}: actor start {t['pipeline_startup_s']:.1f} s, generate+score {t['generate_score_s']:.1f} s, "
               f"generator {t['generator_s']:.1f} s ({t['generated_tokens']:,} tokens), scorer busy "
               f"{t['scorer_busy_s']:.1f} s, GPU peak {t['pipeline_gpu_peak_mib']} MiB")
+    raw = result.get("plain_raw_generate")
+    if raw:
+        print(f"plain raw LLM.generate: {raw['generate_s']:.1f} s ({raw['tokens']:,} tokens); full pipeline work "
+              f"{raw['pipeline_work_s']:.1f} s; ratio {raw['ratio_work_to_raw_generate']:.3f}")
     for key, value in result.get("targets", {}).items():
         print(f"  {key}: {value if not isinstance(value, float) or math.isnan(value) else round(value, 3)}")
 
