@@ -316,18 +316,26 @@ def trace_sampling_params(config: RunConfig, seed: int, cpu: bool, stream: bool)
 def top_k_confidences(logprobs, k: int) -> list[float]:
     """Engine confidences of the positions in vLLM's `logprobs` (ray_pipeline.deepconf.token_confidences).
 
-    Each position holds the sampled token's entry first, then the top k (FlatLogprobs: always 1 + k entries);
-    as a dict the sampled token's entry is merged into the top k when it is one of them (k or 1 + k entries).
+    Each position holds the sampled token's entry first, then the top k. Where the sampled token is one of the
+    top k, a dict (and a FlatLogprobs position that went through one: vLLM merges the deltas a slow consumer
+    has not taken yet by way of dicts) holds it once, so a position has 1 + k entries or k.
     """
     if not logprobs:
         return []
     if hasattr(logprobs, "start_indices"):
         starts = np.asarray(logprobs.start_indices, dtype=np.int64)
+        counts = np.asarray(logprobs.end_indices, dtype=np.int64) - starts
         values = np.asarray(logprobs.logprobs, dtype=np.float64)
-        top = values[(starts + 1)[:, None] + np.arange(k)]
     else:
         rows = [[entry.logprob for entry in position.values()] for position in logprobs]
-        top = np.array([row[1:] if len(row) > k else row for row in rows], dtype=np.float64)
+        counts = np.array([len(row) for row in rows], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        values = np.array([v for row in rows for v in row], dtype=np.float64)
+    if not np.all((counts == k) | (counts == k + 1)):
+        found = sorted(set(counts.tolist()))
+        raise RuntimeError(f"vLLM returned {found} log-probs per position, expected {k} or {k + 1}")
+    # Skip the sampled token's own entry where it stands apart from the top k.
+    top = values[(starts + (counts > k))[:, None] + np.arange(k)]
     return token_confidences(top).tolist()
 
 

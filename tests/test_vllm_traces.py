@@ -44,6 +44,17 @@ class StreamingEngine:
         return self.requests[request_id]
 
     def logprobs(self, t, positions):
+        """As vLLM hands them over: a merged delta (a slow consumer's) gets its later positions by way of
+        `extend`, which goes through dicts, where a sampled token among the top k is held once."""
+        from vllm.logprobs import FlatLogprobs
+
+        out = self.position_logprobs(t, positions[:1])
+        for p in positions[1:]:
+            out.extend(self.position_logprobs(t, [p]))
+        assert isinstance(out, FlatLogprobs) == self.flat
+        return out
+
+    def position_logprobs(self, t, positions):
         from vllm.logprobs import FlatLogprobs, Logprob
 
         out = FlatLogprobs() if self.flat else []
