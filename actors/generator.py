@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
 
+from actors.samples import LOW_CONFIDENCE, Sample
+from actors.traces import trace_seed, traced_problems
 from ray_pipeline.backends import resolve_backend, stable_seed
 from ray_pipeline.config import RunConfig
 from ray_pipeline.model import ensure_pad_token, resolve_model
@@ -18,15 +20,9 @@ from ray_pipeline.prompts import build_prompt
 from ray_pipeline.shards import GENERATED_SCHEMA
 
 
-@dataclass
-class Sample:
-    token_ids: list[int]
-    finish_reason: str
-    logprobs: list[float]
-
-
 class GenerationBackend(Protocol):
-    """What the generator actor needs from a model: N samples per prompt, problems yielded as they finish."""
+    """What the generator actor needs from a model: N samples per prompt, problems yielded as they finish; or,
+    for runs that generate traces (`RunConfig.trace_requests`), a problem's traces (`actors.traces`)."""
 
     name: str
     # Errors after which the engine serves nothing more: the actor exits so Ray restarts it and retries the batch.
@@ -37,6 +33,13 @@ class GenerationBackend(Protocol):
 
         `keys` are the problem ids (sampling seeds). Several calls may run at once on one event loop.
         """
+        ...
+
+    async def generate_traces(
+        self, prompt: list[int], key: str, traces: list[int], threshold: float | None
+    ) -> list[Sample]:
+        """One prompt's traces `traces` (indices), each sampled from `actors.traces.trace_seed`, with its engine
+        confidences; with a threshold each stops as the online rule says (`actors.traces.TraceBackend`)."""
         ...
 
 
@@ -108,6 +111,123 @@ class HFGenerator:
                 return Sample(tokens[: pos + 1], "stop", [])
         return Sample(tokens, "length", [])
 
+    async def generate_traces(
+        self, prompt: list[int], key: str, traces: list[int], threshold: float | None
+    ) -> list[Sample]:
+        """One padding-free batch of the prompt's traces, each from its own seed (see `trace_batch`)."""
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            return await asyncio.to_thread(self.trace_batch, prompt, key, traces, threshold)
+
+    def trace_batch(self, prompt: list[int], key: str, traces: list[int], threshold: float | None) -> list[Sample]:
+        """`generate` over one prompt repeated, with `TraceSampler` drawing each row's token from its trace's own
+        generator (greedy decoding then takes that token) and `ConfidenceStop` ending rows by the online rule.
+
+        A row's tokens depend only on its seed and on its own computation: no padding (one prompt), and rows
+        never mix. Whether the model's arithmetic for a row depends on the batch's size is the kernels' affair:
+        on CPU, float32 is batch-invariant and bf16 is not (tests/test_deepconf_online.py uses float32).
+        """
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        torch, cfg = self.torch, self.config
+        rows = len(traces)
+        ids = torch.tensor([prompt] * rows, device=self.device)
+        sampler = TraceSampler(
+            [trace_seed(cfg.seed, key, k) for k in traces], cfg.temperature, cfg.top_p, cfg.deepconf_top_k, self.device
+        )
+        stop = ConfidenceStop(sampler, cfg.deepconf_window, threshold, self.eos) if threshold is not None else None
+        generation = GenerationConfig(
+            max_new_tokens=cfg.max_tokens,
+            do_sample=False,
+            eos_token_id=sorted(self.eos),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=generation,
+                logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+            )
+        samples = []
+        for row, tokens in enumerate(out[:, len(prompt) :].tolist()):
+            stopped_at = stop.stopped_at[row] if stop else None
+            sample = Sample(tokens[:stopped_at], LOW_CONFIDENCE) if stopped_at else self._trim(tokens)
+            sample.confidences = sampler.confidences[row][: len(sample.token_ids)]
+            sample.stopped_at = stopped_at
+            samples.append(sample)
+        return samples
+
+
+class TraceSampler:
+    """A transformers logits processor that samples each row from its own seeded generator and records its engine
+    confidence.
+
+    It sees the raw logits (it is the only processor: the generation config sets no sampling), takes the
+    engine confidence from their log-softmax's top-k (`ray_pipeline.deepconf.token_confidences`, as vLLM's
+    raw log-probs give it), applies temperature and top-p with transformers' own warpers, draws the row's
+    token with `torch.multinomial` on the row's generator, and returns scores in which only that token is
+    finite, so `generate`'s greedy step takes it.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int, device: str):
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.torch = torch
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.greedy = temperature == 0
+        self.warpers = [] if self.greedy else [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0 and not self.greedy:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.top_k = top_k
+        self.confidences: list[list[float]] = [[] for _ in seeds]
+
+    def __call__(self, input_ids, scores):
+        from ray_pipeline.deepconf import token_confidences
+
+        torch = self.torch
+        logits = scores.float()
+        top = torch.log_softmax(logits, dim=-1).topk(self.top_k, dim=-1).values
+        for row, confidence in zip(self.confidences, token_confidences(top.double().cpu().numpy()).tolist()):
+            row.append(confidence)
+        if self.greedy:
+            chosen = logits.argmax(dim=-1, keepdim=True)
+        else:
+            for warper in self.warpers:
+                logits = warper(input_ids, logits)
+            probs = torch.softmax(logits, dim=-1)
+            chosen = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, chosen, 0.0)
+
+
+class ConfidenceStop:
+    """A transformers stopping criterion: a row stops at the first token whose window of the last `window` engine
+    confidences has a mean below `threshold` (`ray_pipeline.deepconf.WindowMonitor`); `stopped_at[row]` keeps
+    its token count. A row that ends with an end-of-sequence token is watched no further."""
+
+    def __init__(self, sampler: TraceSampler, window: int, threshold: float, eos: set[int]):
+        from ray_pipeline.deepconf import WindowMonitor
+
+        self.sampler, self.eos = sampler, eos
+        rows = len(sampler.confidences)
+        self.monitors = [WindowMonitor(window, threshold) for _ in range(rows)]
+        self.stopped_at: list[int | None] = [None] * rows
+        self.ended = [False] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        last = input_ids[:, -1].tolist()
+        for row, monitor in enumerate(self.monitors):
+            if self.ended[row]:
+                continue
+            confidences = self.sampler.confidences[row]
+            if monitor.add(confidences[-1]):
+                self.stopped_at[row] = len(confidences)
+            self.ended[row] = self.stopped_at[row] is not None or last[row] in self.eos
+        return self.sampler.torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+
 
 class GeneratorActor:
     """Ray Data callable class: a small batch of problems in, each problem with its N candidates out.
@@ -158,7 +278,13 @@ class GeneratorActor:
             rows += self._error_rows(problems[i], error)
             done += 1
         keys = [problems[i]["problem_id"] for i in fits]
-        results = self.backend.generate([prompts[i] for i in fits], keys) if fits else _nothing()
+        fitting = [prompts[i] for i in fits]
+        if not fits:
+            results = _nothing()
+        elif self.config.trace_requests:
+            results = traced_problems(self.backend, fitting, keys, self.config, self._decode)
+        else:
+            results = self.backend.generate(fitting, keys)
         try:
             async for j, result in results:
                 i = fits[j]
@@ -187,6 +313,8 @@ class GeneratorActor:
                 "generator_logprobs": [],
                 "backend": self.backend_name,
                 "error": error,
+                "engine_confidence": [],
+                "engine_token_count": 0,
             }
             for index in range(self.config.num_return_sequences)
         ]
@@ -198,14 +326,22 @@ class GeneratorActor:
                 "candidate_index": index,
                 "prompt_token_ids": prompt_ids,
                 "token_ids": sample.token_ids,
-                "text": self.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+                "text": self._decode(sample.token_ids),
                 "finish_reason": sample.finish_reason,
                 "generator_logprobs": sample.logprobs,
                 "backend": self.backend_name,
+                "engine_confidence": sample.confidences,
+                "phase": sample.phase,
+                "stopped_at": sample.stopped_at,
+                "stop_threshold": sample.threshold,
+                "engine_token_count": len(sample.token_ids) if sample.engine_tokens is None else sample.engine_tokens,
             }
             for index, sample in enumerate(samples)
         ]
         return [problem | {"candidates": candidates}]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 async def _nothing() -> AsyncIterator:

@@ -6,7 +6,9 @@
 Both run in one Ray session on the same device: first raw vLLM in a Ray task that exits afterwards
 (freeing its memory), then the pipeline. Engine start is timed apart from generation on both
 sides; the ratio compares the pipeline's work (first generator call to the written best-answer
-file) with raw `LLM.generate`. Both engines get the same arguments (CUDA graphs on unless
+file) with raw `LLM.generate`, which is plain: the user's sampling settings and no log-probs, as a user
+who runs vLLM and then a scoring script would call it (the pipeline asks for log-probs only with
+--generator_logprobs). Both engines get the same arguments (CUDA graphs on unless
 --enforce_eager). Prints a table and writes bench.json under --bench_dir, and the same result
 stamped with device, date, commit and command to --record.
 """
@@ -117,8 +119,9 @@ class GpuMemoryPeak:
 
 
 def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[str]) -> dict:
-    """Plain vLLM: build an `LLM` with the pipeline's engine arguments, then one `LLM.generate` over every prompt."""
-    from actors.vllm_backend import engine_args, sampling_params, use_batch_invariance
+    """Plain vLLM: build an `LLM` with the pipeline's engine arguments, then one `LLM.generate` over every prompt
+    with the user's sampling settings and no log-probs (`plain_sampling_params`), as a user would run it."""
+    from actors.vllm_backend import engine_args, plain_sampling_params, use_batch_invariance
 
     use_batch_invariance(config)
     from vllm import LLM
@@ -130,7 +133,7 @@ def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[s
     started = time.time()
     llm = LLM(**engine_args(model_path, config, cpu))
     ready = time.time()
-    params = [sampling_params(config, key, cpu=cpu) for key in keys]
+    params = [plain_sampling_params(config, key, cpu=cpu) for key in keys]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     done = time.time()
     tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
@@ -218,6 +221,8 @@ def _run(args: argparse.Namespace) -> int:
         "problems": problems.num_rows,
         "n": config.num_return_sequences,
         "max_tokens": config.max_tokens,
+        "raw_sampling": "plain LLM.generate: the user's sampling settings, no log-probs",
+        "generator_logprobs": config.generator_logprobs,
         "enforce_eager": config.enforce_eager,
         "generate_batch_size": config.generate_batch_size,
         "generate_in_flight": config.generate_in_flight,
@@ -259,7 +264,7 @@ def _print_table(r: dict) -> None:
     rows = (
         [
             ("raw vLLM engine start", raw["engine_start_s"], None),
-            ("raw vLLM generate", raw["generate_s"], r["raw_tokens_per_s"]),
+            ("raw vLLM generate (plain, no log-probs)", raw["generate_s"], r["raw_tokens_per_s"]),
         ]
         if raw
         else []
@@ -281,7 +286,7 @@ def _print_table(r: dict) -> None:
     print(f"{pools}{r['num_scorers']} scorers on GPUs {r['placement']['scorers']}")
     peaks = f"GPU memory peak: raw {r['raw_gpu_peak_mib']} MiB, pipeline {r['pipeline_gpu_peak_mib']} MiB"
     if raw:
-        print(f"\nratio pipeline work / raw generate = {r['ratio_work_to_raw_generate']:.3f}   {peaks}")
+        print(f"\nratio pipeline work / plain raw generate = {r['ratio_work_to_raw_generate']:.3f}   {peaks}")
     else:
         print(f"\n{peaks}")
 

@@ -25,6 +25,8 @@ PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCORE_PASSES = ("auto", "candidate", "problem", "prefix")
+# full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping (ray_pipeline/deepconf.py).
+GENERATIONS = ("full", "deepconf-online")
 # The scorer's logit tiles (positions x vocabulary entries) by device: small tiles stay in a CPU's cache;
 # on a GPU each tile costs kernel launches, and a few large ones keep it busy.
 SCORE_CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
@@ -86,6 +88,51 @@ class RunConfig:
     top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, low_open=True, high=1.0, role="samples")
     max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000, role="samples")
     seed: int = _opt(0, "random seed for sampling", low=0, role="samples")
+    # Generation mode (ray_pipeline/deepconf.py describes DeepConf online)
+    generation: str = _opt(
+        "full",
+        "full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping: per problem "
+        "--warmup_traces traces run to their end and set a threshold from their lowest group confidences "
+        "(--deepconf_percentile), and every other trace stops once the mean engine confidence of its last "
+        "--deepconf_window tokens falls below it",
+        choices=GENERATIONS,
+        role="samples",
+    )
+    engine_confidence: bool = _opt(
+        False,
+        "full generation: also store each token's engine confidence (minus the mean of the generator's top "
+        "--deepconf_top_k log-probs, what online stopping reads), so ray_pipeline.deepconf replays online stopping "
+        "offline; each candidate is then its own request with its own seed (deepconf-online always stores them)",
+        role="samples",
+    )
+    warmup_traces: int = _opt(
+        16,
+        "deepconf-online: traces per problem that run to their end and set its threshold (must be below "
+        "--num_return_sequences: the rest may stop early)",
+        low=1,
+        role="samples",
+    )
+    deepconf_percentile: float = _opt(
+        90.0,
+        "deepconf-online: a problem's threshold is this percentile of its warm-up traces' lowest group "
+        "confidences (90: DeepConf-low, most traces stop; 10: DeepConf-high)",
+        low=0.0,
+        high=100.0,
+        role="samples",
+    )
+    consensus: float | None = _opt(
+        None,
+        "deepconf-online: launch the final traces in waves of --consensus_wave and stop a problem once its "
+        "confidence-weighted leading answer holds this share of the vote (DeepConf's adaptive sampling, e.g. "
+        "0.95; answers read with --answer_extraction); default: no consensus stop",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        role="samples",
+    )
+    consensus_wave: int = _opt(
+        8, "deepconf-online with --consensus: final traces launched per wave", low=1, role="samples"
+    )
     # Selection: every field but `method` is a parameter of the methods (selection.SelectionParams), in the
     # order summary.json and report.md name them.
     alpha: float = _opt(
@@ -144,6 +191,13 @@ class RunConfig:
     self_eval: bool = _opt(
         False,
         "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)",
+        role="scores",
+    )
+    generator_logprobs: bool = _opt(
+        False,
+        "vLLM: also store the sampler's log-probability of each token (column generator_logprobs), a cross-check "
+        "of the scorer's own; it costs generation time (15-36 %% on an H200), so it is off unless asked "
+        "(transformers stores none)",
         role="scores",
     )
     # Execution
@@ -333,6 +387,7 @@ class RunConfig:
             raise ConfigError("model_path must not be empty")
         if not self.dataset.strip():
             raise ConfigError("dataset must not be empty")
+        self._check_generation()
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ConfigError(
                 f"temperature 0 is greedy decoding, which gives one candidate: num_return_sequences must be 1 "
@@ -365,6 +420,38 @@ class RunConfig:
                 "so the scorer runs its passes"
             )
         return self
+
+    def _check_generation(self) -> None:
+        """Online settings under which nothing could stop, or that have nothing to stop, are refused."""
+        if self.generation != "deepconf-online":
+            if self.consensus is not None:
+                raise ConfigError(
+                    f"consensus needs generation deepconf-online (a consensus stop skips online traces), got "
+                    f"consensus {self.consensus} with generation {self.generation}"
+                )
+            return
+        n, warmup = self.num_return_sequences, self.warmup_traces
+        if self.temperature == 0:
+            raise ConfigError(
+                "generation deepconf-online samples traces: temperature 0 (greedy) gives identical ones; pass a "
+                "temperature in (0, 2]"
+            )
+        if warmup >= n:
+            raise ConfigError(
+                f"warmup_traces must be in [1, num_return_sequences - 1] with generation deepconf-online (only the "
+                f"traces after the warm-up can stop), got warmup_traces {warmup} with num_return_sequences {n}"
+            )
+        if self.deepconf_window >= self.max_tokens:
+            raise ConfigError(
+                f"deepconf_window must be below max_tokens with generation deepconf-online (a trace stops only "
+                f"once a whole window is generated), got deepconf_window {self.deepconf_window} with max_tokens "
+                f"{self.max_tokens}"
+            )
+
+    @property
+    def trace_requests(self) -> bool:
+        """Whether each candidate is generated as its own trace (own request and seed), with its engine confidences."""
+        return self.generation == "deepconf-online" or self.engine_confidence
 
     def reprocess_shard_ids(self) -> list[int]:
         if not self.reprocess_shards:

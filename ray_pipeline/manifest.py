@@ -32,7 +32,18 @@ STATUSES = (COMMITTED, PENDING, FAILED)
 
 
 # Samples/scores fields added after the shard format's first runs, with the value those runs had.
-LATER_FIELDS: dict[str, object] = {"reproducible": False}
+# generator_logprobs: runs before it always stored the sampler's log-probs, but nothing selects by them (only a
+# cross-check test reads them), so such a run resumes at the default and its new shards store none.
+LATER_FIELDS: dict[str, object] = {
+    "reproducible": False,
+    "generator_logprobs": False,
+    "generation": "full",
+    "engine_confidence": False,
+    "warmup_traces": 16,
+    "deepconf_percentile": 90.0,
+    "consensus": None,
+    "consensus_wave": 8,
+}
 
 
 def code_version() -> str:
@@ -79,6 +90,12 @@ def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> d
     # Fields added after runs existed leave the fingerprint, and so the default run folder, of those runs
     # as it was while they hold the value every earlier run had.
     fp = {name: value for name, value in fp.items() if LATER_FIELDS.get(name, object()) != value}
+    if config.generation == "deepconf-online":
+        # Selection fields that decide what an online run generates: the window its traces stop by and, with a
+        # consensus stop, how answers are read. Fingerprinted in that mode alone, so full runs re-select with any.
+        fp["online_deepconf_window"] = config.deepconf_window
+        if config.consensus is not None:
+            fp["online_answer_extraction"] = config.answer_extraction
     template = ORIGINAL_TEMPLATE if config.prompt == "original" else CHAT_INSTRUCTION
     fp |= {
         "model": model_identity(resolved_model),

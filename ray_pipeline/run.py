@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
 from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
+from ray_pipeline.deepconf import FINAL, SKIPPED, estimated_savings
 from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
@@ -56,7 +57,13 @@ from ray_pipeline.reduce import (
 )
 from ray_pipeline.report import COMPARISON_FILES, compare_run
 from ray_pipeline.selection import SelectionParams, get_method
-from ray_pipeline.shards import FOREIGN_SHARD, check_no_unplanned_files, expected_rows, remove_stale_temporaries
+from ray_pipeline.shards import (
+    FOREIGN_SHARD,
+    check_no_unplanned_files,
+    expected_rows,
+    read_shards,
+    remove_stale_temporaries,
+)
 from ray_pipeline.storage import Location, StorageError, StoragePath
 
 
@@ -285,8 +292,30 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     )
     for problem_id, error in summary.error_problems.items():
         print(f"  no candidates for {problem_id}: {error}", flush=True)
+    if config.generation == "deepconf-online":
+        print(online_tokens_line(plan.shards_dir), flush=True)
     print(f"✅ Done! Final results saved to: {plan.best}", flush=True)
     return summary
+
+
+def online_tokens_line(shards_dir: StoragePath) -> str:
+    """What DeepConf online saved in a run: tokens generated, traces stopped and skipped, and an estimate of the
+    tokens running every trace to its end would have taken (`deepconf.estimated_savings`)."""
+    table = read_shards(shards_dir, ["problem_id", "phase", "stopped_at", "token_count", "engine_token_count"])
+    phase = table.column("phase").to_pylist()
+    stopped = [s is not None for s in table.column("stopped_at").to_pylist()]
+    counts = table.column("token_count").to_pylist()
+    generated, estimate = estimated_savings(table.column("problem_id").to_pylist(), phase, stopped, counts)
+    final = sum(p == FINAL for p in phase)
+    engine = sum(c or 0 for c in table.column("engine_token_count").to_pylist())
+    dropped = f" (+{engine - generated:,} generated after a stop and dropped)" if engine > generated else ""
+    saved = 1 - generated / estimate if estimate else 0.0
+    return (
+        f"  deepconf-online: {generated:,} tokens generated{dropped}; {sum(stopped)} of {final} final traces stopped "
+        f"early, {sum(p == SKIPPED for p in phase)} skipped; about {estimate - generated:,} tokens ({saved:.0%}) "
+        f"saved against running every trace to its end (estimate: a cut trace counted at its problem's mean "
+        f"complete length)"
+    )
 
 
 def compare(plan: RunPlan) -> dict:

@@ -13,8 +13,9 @@ if importlib.util.find_spec("vllm") is None and not os.environ.get("CI"):
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
-    # float32 on both sides, so the log-probability comparison measures the code, not bf16 rounding.
-    out, proc = run_small(tmp_path_factory.mktemp("vllm"), "vllm", "--dtype", "float32")
+    # float32 on both sides, so the log-probability comparison measures the code, not bf16 rounding; the
+    # sampler's log-probs are stored only when asked.
+    out, proc = run_small(tmp_path_factory.mktemp("vllm"), "vllm", "--dtype", "float32", "--generator_logprobs")
     return out, proc
 
 

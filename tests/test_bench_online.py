@@ -1,0 +1,65 @@
+"""jobs.bench_online's own parts, without a model: the flags it passes on, grading, and the comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.bench_online import _compare, _passed_flags, grade_problem
+from ray_pipeline.config import RunConfig
+from ray_pipeline.deepconf import FINAL, SKIPPED, WARMUP
+
+pytestmark = pytest.mark.fast
+
+
+def test_each_run_gets_the_users_flags_without_this_jobs_own_or_a_mode():
+    argv = ["--dataset", "embedded:4", "--runs", "full,online", "--raw", "--generation", "full"]
+    argv += ["--record=r.json", "--engine_confidence", "--max_tokens", "5", "--deepconf_window", "2"]
+    assert _passed_flags(argv) == ["--dataset", "embedded:4", "--max_tokens", "5", "--deepconf_window", "2"]
+
+
+def test_grading_groups_equivalent_answers_once_and_grades_each_group():
+    texts = ["so \\boxed{1/2}", "\\boxed{0.5}", "\\boxed{3}", "no answer here", "\\boxed{\\frac{1}{2}}"]
+    classes, correct = grade_problem((texts, "\\frac12", "boxed"))
+    assert classes.tolist() == [0, 0, 1, -1, 0] and correct.tolist() == [True, False]
+
+
+def candidate(tokens, conf, phase=None, stopped=None, threshold=None):
+    return {
+        "token_count": tokens,
+        "engine_confidence": conf,
+        "engine_token_count": tokens,
+        "phase": phase,
+        "stopped_at": stopped,
+        "stop_threshold": threshold,
+    }
+
+
+def test_the_comparison_replays_the_full_run_and_scores_the_online_one():
+    config = RunConfig(num_return_sequences=3, warmup_traces=1, deepconf_window=2, max_tokens=8)
+    online_config = RunConfig(**{**config.__dict__, "generation": "deepconf-online"})
+    full = [[candidate(4, [3.0] * 4), candidate(4, [1.0] * 4), candidate(4, [3.0] * 4)]]
+    online = [
+        [
+            candidate(4, [3.0] * 4, WARMUP, None, 3.0),
+            candidate(2, [1.0] * 2, FINAL, 2, 3.0),
+            candidate(0, [], SKIPPED, None, 3.0),
+        ]
+    ]
+    grades = {
+        "full-confidence": [(np.array([0, 1, 0]), np.array([True, False]))],
+        "online": [(np.array([0, -1, -1]), np.array([True]))],
+    }
+    timings = {"full-confidence": {"generate_score_s": 10.0}, "online": {"generate_score_s": 4.0}}
+    result = _compare(config, online_config, [90.0], {"full-confidence": full, "online": online}, grades, timings)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["full self-consistency"]["tokens"] == 12 and rows["full self-consistency"]["accuracy"] == 1.0
+    simulated = rows["DeepConf-low online, simulated"]
+    # Warm-up trace 0 sets s = 3.0; trace 1 stops after its first window (mean 1.0); trace 2 runs (3.0 >= s).
+    assert (simulated["tokens"], simulated["stopped"], simulated["accuracy"]) == (10, 1, 1.0)
+    measured = rows["DeepConf online run (percentile 90)"]
+    assert (measured["tokens"], measured["stopped"], measured["skipped"]) == (6, 1, 1)
+    assert measured["generate_score_s"] == 4.0
+    targets = result["targets"]
+    assert targets["online_tokens_share"] == 0.5 and targets["work_share"] == 0.4
+    assert targets["work_target_met (<= 0.65)"] and targets["tokens_target_met (<= 0.50)"]

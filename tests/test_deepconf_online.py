@@ -1,0 +1,135 @@
+"""DeepConf online end to end on CPU: real Ray, the embedded SmolLM2's real weights, real Parquet shards.
+
+transformers (float32: its CPU arithmetic does not depend on the batch): a full run that stores engine
+confidences, then an online run of the same traces. With per-trace seeds every online trace is a prefix of
+the full run's, and the replay of the full run (ray_pipeline.deepconf) decides what the online run decided:
+the thresholds, which traces stop and where, the tokens, the vote.
+
+vllm-cpu (no per-request seeds: traces follow the engine seed) with a consensus stop: the online run's own
+traces replayed give back its thresholds, its stops and which waves it skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_job
+from ray_pipeline.answers import answers_equivalent, extract_answer
+from ray_pipeline.deepconf import (
+    FINAL,
+    SKIPPED,
+    WARMUP,
+    OnlineSettings,
+    first_stop,
+    group_answers,
+    lowest_group_confidence,
+    online_vote,
+    replay_problem,
+)
+
+PROBLEMS, N = 3, 6
+COMMON = [
+    *("--dataset", f"embedded:{PROBLEMS}", "--shard_size", str(PROBLEMS), "--num_return_sequences", str(N)),
+    *("--max_tokens", "32", "--temperature", "0.8", "--prompt", "chat", "--answer_extraction", "math-verify"),
+]
+ONLINE = ["--generation", "deepconf-online", "--warmup_traces", "2", "--deepconf_window", "6"]
+SETTINGS = OnlineSettings(window=6, warmup=2, percentile=90.0)
+
+
+def run(tmp_path, run_id: str, *args: str) -> tuple[dict[str, list[dict]], str]:
+    proc = run_job("jobs.infer", *COMMON, *args, "--output_dir", str(tmp_path), "--run_id", run_id, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / run_id / "shards").to_pylist()
+    problems: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["problem_index"], r["candidate_index"])):
+        problems.setdefault(row["problem_id"], []).append(row)
+    assert len(problems) == PROBLEMS and all(len(c) == N for c in problems.values())
+    return problems, proc.stdout
+
+
+def answer_classes(candidates: list[dict]) -> np.ndarray:
+    return group_answers([extract_answer(c["text"], "math-verify") for c in candidates], answers_equivalent)
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    hf = ("--backend", "hf", "--dtype", "float32")
+    full, _ = run(out, "full", *hf, "--engine_confidence")
+    online, stdout = run(out, "online", *hf, *ONLINE)
+    return full, online, stdout
+
+
+def test_the_replay_of_a_full_run_decides_what_the_online_run_decided(hf_runs):
+    full, online, _ = hf_runs
+    stopped = 0
+    for pid, complete in full.items():
+        traces = online[pid]
+        replay = replay_problem([c["engine_confidence"] for c in complete], answer_classes(complete), SETTINGS)
+        assert [c["phase"] for c in traces] == replay.phase == [WARMUP] * 2 + [FINAL] * (N - 2)
+        assert [c["stop_threshold"] for c in traces] == [replay.threshold] * N
+        assert [-1 if c["stopped_at"] is None else c["stopped_at"] for c in traces] == replay.stopped_at.tolist()
+        for c, whole, kept in zip(traces, complete, replay.kept.tolist()):
+            # Same seed, same arithmetic: the online trace is the full trace cut where the rule said.
+            assert c["token_ids"] == whole["token_ids"][:kept]
+            assert c["engine_confidence"] == whole["engine_confidence"][:kept]
+            assert c["engine_token_count"] == c["token_count"] == kept
+        stopped += sum(c["stopped_at"] is not None for c in traces)
+        # The vote of the online run's own traces picks the answer the replay's vote picks.
+        lowest = [lowest_group_confidence(c["engine_confidence"], SETTINGS.window) for c in traces]
+        classes = answer_classes(traces)
+        vote = online_vote(lowest, classes, [True] * N, replay.threshold)
+        assert vote.weights.tolist() == replay.vote.weights.tolist()
+        assert (vote.winner >= 0) == (replay.vote.winner >= 0)
+        if vote.winner >= 0:
+            winner = next(c["text"] for c, k in zip(traces, classes) if k == vote.winner)
+            replayed = next(c["text"] for c, k in zip(complete, answer_classes(complete)) if k == replay.vote.winner)
+            mine, theirs = extract_answer(winner, "math-verify"), extract_answer(replayed, "math-verify")
+            assert mine == theirs or answers_equivalent(mine, theirs)
+    assert stopped > 0, "no trace stopped: the comparison tested nothing"
+
+
+def test_stopped_traces_are_kept_and_scored_and_the_job_says_what_it_saved(hf_runs):
+    full, online, stdout = hf_runs
+    for traces in online.values():
+        for c in traces:
+            assert c["token_count"] == len(c["token_ids"]) == len(c["token_entropy"]) == len(c["engine_confidence"])
+            if c["stopped_at"] is not None:
+                assert c["finish_reason"] == "low-confidence" and c["token_count"] > 0 and c["mean_entropy"] >= 0
+    for complete in full.values():
+        assert all(c["phase"] is None and c["stopped_at"] is None and c["stop_threshold"] is None for c in complete)
+        assert all(len(c["engine_confidence"]) == c["token_count"] and not c["generator_logprobs"] for c in complete)
+    line = next(line for line in stdout.splitlines() if line.startswith("  deepconf-online: "))
+    generated = sum(c["token_count"] for traces in online.values() for c in traces)
+    assert line.startswith(f"  deepconf-online: {generated:,} tokens generated; ")
+    assert "saved against running every trace to its end" in line
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None and not os.environ.get("CI"), reason="vLLM is not installed"
+)
+def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(tmp_path):
+    args = ["--backend", "vllm", *ONLINE, "--consensus", "0.6", "--consensus_wave", "2"]
+    online, stdout = run(tmp_path, "online", *args)
+    settings = OnlineSettings(window=6, warmup=2, percentile=90.0, consensus=0.6, wave=2)
+    skipped = 0
+    for traces in online.values():
+        replay = replay_problem([c["engine_confidence"] for c in traces], answer_classes(traces), settings)
+        assert [c["phase"] for c in traces] == replay.phase
+        assert [c["stop_threshold"] for c in traces] == [replay.threshold] * N
+        for c in traces:
+            conf = np.asarray(c["engine_confidence"])
+            assert len(conf) == c["token_count"] == len(c["token_ids"]) <= c["engine_token_count"]
+            if c["phase"] == FINAL:
+                assert first_stop(conf, settings.window, replay.threshold) == c["stopped_at"]
+            elif c["phase"] == SKIPPED:
+                assert (c["token_count"], c["finish_reason"], c["engine_token_count"]) == (0, "skipped", 0)
+        skipped += sum(c["phase"] == SKIPPED for c in traces)
+        assert all(c["backend"] == "vllm" and not c["generator_logprobs"] for c in traces)
+    assert "  deepconf-online: " in stdout
+    print(f"vllm-cpu online: {skipped} traces skipped by the consensus stop")
