@@ -62,8 +62,7 @@ COLUMNS = (
         GENERATOR,
         "DeepConf's confidence of each token as the generator saw it: -mean of its top-k log-probs, a multiple of "
         "2^-16 nat (--engine_confidence, deepconf-online; else empty)",
-        # Read by ray_pipeline.deepconf (the online vote's weights, the simulator), not yet by a selection method.
-        selection=False,
+        # Null unless asked for: the reducer reads it for the online vote and the tokens-vs-accuracy table.
         later=True,
     ),
     Column("phase", pa.string(), GENERATOR, "deepconf-online: warmup, final or skipped; null otherwise", later=True),

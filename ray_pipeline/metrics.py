@@ -199,3 +199,36 @@ def compare(run: GradedRun, params: SelectionParams) -> tuple[dict[str, MethodRe
                 picks = run_method(run, name, replace(params, alpha=a))
                 sweep[name][str(a)] = float(picked_correct(run, picks).sum()) / run.problems
     return results, unavailable, sweep
+
+
+# The tokens-vs-accuracy table's rows for a full run with engine confidences (GradedRun.engine_strategies).
+ENGINE_STRATEGY_NAMES = {
+    "deepconf-offline-10": "DeepConf offline, top 10 % (engine confidences)",
+    "deepconf-offline-90": "DeepConf offline, top 90 % (engine confidences)",
+    "deepconf-low-online-simulated": "DeepConf-low online (simulated)",
+    "deepconf-high-online-simulated": "DeepConf-high online (simulated)",
+}
+
+
+def tokens_vs_accuracy(run: GradedRun, results: dict[str, MethodResult]) -> list[dict] | None:
+    """Tokens generated against accuracy: for an online run, its own vote and self-consistency over its traces;
+    for a full run with engine confidences, full self-consistency, DeepConf offline and DeepConf online
+    simulated on the same traces. Each row pairs its accuracy with the first row's on the same problems
+    (`deepconf.tokens_vs_accuracy`). None for a run without either."""
+    from ray_pipeline import deepconf
+
+    sc = picked_correct(run, results["self-consistency"].picks)
+    if "deepconf-online" in results:
+        online = picked_correct(run, results["deepconf-online"].picks)
+        strategies = {
+            "DeepConf online (this run)": (run.generated, online),
+            "self-consistency (this run's traces)": (run.generated, sc),
+        }
+    elif run.engine_strategies:
+        strategies = {"full self-consistency": (run.generated, sc)}
+        for name, (tokens, picks) in run.engine_strategies.items():
+            right = (picks >= 0) & run.values["correct"][run.offsets[:-1] + np.maximum(picks, 0)] & run.has_gold
+            strategies[ENGINE_STRATEGY_NAMES[name]] = (tokens, right)
+    else:
+        return None
+    return deepconf.tokens_vs_accuracy(strategies, next(iter(strategies)))

@@ -14,6 +14,7 @@ stages that every method, curve and sweep then share:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,14 +25,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_pipeline import deepconf
 from ray_pipeline.aggregates import coe_scores, lowest_group_confidence, mixed_certainty, tail_confidence
 from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
+from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import (
     BLOCK_PARAMS,
     CANDIDATE_VALUES,
+    DEEPCONF_KEEP_PERCENTS,
     Candidates,
     Choice,
     Picks,
@@ -84,12 +88,19 @@ def _per_row_floats(column: pa.ChunkedArray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
-def candidate_values(chunk: pa.Table, params: SelectionParams, preds: list[str | None] | None = None) -> dict:
+def candidate_values(
+    chunk: pa.Table,
+    params: SelectionParams,
+    preds: list[str | None] | None = None,
+    online: OnlineSettings | None = None,
+) -> dict:
     """Grade and group one chunk of whole problems, and compute every per-candidate value a method reads.
 
     Returns the flat [candidates] arrays of `selection.CANDIDATE_VALUES` (in the chunk's row order),
     each candidate's extracted answer (`preds`; given, they are taken as they are), and per problem
-    its distinct answers, the math-verify comparisons that ran and the timeouts.
+    its distinct answers, the math-verify comparisons that ran and the timeouts. With `online`
+    settings, per problem of a full run with engine confidences what DeepConf would have done
+    (`engine_strategies`).
     """
     started_timeouts = timeouts()
     if preds is None:
@@ -126,9 +137,12 @@ def candidate_values(chunk: pa.Table, params: SelectionParams, preds: list[str |
             continue
         # Plain floats through the scalar functions: a candidate's value must not depend on its batch.
         v = int(vocab[i])
-        values["token_certainty"][i] = mixed_certainty(float(mean_self_certainty[i]), float(mean_entropy[i]), lam, v)
-        steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i] or [], step_h[i] or [])]
-        values["step_certainty_min"][i] = min(steps) if steps else math.nan
+        # Rows without a vocabulary (no scorer columns) have no certainty to mix.
+        if v > 1:
+            sc, h = float(mean_self_certainty[i]), float(mean_entropy[i])
+            values["token_certainty"][i] = mixed_certainty(sc, h, lam, v)
+            steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i] or [], step_h[i] or [])]
+            values["step_certainty_min"][i] = min(steps) if steps else math.nan
         if coe[0][i] is not None:
             values["coe_r"][i], values["coe_c"][i] = coe_scores(coe[0][i], coe[1][i], coe[2][i], coe[3][i])
         if self_eval[i] is None:
@@ -144,13 +158,66 @@ def candidate_values(chunk: pa.Table, params: SelectionParams, preds: list[str |
         "mean_entropy": mean_entropy,
         "mean_self_certainty": mean_self_certainty,
     }
+    engine = chunk.column("engine_confidence").to_pylist()
+    values["engine_lowest_group"] = np.array(
+        [math.nan if c is None or not len(c) else deepconf.lowest_group_confidence(c, window) for c in engine]
+    )
+    phase = chunk.column("phase").to_pylist()
+    values["online"] = np.array([p is not None for p in phase], dtype=bool)
+    values["launched"] = np.array([p != deepconf.SKIPPED for p in phase], dtype=bool)
+    values["stop_threshold"] = _float_values(chunk, "stop_threshold")
+    generated = pc.fill_null(pc.coalesce(chunk.column("engine_token_count"), chunk.column("token_count")), 0)
     return {
         "values": values,
         "preds": preds,
         "distinct": distinct,
         "symbolic": symbolic,
         "timeouts": timeouts() - started_timeouts,
+        "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
+        "engine_strategies": engine_strategies(engine, phase, label, token_count, starts, ends, online, window),
     }
+
+
+# DeepConf online's percentiles in the tokens-vs-accuracy table: 90 (DeepConf-low) and 10 (DeepConf-high).
+SIMULATED_PERCENTILES = {"low": 90.0, "high": 10.0}
+
+
+def engine_strategies(engine, phase, label, token_count, starts, ends, online, window: int) -> dict | None:
+    """Per problem of a full run whose traces carry engine confidences: the tokens and the pick (-1: none) of
+    DeepConf online simulated at each SIMULATED_PERCENTILES (`deepconf.replay_problem`) and of DeepConf offline
+    on those confidences (`deepconf.filtered_vote`, 10 % and 90 %). None for an online run or without them."""
+    if online is None or not len(starts) or any(p is not None for p in phase):
+        return None
+    if any(c is None or (not len(c) and n) for c, n in zip(engine, token_count)):
+        return None
+    strategies: dict[str, tuple[list[int], list[int]]] = {}
+    for start, end in zip(starts, ends):
+        confidences = [np.asarray(c, dtype=np.float64) for c in engine[start:end]]
+        classes = label[start:end]
+        lowest = np.array([deepconf.lowest_group_confidence(c, window) if len(c) else math.nan for c in confidences])
+        full = int(sum(len(c) for c in confidences))
+        for keep in DEEPCONF_KEEP_PERCENTS:
+            vote = deepconf.filtered_vote(lowest, classes, keep)
+            _add(strategies, f"deepconf-offline-{keep}", full, _heaviest(vote, classes))
+        for name, percentile in SIMULATED_PERCENTILES.items():
+            settings = dataclasses.replace(online, window=window, percentile=percentile)
+            replay = deepconf.replay_problem(confidences, classes, settings)
+            _add(strategies, f"deepconf-{name}-online-simulated", replay.tokens, _heaviest(replay.vote, classes))
+    return strategies
+
+
+def _heaviest(vote: deepconf.OnlineVote, classes: np.ndarray) -> int:
+    """The pick of a DeepConf vote: the winning answer's heaviest voter (the first on ties); -1 without a vote."""
+    if vote.winner < 0:
+        return -1
+    weights = np.where((classes == vote.winner) & (vote.weights > 0), vote.weights, -np.inf)
+    return int(np.argmax(weights))
+
+
+def _add(strategies: dict, name: str, tokens: int, pick: int) -> None:
+    tokens_list, picks = strategies.setdefault(name, ([], []))
+    tokens_list.append(tokens)
+    picks.append(pick)
 
 
 def _grade_chunk(args: tuple) -> dict:
@@ -207,6 +274,10 @@ class GradedRun:
     timeouts: int
     missing: list[int] = field(default_factory=list)
     params: SelectionParams = field(default_factory=SelectionParams)
+    # Tokens each problem's traces generated, and, for a full run with engine confidences graded with online
+    # settings, what DeepConf would have done (`engine_strategies`: name -> tokens [P], pick [P]).
+    generated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    engine_strategies: dict | None = None
     _rows: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -337,6 +408,7 @@ def grade_run(
     num_candidates: int | None = None,
     workers: int | None = None,
     timings: dict | None = None,
+    online: OnlineSettings | None = None,
 ) -> GradedRun:
     """Check, read, grade and group a run's shards (each problem's first `num_candidates` when given).
 
@@ -365,7 +437,7 @@ def grade_run(
     if timings is not None:
         timings["read"] = time.perf_counter() - started
     started = time.perf_counter()
-    run = grade_table(table, params, offsets=offsets, workers=workers)
+    run = grade_table(table, params, offsets=offsets, workers=workers, online=online)
     run.missing = missing
     if timings is not None:
         timings["grade_and_group"] = time.perf_counter() - started
@@ -386,11 +458,12 @@ def grade_table(
     offsets: np.ndarray | None = None,
     workers: int | None = None,
     preds: list[str | None] | None = None,
+    online: OnlineSettings | None = None,
 ) -> GradedRun:
     """Grade and group the problems of a table of shard rows (sorted by problem, then candidate).
 
     Chunks of CHUNK_PROBLEMS problems go to `map_chunks`; `preds`, when given, are the candidates'
-    answers as they are (no extraction).
+    answers as they are (no extraction); `online`, DeepConf's settings to simulate (`engine_strategies`).
     """
     offsets = problem_offsets(table) if offsets is None else offsets
     bounds = list(range(0, len(offsets) - 1, CHUNK_PROBLEMS)) + [len(offsets) - 1]
@@ -399,6 +472,7 @@ def grade_table(
             table.slice(offsets[a], offsets[b] - offsets[a]),
             params,
             None if preds is None else preds[offsets[a] : offsets[b]],
+            online,
         )
         for a, b in zip(bounds, bounds[1:])
     ]
@@ -415,7 +489,19 @@ def grade_table(
         symbolic=sum(r["symbolic"] for r in results),
         timeouts=sum(r["timeouts"] for r in results),
         params=params,
+        generated=np.array([g for r in results for g in r["generated"]], dtype=np.int64),
+        engine_strategies=_merged_strategies([r["engine_strategies"] for r in results]),
     )
+
+
+def _merged_strategies(parts: list[dict | None]) -> dict | None:
+    """The chunks' engine strategies joined in problem order; None unless every chunk has them."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return {
+        name: (np.concatenate([p[name][0] for p in parts]), np.concatenate([p[name][1] for p in parts]))
+        for name in parts[0]
+    }
 
 
 def question_rows_table(questions: list[list[dict]]) -> pa.Table:

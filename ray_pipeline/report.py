@@ -13,6 +13,7 @@ import math
 import statistics
 import time
 
+from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.metrics import (
     ALPHA_GRID,
     CURVE_DRAWS,
@@ -20,6 +21,7 @@ from ray_pipeline.metrics import (
     compare,
     curves,
     pass_curves,
+    tokens_vs_accuracy,
     wilson_interval,
 )
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
@@ -63,12 +65,14 @@ def compare_run(
     allow_partial: bool = False,
     workers: int | None = None,
     graded: GradedRun | None = None,
+    online: OnlineSettings | None = None,
 ) -> dict:
     """Compare every method on a run's shards; write summary.json, report.md, debug.jsonl and the plots.
 
     `graded`: the run's shards already checked, graded and grouped for these parameters (jobs.main's
-    best-answer step did it), so they are not read and graded again. The comparison's `stage_s` says
-    where its time went: read, grade and group, methods, curves, report, plots.
+    best-answer step did it), so they are not read and graded again. `online`: the run's DeepConf
+    settings, which the tokens-vs-accuracy table simulates on a full run's engine confidences. The
+    comparison's `stage_s` says where its time went: read, grade and group, methods, curves, report, plots.
     """
     started = time.monotonic()
     stages: dict[str, float] = {}
@@ -81,6 +85,7 @@ def compare_run(
         num_candidates=num_candidates,
         workers=workers,
         timings=stages,
+        online=online,
     )
     clock = time.perf_counter()
     results, unavailable, sweep = compare(run, params)
@@ -113,6 +118,8 @@ def compare_run(
         "symbolic_comparisons": run.symbolic,
         # math-verify counts a timed-out parse or comparison as "not equivalent": how many there were.
         "math_verify_timeouts": run.timeouts,
+        "tokens_vs_accuracy": tokens_vs_accuracy(run, results),
+        "online_run": bool(run.values["online"].all()) if len(run.preds) else False,
     }
     clock = time.perf_counter()
     records = debug_records(run, results, params)
@@ -196,6 +203,30 @@ def report_markdown(run_id: str, comparison: dict) -> str:
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(_pct(_at(m["accuracy_by_n"], k)) for k in sizes) + " |")
     lines.append("| pass@N' | " + " | ".join(_pct(_at(comparison["pass_at_n_by_n"], k)) for k in sizes) + " |")
+    if comparison.get("online_run"):
+        lines += [
+            "",
+            "An online run (`--generation deepconf-online`): `deepconf-online` is its own vote (the launched "
+            "traces whose lowest group confidence reaches their problem's threshold); every other method reads "
+            "every trace, a stopped one as far as it was generated.",
+        ]
+    if comparison.get("tokens_vs_accuracy"):
+        rows = comparison["tokens_vs_accuracy"]
+        lines += ["", "## Tokens vs accuracy", ""]
+        lines.append(
+            f"Tokens generated and accuracy (%), each row's accuracy minus the first row's ({rows[0]['name']}) on "
+            "the same problems with Newcombe's 95 % paired interval."
+        )
+        lines += ["", "| strategy | tokens | vs first | accuracy | 95 % CI | paired difference | 95 % CI |"]
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            low, high = r["accuracy_ci95"]
+            d_low, d_high = r["paired_difference_ci95"]
+            lines.append(
+                f"| {r['name']} | {r['tokens']:,} | {r['tokens_vs_reference']:.2f} | {_pct(r['accuracy'])} | "
+                f"{_pct(low)}–{_pct(high)} | {100 * r['paired_difference']:+.1f} | "
+                f"{100 * d_low:+.1f}–{100 * d_high:+.1f} |"
+            )
     if comparison["accuracy_by_alpha"]:
         lines += ["", "## Accuracy vs alpha", ""]
         lines.append("| method | " + " | ".join(str(a) for a in ALPHA_GRID) + " |")

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
 from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
-from ray_pipeline.deepconf import FINAL, SKIPPED, estimated_savings
+from ray_pipeline.deepconf import FINAL, SKIPPED, OnlineSettings, estimated_savings
 from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
@@ -269,7 +269,8 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     params = SelectionParams.from_config(config)
     try:
         shards = ShardPlan.of(plan.manifest)
-        graded = grade_run(plan.shards_dir, params, plan=shards, allow_partial=config.allow_partial)
+        online = OnlineSettings.from_config(config)
+        graded = grade_run(plan.shards_dir, params, plan=shards, allow_partial=config.allow_partial, online=online)
         summary = write_best(graded, plan.best, config.method, params, verified=True)
         plan.graded = graded
     except PipelineError as exc:
@@ -328,7 +329,14 @@ def compare(plan: RunPlan) -> dict:
     params = SelectionParams.from_config(plan.config)
     shard_plan = ShardPlan.of(plan.manifest)
     graded = plan.graded if plan.graded is not None and plan.graded.params == params else None
-    comparison = compare_run(run_dir, params, plan=shard_plan, allow_partial=plan.config.allow_partial, graded=graded)
+    comparison = compare_run(
+        run_dir,
+        params,
+        plan=shard_plan,
+        allow_partial=plan.config.allow_partial,
+        graded=graded,
+        online=OnlineSettings.from_config(plan.config),
+    )
     print_comparison(comparison)
     print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
     print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
@@ -427,7 +435,8 @@ def _reselect(
     params = SelectionParams.from_config(config)
     shards = {"plan": shard_plan, "allow_partial": config.allow_partial}
     if config.method == "all":
-        comparison = compare_run(run_dir, params, num_candidates=num_candidates, **shards)
+        online = OnlineSettings.from_config(config)
+        comparison = compare_run(run_dir, params, num_candidates=num_candidates, online=online, **shards)
         print_comparison(comparison)
         if shard_plan is None:
             print(f"UNVERIFIED: {run_dir} has no manifest.json, so the comparison may be partial", flush=True)

@@ -86,6 +86,10 @@ CANDIDATE_VALUES = (
     "self_eval_missing",
     "lowest_group",
     "tail",
+    "engine_lowest_group",
+    "online",
+    "launched",
+    "stop_threshold",
 )
 
 
@@ -106,6 +110,12 @@ class Candidates:
     self_eval_missing: np.ndarray
     lowest_group: np.ndarray
     tail: np.ndarray
+    # DeepConf online: the lowest group confidence over the generator's own confidences (engine_confidence; NaN
+    # without them), whether the candidate is a trace of an online run, was launched, and its problem's threshold.
+    engine_lowest_group: np.ndarray
+    online: np.ndarray
+    launched: np.ndarray
+    stop_threshold: np.ndarray
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -401,6 +411,25 @@ def _register_deepconf_filtered(kind: str, keep_percent: int) -> None:
 for _kind in ("lowest-group", "tail"):
     for _keep in DEEPCONF_KEEP_PERCENTS:
         _register_deepconf_filtered(_kind, _keep)
+
+
+@method("deepconf-online", scored=False)
+def deepconf_online_vote(block: Candidates, params: SelectionParams) -> Picks:
+    """DeepConf online's own vote (`deepconf.online_vote`) over an online run's traces.
+
+    Every launched trace with an answer whose lowest group confidence over the engine's confidences is
+    at least its problem's threshold votes, weighted by that confidence: the warm-up traces at or above
+    the threshold and the final traces that were not stopped. The winning answer's heaviest voter wins.
+    """
+    if not block.online.all():
+        raise MethodUnavailable(
+            "method deepconf-online needs the shards of an online run (jobs.infer or jobs.main --generation "
+            "deepconf-online)"
+        )
+    confidence = block.engine_lowest_group
+    with np.errstate(invalid="ignore"):
+        voters = block.launched & block.answered & (confidence >= block.stop_threshold)
+    return weighted_vote(block.label, np.where(voters, confidence, 0.0), confidence, voters)
 
 
 def step_certainties(candidate: dict, lambda_weight: float) -> list[float]:

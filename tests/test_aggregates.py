@@ -96,7 +96,7 @@ TORCHLESS_SELECTION = textwrap.dedent(
     import ray_pipeline.reduce
     import ray_pipeline.report
     from ray_pipeline.reduce import select_questions
-    from ray_pipeline.selection import METHODS, SelectionParams
+    from ray_pipeline.selection import METHODS, MethodUnavailable, SelectionParams
 
     def candidate(pred, certainty, confidence):
         return {
@@ -109,7 +109,12 @@ TORCHLESS_SELECTION = textwrap.dedent(
         }
 
     question = [candidate("1", 0.5, [1.0, 2.0, 3.0]), candidate("2", 3.0, [4.0, 5.0, 6.0]), candidate(None, 9.0, [9.0])]
-    picks = {name: select_questions([question], name, SelectionParams())[0].index for name in METHODS}
+    picks = {}
+    for name in METHODS:
+        try:
+            picks[name] = select_questions([question], name, SelectionParams())[0].index
+        except MethodUnavailable:
+            assert name == "deepconf-online", name  # a full run's shards: the online vote has nothing to count
     assert picks["self-certainty"] == 1 and picks["tail"] == 1 and picks["baseline"] == 0, picks
     assert sys.modules["torch"] is None, "torch was imported"
     print("selected without torch:", len(picks), "methods")

@@ -92,7 +92,7 @@ def test_auroc_equals_the_pairwise_definition():
 def test_comparison_writes_report_summary_debug_and_plots(run_dir):
     comparison = compare_run(run_dir, SelectionParams())
     methods = comparison["methods"]
-    assert set(methods) == set(METHODS) - {"self-eval"}
+    assert set(methods) == set(METHODS) - {"self-eval", "deepconf-online"}
     assert "--self_eval" in comparison["unavailable"]["self-eval"]
     assert comparison["pass_at_n"] == pytest.approx(2 / 3)
     # Certainty picks q0 right, q1 wrong; the majority gets q1 but not q0 (2 is the majority there).
