@@ -33,8 +33,8 @@ def rows(shard_id, problems, n=2):
 
 
 @pytest.fixture
-def problems(math500):
-    return load_problems(str(math500), limit=4, shard_size=2)
+def problems():
+    return load_problems("embedded:4", shard_size=2)
 
 
 def test_fingerprint_changes_with_every_output_setting(problems, tmp_path):

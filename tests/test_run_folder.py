@@ -30,8 +30,8 @@ from ray_pipeline.storage import LOCK_NAME, StoragePath
 
 
 @pytest.fixture
-def problems(math500):
-    return load_problems(str(math500), limit=4, shard_size=2)
+def problems():
+    return load_problems("embedded:4", shard_size=2)
 
 
 def changed(value):
@@ -161,7 +161,7 @@ def test_the_run_folder_lock_refuses_a_second_holder(tmp_path):
         pass
 
 
-def test_a_second_job_on_a_locked_run_folder_is_refused_and_cleans_nothing(tmp_path, math500):
+def test_a_second_job_on_a_locked_run_folder_is_refused_and_cleans_nothing(tmp_path):
     """The refusal comes before the stale-temporary clean-up: the holder's shard in the making survives."""
     shards = tmp_path / "run" / "shards"
     shards.mkdir(parents=True)
@@ -169,7 +169,7 @@ def test_a_second_job_on_a_locked_run_folder_is_refused_and_cleans_nothing(tmp_p
     writing.write_bytes(b"being written")
     with FileLock(str(tmp_path / "run" / LOCK_NAME)):
         proc = subprocess.run(
-            [sys.executable, "-m", "jobs.infer", "--dataset", str(math500), "--limit", "2", "--output_dir",
+            [sys.executable, "-m", "jobs.infer", "--dataset", "embedded:2", "--output_dir",
              str(tmp_path), "--run_id", "run", "--backend", "hf"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
