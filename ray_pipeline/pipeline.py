@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
-from ray_pipeline.config import RunConfig, resolve_scoring
+from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.storage import StoragePath
@@ -92,7 +92,7 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
     # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.
-    batch = config.generate_batch_size or max(d for d in range(1, 9) if config.shard_size % d == 0)
+    batch = config.generate_batch_size or default_generate_batch_size(config.shard_size)
     in_flight = config.generate_in_flight
     if in_flight is None:
         # vLLM schedules best when it sees many requests at once: a generator holds up to its share of

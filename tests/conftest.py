@@ -29,6 +29,7 @@ FAST_MODULES = {
     "test_cluster_config",
     "test_config",
     "test_data",
+    "test_field_roles",
     "test_manifest",
     "test_pool_sizing",
     "test_problem_set",
@@ -43,6 +44,8 @@ FAST_MODULES = {
     "test_storage",
 }
 SLOW_IN_FAST_MODULES = {
+    # Real generators and scorers on the embedded weights, one configuration a field.
+    "test_every_change_a_resume_allows_leaves_every_stored_value",
     # Starts a Ray of its own, in a pytest session of its own.
     "test_a_read_from_outside_fails_the_test_in_every_process",
 }

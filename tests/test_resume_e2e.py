@@ -88,7 +88,9 @@ def test_rerun_redoes_nothing_and_a_lost_shard_only(finished, tmp_path):
     shard_path(run_dir / "shards", 1).unlink()
     data = shard_path(run_dir / "shards", 0).read_bytes()
     shard_path(run_dir / "shards", 0).write_bytes(data[: len(data) // 3])  # truncated: footer unreadable
-    redone = run_ok(*job_args(tmp_path, "run"))
+    # Without --self_eval a candidate's scores do not depend on its scorer batch: another --score_batch_size resumes,
+    # and the shards it writes carry the folder's fingerprint (the runs below trust them).
+    redone = run_ok(*job_args(tmp_path, "run", 4, 24, "--score_batch_size", "2"))
     assert "2 of 2 shards to do" in redone.stdout and "shard 0: unreadable" in redone.stdout
     assert sorted(keys(run_dir / "shards")) == sorted(set(keys(out / "run" / "shards")))
     same_answers(records(best_file(first)), records(best_file(redone)))
