@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import reads_guard
+
 from conftest import ROOT
 
 # Runs of a session of its own, each test in it a case: what the test does, and whether the guard must fail it.

@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 import reads_guard
 
 _offset = 0
