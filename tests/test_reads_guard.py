@@ -49,7 +49,8 @@ def test_read_in_a_process_the_test_starts_fails():
 def test_read_in_a_ray_worker_fails():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # A Ray of its own, even beside a `ray start` cluster on this machine (a bare ray.init would join that one).
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ray.get(ray.remote(lambda path: len(open(path).read())).remote(OUTSIDE))
     finally:
