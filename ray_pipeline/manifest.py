@@ -1,8 +1,11 @@
 """The run manifest: what a run folder was made with, its shard plan, and each shard's status.
 
 A run folder is resumed only by the configuration that made it: the fingerprint holds every
-RunConfig field whose role (its metadata) is "samples" or "scores", with the data set's and the
-model's content in place of their paths, and a different one is refused with the fields that differ.
+RunConfig field whose role (its metadata) is "samples" or "scores", with the data set's content in
+place of its path and the model files' identity beside the model's path, and a different one is refused
+with the fields that differ. A field that changes no value in this configuration (config.Matters:
+`score_batch_size` without --self_eval, `generate_batch_size` on vLLM, ...) holds its default there,
+so any value of it names the same folder, and a resume does not compare it.
 The default run folder name carries a hash of the same fingerprint, so the same command resumes.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ray_pipeline.config import HUB_DATASET, OUTPUT_ROLES, RunConfig
+from ray_pipeline.config import FIELDS, HUB_DATASET, OUTPUT_ROLES, RunConfig, role_in, unresolved
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
 from ray_pipeline.storage import Location, StoragePath
@@ -34,8 +37,10 @@ STATUSES = (COMMITTED, PENDING, FAILED)
 # Samples/scores fields added after the shard format's first runs, with the value those runs had.
 # generator_logprobs: runs before it always stored the sampler's log-probs, but nothing selects by them (only a
 # cross-check test reads them), so such a run resumes at the default and its new shards store none.
+# enforce_eager joined where it changes values: vLLM with --reproducible.
 LATER_FIELDS: dict[str, object] = {
     "reproducible": False,
+    "enforce_eager": False,
     "generator_logprobs": False,
     "generation": "full",
     "engine_confidence": False,
@@ -80,13 +85,26 @@ def output_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("role") in OUTPUT_ROLES]
 
 
+def fingerprint_value(config: RunConfig, name: str):
+    """A samples or scores field's fingerprint entry: its value where it changes values (or may: while 'auto' is
+    unresolved), else its default; a value given equal to what the default resolves to is the default."""
+    f = FIELDS[name]
+    if role_in(config, name) == "execution":
+        return f.default
+    value = getattr(config, name)
+    default_is = f.metadata["default_is"]
+    if default_is is not None and value is not None and value == default_is(config):
+        return f.default
+    return value
+
+
 def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> dict:
     """Everything that changes a run's shards: every samples/scores field, the data and model contents.
 
-    Settings left to the cluster (generate_batch_size None) stay as given; only `backend` is
-    resolved by the caller, since 'auto' means another backend on another cluster.
+    Settings left to the cluster stay as given (generate_batch_size None); the caller resolves the
+    DEVICE_RESOLVED_FIELDS, since 'auto' means another backend or scorer pass on another cluster.
     """
-    fp = {name: getattr(config, name) for name in output_fields()}
+    fp = {name: fingerprint_value(config, name) for name in output_fields()}
     # Fields added after runs existed leave the fingerprint, and so the default run folder, of those runs
     # as it was while they hold the value every earlier run had.
     fp = {name: value for name, value in fp.items() if LATER_FIELDS.get(name, object()) != value}
@@ -153,6 +171,37 @@ def best_file_name(dataset: str, model_name: str, run_id: str) -> str:
 
 def differences(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def not_compared(config: RunConfig) -> set[str]:
+    """Fingerprint entries a resume with `config` does not compare: fields that change no value in this
+    configuration (a stored value may be any), fields that wait for the cluster (an 'auto' setting, and what
+    depends on one: the job compares them once resolved), and fields compared through the content they select."""
+    names = unresolved(config)
+    for name in output_fields():
+        if role_in(config, name) in (None, "execution") or FIELDS[name].metadata["compared_as"]:
+            names.add(name)
+    return names
+
+
+def resume_differences(old: dict, new: dict, config: RunConfig) -> list[str]:
+    """What keeps a run folder made with fingerprint `old` from resuming with `config` (fingerprint `new`)."""
+
+    def entry(fp: dict, key: str):
+        value = fp.get(key, LATER_FIELDS.get(key))
+        default_is = FIELDS[key].metadata["default_is"] if key in FIELDS else None
+        # An unset value and the value it resolves to compute the same (stored by earlier versions as given).
+        return default_is(config) if default_is is not None and value is None else value
+
+    skip = not_compared(config)
+    changed = [k for k in sorted(set(old) | set(new)) if k not in skip and entry(old, k) != entry(new, k)]
+    out = [f"{k} {entry(old, k)!r} -> {entry(new, k)!r}" for k in changed]
+    # The fields whose whole effect is a changed content entry name the likely cause beside it.
+    for name in output_fields():
+        content = FIELDS[name].metadata["compared_as"]
+        if content in changed and old.get(name) != new.get(name):
+            out.append(f"{name} {old.get(name)!r} -> {new.get(name)!r}")
+    return out
 
 
 @dataclass
@@ -224,9 +273,9 @@ class Manifest:
     def with_status(self, status: str) -> list[int]:
         return sorted(int(s) for s, info in self.shards.items() if info["status"] == status)
 
-    def check_same_run(self, fp: dict, run_dir: Location, ignore: tuple[str, ...] = ()) -> None:
-        """Refuse another configuration, naming what differs; `ignore` skips fields not yet known."""
-        changed = "; ".join(d for d in differences(self.fingerprint, fp) if d.split(" ", 1)[0] not in ignore)
+    def check_same_run(self, fp: dict, run_dir: Location, config: RunConfig) -> None:
+        """Refuse another configuration (`config`, whose fingerprint is `fp`), naming what differs."""
+        changed = "; ".join(resume_differences(self.fingerprint, fp, config))
         if changed:
             raise PipelineError(
                 f"run folder {run_dir} was made with another configuration ({changed}): "

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
 from ray_pipeline.cli import Stopped, install_stop_handlers
-from ray_pipeline.config import RunConfig, resolve_scoring
+from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
 from ray_pipeline.shards import ShardWriter, expected_rows
@@ -219,7 +219,7 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
     # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.
-    batch = config.generate_batch_size or max(d for d in range(1, 9) if config.shard_size % d == 0)
+    batch = config.generate_batch_size or default_generate_batch_size(config.shard_size)
     in_flight = config.generate_in_flight
     if in_flight is None:
         # vLLM schedules best when it sees many requests at once: a generator holds up to its share of

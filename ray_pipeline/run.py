@@ -39,7 +39,6 @@ from ray_pipeline.manifest import (
     choose_shards,
     default_run_id,
     fingerprint,
-    fingerprint_hash,
     shard_faults,
 )
 from ray_pipeline.model import check_context, check_hub_model, check_tensor_parallel, model_name, resolve_model
@@ -172,7 +171,7 @@ def _plan_locked(
         faults = dict.fromkeys(manifest.expected_rows(), "missing")
     else:
         # Everything but what the cluster resolves ('auto' backend, scorer passes; execute checks those).
-        manifest.check_same_run(fp, run_dir, ignore=DEVICE_RESOLVED_FIELDS)
+        manifest.check_same_run(fp, run_dir, config)
         faults = shard_faults(manifest, shards_dir)
     todo, notes = choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     best = output_dir / best_file_name(config.dataset, manifest.model_name, run_dir.name)
@@ -202,13 +201,13 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     quiet_ray_warnings(plan.config.verbose)
     config = resolve_execution(plan.config, plan.problems.num_rows)
     # Only these are taken resolved: other cluster-derived defaults do not change the shards.
-    resolved = {name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS}
-    fp = fingerprint(dataclasses.replace(plan.config, **resolved), plan.problems, plan.model)
+    resolved = dataclasses.replace(plan.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
+    fp = fingerprint(resolved, plan.problems, plan.model)
     manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
     if plan.new:
         manifest.fingerprint = fp
     else:
-        manifest.check_same_run(fp, run_dir)
+        manifest.check_same_run(fp, run_dir, resolved)
     if config.overwrite:
         shards_dir.delete_contents()
         # What the old shards produced goes with them: a report beside new shards would describe a run that is gone.
@@ -252,7 +251,8 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
                 generator_cls,
                 scorer_cls,
                 on_commit=committed,
-                fingerprint=fingerprint_hash(fp),
+                # The folder's own: a resume may differ from it only in fields that change no value.
+                fingerprint=manifest.fingerprint_hash,
                 on_batch=progress.add,
                 on_generating=progress.generating,
             )

@@ -1,4 +1,4 @@
-"""Shared fixtures: the MATH-500 file from ../shared and a small problem set."""
+"""Shared fixtures and helpers: the fast tier, the reads guard, jobs run as a user runs them, a local S3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MATH500 = ROOT.parent / "shared" / "data" / "math500.jsonl"
+# The reads guard: a test that reads data from outside the repository fails (tests/guard/reads_guard.py).
+sys.path.insert(0, str(ROOT / "tests" / "guard"))
+from reads_guard_plugin import (  # noqa: E402, F401 - pytest finds the hooks in this module
+    pytest_collection_finish,
+    pytest_configure,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_unconfigure,
+)
 
 # The fast tier (`make test-fast`, `pytest -m fast`): unit tests with no model and no Ray cluster. A module
 # joins it here or with `pytestmark = pytest.mark.fast`; a slow test inside a listed module is named in
@@ -21,9 +29,11 @@ FAST_MODULES = {
     "test_cluster_config",
     "test_config",
     "test_data",
+    "test_field_roles",
     "test_manifest",
     "test_pool_sizing",
     "test_problem_set",
+    "test_reads_guard",
     "test_report",
     "test_run_folder",
     "test_backends",
@@ -33,7 +43,12 @@ FAST_MODULES = {
     "test_step_tables",
     "test_storage",
 }
-SLOW_IN_FAST_MODULES: set[str] = set()
+SLOW_IN_FAST_MODULES = {
+    # Real generators and scorers on the embedded weights, one configuration a field.
+    "test_every_change_a_resume_allows_leaves_every_stored_value",
+    # Starts a Ray of its own, in a pytest session of its own.
+    "test_a_read_from_outside_fails_the_test_in_every_process",
+}
 # An address nothing listens on: a fast test whose job (in-process or a subprocess) tries to reach Ray fails
 # instead of starting a cluster.
 NO_RAY_ADDRESS = "127.0.0.1:9"
@@ -58,17 +73,6 @@ def _fast_tests_start_no_ray(request, monkeypatch):
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setenv("RAY_ADDRESS", NO_RAY_ADDRESS)
-
-
-def require_math500() -> Path:
-    if not MATH500.is_file():
-        pytest.skip(f"{MATH500} not found")
-    return MATH500
-
-
-@pytest.fixture
-def math500() -> Path:
-    return require_math500()
 
 
 def run_job(module: str, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -26,9 +26,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def problems():
-    from conftest import require_math500
-
-    return load_problems(str(require_math500()), limit=3, shard_size=2)
+    return load_problems("embedded:3", shard_size=2)
 
 
 def generate_problems(config, problems):

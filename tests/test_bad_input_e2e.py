@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_math500, run_job
+from conftest import ROOT, run_job
+from ray_pipeline.problem_set import embedded_records
 
 
 def job_args(out: Path, *extra: str) -> list[str]:
     return [
-        "--dataset", str(require_math500()), "--limit", "2", "--num_return_sequences", "2", "--max_tokens", "8",
+        "--dataset", "embedded:2", "--num_return_sequences", "2", "--max_tokens", "8",
         "--backend", "hf", "--output_dir", str(out), "--run_id", "run", *extra,
     ]  # fmt: skip
 
@@ -50,7 +51,7 @@ def refused(proc: subprocess.CompletedProcess) -> str:
 
 
 def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
-    rows = [json.loads(line) for line in require_math500().read_text().splitlines()[:2]]
+    rows = embedded_records("embedded:2")
 
     def data(name: str, content: bytes) -> list[str]:
         path = tmp / name

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import require_math500, run_job
+from conftest import run_job
 
 
 def one_line_error(proc):
@@ -27,7 +27,7 @@ def one_line_error(proc):
     ],
 )
 def test_bad_flags_and_model_paths(tmp_path, args, message):
-    proc = run_job("jobs.infer", "--dataset", str(require_math500()), "--output_dir", str(tmp_path), *args)
+    proc = run_job("jobs.infer", "--dataset", "embedded:2", "--output_dir", str(tmp_path), *args)
     assert message in one_line_error(proc)
     assert not any(tmp_path.iterdir())
 
@@ -48,7 +48,7 @@ def test_model_folder_without_tokenizer(tmp_path):
     proc = run_job(
         "jobs.infer",
         "--dataset",
-        str(require_math500()),
+        "embedded:2",
         "--model_path",
         str(folder),
         "--output_dir",

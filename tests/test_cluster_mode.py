@@ -25,7 +25,7 @@ import psutil
 import pytest
 from test_e2e import check_outputs
 
-from conftest import ROOT, require_math500
+from conftest import ROOT
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 SUBMISSION_ID = "bestofn-cluster"
@@ -196,9 +196,7 @@ def cluster_job(cluster, tmp_path_factory):
         "-m",
         "jobs.infer",
         "--dataset",
-        str(require_math500()),
-        "--limit",
-        "4",
+        "embedded:4",
         "--num_return_sequences",
         "2",
         "--max_tokens",

@@ -4,14 +4,14 @@ import json
 
 import pyarrow.parquet as pq
 
-from conftest import require_math500, run_job
+from conftest import run_job
 from ray_pipeline.report import PLOTS
 from ray_pipeline.selection import METHODS
 
 
 def test_one_run_every_method_then_reselect(tmp_path):
     out = tmp_path / "results"
-    args = ["--dataset", str(require_math500()), "--limit", "4", "--n_repetitive_sampling", "4"]
+    args = ["--dataset", "embedded:4", "--n_repetitive_sampling", "4"]
     args += ["--max_tokens", "48", "--temperature", "0.7", "--shard_size", "2", "--backend", "hf"]
     args += ["--self_eval", "--method", "all", "--output_dir", str(out), "--run_id", "run"]
     proc = run_job("jobs.main", *args)

@@ -8,21 +8,50 @@ import pytest
 
 from ray_pipeline.data import load_problems, problem_id
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.problem_set import embedded_records
 
 
-def test_math500_rows_keep_ids_and_fields(math500):
-    table = load_problems(str(math500), limit=7, shard_size=3)
+def write_math500_style(path, n: int) -> list[dict]:
+    """`n` rows in MATH-500's file format (problem, solution, answer, subject, level, unique_id), written here from
+    the embedded set; the first has a gold answer in MATH's LaTeX, kept as text."""
+    rows = []
+    for i, row in enumerate(embedded_records(f"embedded:{n}")):
+        subject = row["subject"].lower().replace(" & ", "_").replace(" ", "_")
+        rows.append(
+            row
+            | {
+                "solution": f"We compute it.\n\nSo the answer is $\\boxed{{{row['answer']}}}$.",
+                "unique_id": f"test/{subject}/{100 + i}.json",
+            }
+        )
+    rows[0] |= {
+        "answer": "\\left( 2, \\frac{\\pi}{3} \\right)",
+        "subject": "Precalculus",
+        "level": 2,
+        "unique_id": "test/precalculus/100.json",
+    }
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_math500_rows_keep_ids_and_fields(tmp_path):
+    written = write_math500_style(tmp_path / "math500.jsonl", 9)
+    table = load_problems(str(tmp_path / "math500.jsonl"), limit=7, shard_size=3)
     rows = table.to_pylist()
     assert len(rows) == 7
-    assert rows[0]["problem_id"] == "test/precalculus/807.json"
-    assert rows[0]["gold"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert rows[0]["problem_id"] == "test/precalculus/100.json"
+    assert rows[0]["gold"] == "\\left( 2, \\frac{\\pi}{3} \\right)"
     assert rows[0]["subject"] == "Precalculus" and rows[0]["level"] == 2
+    assert [(r["problem_id"], r["problem"], r["gold"]) for r in rows] == [
+        (w["unique_id"], w["problem"], w["answer"]) for w in written[:7]
+    ]
     assert [r["shard_id"] for r in rows] == [0, 0, 0, 1, 1, 1, 2]
     assert [r["problem_index"] for r in rows] == list(range(7))
 
 
-def test_full_math500_loads(math500):
-    table = load_problems(str(math500), shard_size=50)
+def test_full_math500_loads(tmp_path):
+    write_math500_style(tmp_path / "math500.jsonl", 500)
+    table = load_problems(str(tmp_path / "math500.jsonl"), shard_size=50)
     assert table.num_rows == 500
     assert len(set(table.column("problem_id").to_pylist())) == 500
     assert max(table.column("shard_id").to_pylist()) == 9

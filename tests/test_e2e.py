@@ -4,8 +4,11 @@ import json
 
 import pyarrow.parquet as pq
 
-from conftest import require_math500, run_job
+from conftest import run_job
+from ray_pipeline.problem_set import embedded_records
 from ray_pipeline.shards import SHARD_SCHEMA
+
+DATASET = "embedded:4"
 
 PROGRESS = (
     "[1/2] Generating candidates -> ",
@@ -18,9 +21,7 @@ def run_small(tmp_path, backend, *extra):
     out = tmp_path / "results"
     args = [
         "--dataset",
-        str(require_math500()),
-        "--limit",
-        "4",
+        DATASET,
         "--num_return_sequences",
         "2",
         "--max_tokens",
@@ -46,7 +47,7 @@ def check_outputs(out, proc, backend):
     positions = [next(i for i, line in enumerate(lines) if line.startswith(p)) for p in PROGRESS]
     assert positions == sorted(positions)
     best = out / lines[positions[2]].split("saved to: ")[1].rsplit("/", 1)[1]
-    assert best.name.startswith("math500_best_SmolLM2-135M-Instruct_") and best.suffix == ".jsonl"
+    assert best.name.startswith("embedded4_best_SmolLM2-135M-Instruct_") and best.suffix == ".jsonl"
 
     shards = sorted((out / "run" / "shards").glob("*.parquet"))
     assert [s.name for s in shards] == ["shard-00000.parquet", "shard-00001.parquet"]
@@ -68,7 +69,7 @@ def check_outputs(out, proc, backend):
 
     records = [json.loads(line) for line in best.read_text().splitlines()]
     assert len(records) == 4
-    gold = [json.loads(line) for line in require_math500().read_text().splitlines()[:4]]
+    gold = embedded_records(DATASET)
     for record, want in zip(records, gold):
         assert list(record)[:2] == ["question", "answer"]
         assert {"unique_id", "pred", "gold", "correct", "score"} <= set(record)

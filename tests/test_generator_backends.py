@@ -88,10 +88,9 @@ def scripted_backend(n: int, dies_on: str | None, fatal: type[BaseException]):
 
 @pytest.fixture(scope="module")
 def problems():
-    from conftest import require_math500
     from ray_pipeline.data import load_problems
 
-    return load_problems(str(require_math500()), limit=6, shard_size=3)
+    return load_problems("embedded:6", shard_size=3)
 
 
 def test_a_dead_engine_exits_the_actor_process(problems, monkeypatch):

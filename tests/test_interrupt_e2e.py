@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_math500, run_job
+from conftest import ROOT, run_job
 
 
 def args(out, *extra):
     # No --run_id: the folder name is derived, so the same command must find the same folder.
     return [
-        "--dataset", str(require_math500()), "--limit", "8", "--shard_size", "2", "--num_return_sequences", "2",
+        "--dataset", "embedded:8", "--shard_size", "2", "--num_return_sequences", "2",
         "--max_tokens", "16", "--backend", "hf", "--seed", "3", "--score_batch_size", "2", "--output_dir", str(out),
         *extra,
     ]  # fmt: skip
@@ -60,7 +60,7 @@ def interrupted(tmp_path_factory):
 def test_ctrl_c_prints_the_resume_command_and_the_same_command_resumes(interrupted, tmp_path):
     out, returncode, stdout, stderr = interrupted
     (run_dir,) = out.iterdir()
-    assert run_dir.name.startswith("math500_candidates_SmolLM2-135M-Instruct_")
+    assert run_dir.name.startswith("embedded8_candidates_SmolLM2-135M-Instruct_")
     assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     line = last_line(stderr)
@@ -82,7 +82,7 @@ def test_ctrl_c_prints_the_resume_command_and_the_same_command_resumes(interrupt
     todo = 2 * (4 - len(done))
     assert progress and progress[-1].startswith(f"  progress: {todo}/{todo} problems scored (100%)")
     assert "tokens/s" in progress[-1] and "done in" in progress[-1]
-    best = out / f"math500_best_SmolLM2-135M-Instruct_{run_dir.name.rsplit('_', 1)[1]}.jsonl"
+    best = out / f"embedded8_best_SmolLM2-135M-Instruct_{run_dir.name.rsplit('_', 1)[1]}.jsonl"
     assert f"Final results saved to: {best}" in again.stdout
     assert len(best.read_text().splitlines()) == 8
 

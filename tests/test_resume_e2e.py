@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, require_math500, run_job
+from conftest import ROOT, run_job
+from ray_pipeline.problem_set import embedded_records
 from ray_pipeline.shards import FINGERPRINT_KEY, shard_path
 
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) ")
@@ -22,7 +23,7 @@ RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) ")
 
 def job_args(out, run_id, limit=4, max_tokens=24, *extra):
     return [
-        "--dataset", str(require_math500()), "--limit", str(limit), "--num_return_sequences", "2",
+        "--dataset", "embedded:8", "--limit", str(limit), "--num_return_sequences", "2",
         "--max_tokens", str(max_tokens), "--shard_size", "2", "--backend", "hf", "--seed", "5",
         "--score_batch_size", "4", "--output_dir", str(out), "--run_id", run_id, *extra,
     ]  # fmt: skip
@@ -87,7 +88,9 @@ def test_rerun_redoes_nothing_and_a_lost_shard_only(finished, tmp_path):
     shard_path(run_dir / "shards", 1).unlink()
     data = shard_path(run_dir / "shards", 0).read_bytes()
     shard_path(run_dir / "shards", 0).write_bytes(data[: len(data) // 3])  # truncated: footer unreadable
-    redone = run_ok(*job_args(tmp_path, "run"))
+    # Without --self_eval a candidate's scores do not depend on its scorer batch: another --score_batch_size resumes,
+    # and the shards it writes carry the folder's fingerprint (the runs below trust them).
+    redone = run_ok(*job_args(tmp_path, "run", 4, 24, "--score_batch_size", "2"))
     assert "2 of 2 shards to do" in redone.stdout and "shard 0: unreadable" in redone.stdout
     assert sorted(keys(run_dir / "shards")) == sorted(set(keys(out / "run" / "shards")))
     same_answers(records(best_file(first)), records(best_file(redone)))
@@ -254,11 +257,38 @@ def test_killed_actor_is_restarted_and_the_run_completes(tmp_path):
     assert len(records(best_file(subprocess.CompletedProcess([], 0, stdout, stderr)))) == 8
 
 
+# A word problem whose prompt needs more than 100 tokens (written for this test, in MATH-500's row format).
+LONG_PROBLEM = {
+    "problem": "A farmer plants rows of trees along the four sides of a rectangular field that is $120$ meters long "
+    "and $80$ meters wide. She puts one tree at every corner and then one tree every $5$ meters along each side, "
+    "never planting two trees at the same spot. Later she removes every third tree, counting clockwise from the "
+    "north-west corner, and replaces each removed tree with two bushes. How many bushes does she plant in total?",
+    "answer": "53",
+    "unique_id": "test/word_problems/long.json",
+    "subject": "Prealgebra",
+    "level": 4,
+}
+
+
 def test_a_problem_that_cannot_be_generated_becomes_error_rows(tmp_path):
-    """Problem 1's prompt (134 tokens) does not fit --max_model_len 100: its rows say so, the run finishes."""
-    first = run_ok(*job_args(tmp_path, "run", 4, 24, "--max_model_len", "100"))
-    long_id = "test/intermediate_algebra/1994.json"
-    assert f"no candidates for {long_id}: prompt has 134 tokens" in first.stdout
+    """Problem 1's prompt does not fit --max_model_len 100: its rows say so, the run finishes."""
+    from transformers import AutoTokenizer
+
+    from ray_pipeline.model import EMBEDDED_MODEL, resolve_model
+    from ray_pipeline.prompts import build_prompt
+
+    rows = embedded_records("embedded:4")
+    rows[1] = LONG_PROBLEM
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
+    lengths = [len(tokenizer(build_prompt(r["problem"], "original"))["input_ids"]) for r in rows]
+    length = lengths[1]
+    assert length > 100 and max(lengths[0], *lengths[2:]) < 100, lengths
+    refusing = ("--max_model_len", "100", "--dataset", str(data))
+    first = run_ok(*job_args(tmp_path, "run", 4, 24, *refusing))
+    long_id = LONG_PROBLEM["unique_id"]
+    assert f"no candidates for {long_id}: prompt has {length} tokens" in first.stdout
     table = pq.read_table(shard_path(tmp_path / "run" / "shards", 0)).to_pylist()
     errors = {(r["problem_id"], r["candidate_index"]): r["error"] for r in table if r["error"]}
     assert sorted(errors) == [(long_id, 0), (long_id, 1)]
@@ -268,15 +298,15 @@ def test_a_problem_that_cannot_be_generated_becomes_error_rows(tmp_path):
     lines = {r["unique_id"]: r for r in records(best_file(first))}
     assert (
         len(lines) == 4
-        and lines[long_id]["error"].startswith("prompt has 134 tokens")
+        and lines[long_id]["error"].startswith(f"prompt has {length} tokens")
         and not lines[long_id]["correct"]
     )
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [manifest["shards"][s]["status"] for s in ("0", "1")] == ["failed", "committed"]
     report = run_job("jobs.reduce", str(tmp_path / "run"), "--method", "all")
     assert report.returncode == 0, report.stderr[-2000:]
-    assert f"- `{long_id}`: prompt has 134 tokens" in (tmp_path / "run" / "report.md").read_text()
-    again = run_ok(*job_args(tmp_path, "run", 4, 24, "--max_model_len", "100", "--reprocess_failed"))
+    assert f"- `{long_id}`: prompt has {length} tokens" in (tmp_path / "run" / "report.md").read_text()
+    again = run_ok(*job_args(tmp_path, "run", 4, 24, *refusing, "--reprocess_failed"))
     assert "1 of 2 shards to do" in again.stdout and "shard 0: redo (--reprocess_failed)" in again.stdout
 
 

@@ -2,14 +2,14 @@
 
 import json
 
-from conftest import S3, require_math500, run_job
+from conftest import S3, run_job
 from ray_pipeline.shards import shard_path
 
 
 def test_run_resume_and_reduce_on_s3(s3):
     run_uri = s3.uri("results/s3run")
     args = [
-        "--dataset", str(require_math500()), "--limit", "4", "--shard_size", "2", "--num_return_sequences", "2",
+        "--dataset", "embedded:4", "--shard_size", "2", "--num_return_sequences", "2",
         "--max_tokens", "16", "--backend", "hf", "--seed", "5", "--score_batch_size", "4",
         "--output_dir", s3.uri("results"), "--run_id", "s3run",
     ]  # fmt: skip
@@ -17,7 +17,7 @@ def test_run_resume_and_reduce_on_s3(s3):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[1/2] Generating candidates -> s3://bucket/results/s3run/ (4 problems x 2 candidates" in first.stdout
     best_uri = first.stdout.split("Final results saved to: ")[1].splitlines()[0].strip()
-    assert best_uri.startswith("s3://bucket/results/math500_best_") and "?" not in best_uri
+    assert best_uri.startswith("s3://bucket/results/embedded4_best_") and "?" not in best_uri
     best = s3.path(best_uri.removeprefix("s3://bucket/"))
     before = best.read_text()
     shards = s3.path("results/s3run/shards")

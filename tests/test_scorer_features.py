@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from actors.scorer import ScorerActor
-from conftest import require_math500
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.prompts import build_prompt, build_self_eval_prompt
@@ -35,7 +34,7 @@ def scorer():
 
 @pytest.fixture(scope="module")
 def candidates(scorer):
-    problems = load_problems(str(require_math500()), limit=len(RESPONSES)).to_pylist()
+    problems = load_problems(f"embedded:{len(RESPONSES)}").to_pylist()
     rows = []
     for k, (problem, text) in enumerate(zip(problems, RESPONSES)):
         prompt = build_prompt(problem["problem"], "original")

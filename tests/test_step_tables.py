@@ -1,6 +1,5 @@
 """Step boundaries from the vocabulary's newline table equal `step_index` over per-token decoded pieces."""
 
-import json
 import random
 
 import pytest
@@ -37,14 +36,43 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
 
 
-def test_token_steps_equal_step_index_on_real_tokenizer_output(tokenizer, math500):
-    """Many responses: MATH-500 solutions re-tokenized, with and without blank lines, and random token ids."""
+# Pieces of worked solutions as MATH writes them (prose, inline and display LaTeX, aligned equations, lists, code),
+# written for this test; `solutions` joins them with every newline pattern a step boundary can meet.
+SOLUTION_PARTS = [
+    "We start by writing the equation as $2x + 3 = 11$.",
+    "Subtracting 3 from both sides gives $2x = 8$, so $x = 4$.",
+    "$$\\frac{a}{b} + \\frac{c}{d} = \\frac{ad + bc}{bd}.$$",
+    "\\begin{align*}\n(x-3)(x+5) &= x^2 + 2x - 15 \\\\\n&= 0.\n\\end{align*}",
+    "There are $\\binom{6}{2} = 15$ ways to choose the pair.",
+    "1. Count the red marbles.\n2. Count the blue marbles.\n3. Add them.",
+    "- the first case: $n$ is even;\n- the second case: $n$ is odd.",
+    "```python\nprint(sum(range(1, 11)))\n```",
+    "The probability is $\\dfrac{5}{12}$, since 5 of the 12 outcomes work.",
+    "Therefore, the answer is $\\boxed{17}$.",
+    "[asy]\ndraw((0,0)--(4,0)--(4,3)--cycle);\nlabel(\"$A$\",(0,0),SW);\n[/asy]",
+    "By the Pythagorean theorem, $AB = \\sqrt{3^2 + 4^2} = 5$.",
+]
+SEPARATORS = ["\n\n", "\n", "\n\n\n", " \n\n", "\n \n", "\n\n ", " ", ":\n", ".\n\n\n\n"]
+
+
+def solutions(rng: random.Random, count: int) -> list[str]:
+    texts = []
+    for _ in range(count):
+        parts = rng.sample(SOLUTION_PARTS, rng.randint(2, 7))
+        text = parts[0]
+        for part in parts[1:]:
+            text += rng.choice(SEPARATORS) + part
+        texts.append(rng.choice(["", "\n", " "]) + text + rng.choice(["", "\n", "\n\n"]))
+    return texts
+
+
+def test_token_steps_equal_step_index_on_real_tokenizer_output(tokenizer):
+    """Many responses: worked solutions tokenized, with and without blank lines, and random token ids."""
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     table = newline_table(pieces)
     newline_ids = [i for i, p in enumerate(pieces) if "\n" in p]
     rng = random.Random(1)
-    rows = [json.loads(line) for line in math500.read_text().splitlines()[:200]]
-    texts = [row["solution"] for row in rows]
+    texts = solutions(rng, 200)
     texts += [t.replace("\n\n", "\n") for t in texts[:100]]
     for text in texts:
         check(tokenizer(text, add_special_tokens=False)["input_ids"], pieces, table)
