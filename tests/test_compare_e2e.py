@@ -29,7 +29,9 @@ def test_one_run_every_method_then_reselect(tmp_path):
         assert len(r["coe_magnitude"]) == len(r["coe_angle"]) == 30 and r["coe_span_magnitude"] > 0
 
     comparison = json.loads((run_dir / "summary.json").read_text())["comparison"]
-    assert set(comparison["methods"]) == set(METHODS) and comparison["unavailable"] == {}
+    # deepconf-online is the vote an online run made while generating: a full run has none.
+    full_run_methods = set(METHODS) - {"deepconf-online"}
+    assert set(comparison["methods"]) == full_run_methods and set(comparison["unavailable"]) == {"deepconf-online"}
     assert (comparison["problems"], comparison["candidates_per_problem"]) == (4, 4)
     assert comparison["params"]["answerless_last"] is True and comparison["params"]["borda_score"] == "token"
     for m in comparison["methods"].values():
@@ -38,7 +40,7 @@ def test_one_run_every_method_then_reselect(tmp_path):
         assert m["accuracy"] <= comparison["pass_at_n"]
         assert sum(v["n"] for v in m["by_level"].values()) == sum(v["n"] for v in m["by_subject"].values()) == 4
     report = (run_dir / "report.md").read_text()
-    for name in METHODS:
+    for name in full_run_methods:
         assert f"\n| {name} | " in report
     assert all((run_dir / file).stat().st_size > 1000 for file in PLOTS.values())
     assert "answerless-last changed" in report

@@ -188,7 +188,7 @@ def test_truncated_and_foreign_shards_are_named(finished, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[:100])
     truncated = run_job("jobs.reduce", str(run_dir), "--method", "baseline")
-    assert "shard-00001.parquet cannot be read" in one_line_error(truncated)
+    assert f"shard 1 in {run_dir / 'shards'} cannot be used: unreadable" in one_line_error(truncated)
     assert shard_path(run_dir / "shards", 0).is_file()
 
 
