@@ -39,12 +39,12 @@ run: setup
 run-online: setup
 	$(BIN)/python -m jobs.main --dataset $(ONLINE_DATASET) --method all $(ONLINE_ARGS) $(ARGS)
 
-# CI's command: lint and the whole suite (real Ray, real model weights; about 20 minutes on 2 cores).
+# CI's command: lint and the whole suite (real Ray, real model weights; about 43 minutes on 2 cores).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The edit loop: unit tests only (no model, no Ray cluster), under two minutes.
+# The edit loop: unit tests only (no model, no Ray cluster), about 3 minutes on 2 cores.
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m fast -q $(PYTEST_ARGS)
