@@ -42,10 +42,45 @@ class Stopped(KeyboardInterrupt):
 
 # Set while run_entry runs a job: only then are the stop handlers (re)installed.
 _job_running = False
+# Set while run_entry runs a job without --verbose: a stop signal then mutes Ray's notes (_mute_ray_notes).
+_quiet_job = False
 
 
 def _stop_job(signum: int, frame) -> None:
+    if _quiet_job:
+        _mute_ray_notes()
     raise Stopped(signum)
+
+
+def _mute_ray_notes() -> None:
+    """Print none of the notes Ray's processes push to this driver from now on.
+
+    On a stop, Ray Data kills the pools' actors, and for each batch one had in flight Ray pushes "(raylet) Task
+    ... failed. There are infinite retries remaining, so the task will be retried" to the driver, which prints
+    every pushed note on stdout whatever `log_to_driver` says. Ray has no setting to leave them out, so its
+    printer (looked up by name for each note) is replaced for the rest of the job; worker logs, which reach
+    the driver only with --verbose, go another way.
+    """
+    worker = sys.modules.get("ray._private.worker")
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "muted_ray_notes", False):
+        return
+
+    def print_all_but_ray_notes(data, *args, **kwargs):
+        if data.get("pid") != "raylet":
+            printer(data, *args, **kwargs)
+
+    print_all_but_ray_notes.muted_ray_notes = True
+    print_all_but_ray_notes.printer = printer
+    worker.print_to_stdstream = print_all_but_ray_notes
+
+
+def _unmute_ray_notes() -> None:
+    """Ray's own printer back, once the job has ended (and its Ray with it): a later job in this process is new."""
+    worker = sys.modules.get("ray._private.worker")
+    printer = getattr(worker, "print_to_stdstream", None)
+    if getattr(printer, "muted_ray_notes", False):
+        worker.print_to_stdstream = printer.printer
 
 
 def install_stop_handlers() -> None:
@@ -130,15 +165,16 @@ def _stop_ray() -> None:
 
 def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
     """Run `job`: 0 when it finishes, 2 with one `error:` line when it refuses or fails, 128 + n on stop signal n."""
-    global _job_running
+    global _job_running, _quiet_job
     main_thread = threading.current_thread() is threading.main_thread()
     saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} if main_thread else {}
-    _job_running = True
+    _job_running, _quiet_job = True, not verbose
     install_stop_handlers()
     try:
         return _run(job, verbose)
     finally:
-        _job_running = False
+        _job_running = _quiet_job = False
+        _unmute_ray_notes()
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_console import foreign_lines
 
 from conftest import ROOT, run_job
 
@@ -63,6 +64,8 @@ def test_ctrl_c_prints_the_resume_command_and_the_same_command_resumes(interrupt
     assert run_dir.name.startswith("embedded8_candidates_SmolLM2-135M-Instruct_")
     assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
+    # Nothing of Ray's on the way out either (the actors the stop kills make Ray push notes to the console).
+    assert foreign_lines(stdout) == []
     line = last_line(stderr)
     assert line.startswith("interrupted: committed shards are kept in ")
     resume = line.split("resume with: ", 1)[1]

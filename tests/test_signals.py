@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_console import foreign_lines
 
 from conftest import ROOT
 
@@ -88,6 +89,39 @@ def test_outside_a_job_the_signal_handlers_are_left_alone():
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_after_a_stop_a_quiet_job_prints_no_ray_notes(monkeypatch, capsys, signum, verbose):
+    """Ray's printer of pushed notes, called as its listener thread calls it, before and after each stop signal."""
+    import ray._private.worker as ray_worker
+
+    from ray_pipeline import cli
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    monkeypatch.setattr(ray_worker.stdout_deduplicator, "deduplicate", lambda data: [data])
+
+    def ray_prints(pid, line: str) -> None:
+        ray_worker.print_to_stdstream({"lines": [line], "pid": pid, "is_err": False}, ignore_prefix=False)
+
+    def job():
+        try:
+            ray_prints("raylet", "note before the stop")
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+        finally:
+            # As Ray Data tears the pools down while the stop unwinds the job.
+            ray_prints("raylet", "Task MapWorker(MapBatches(GeneratorActor)).submit failed ... will be retried")
+            ray_prints(4321, "a worker's own line")
+
+    original = ray_worker.print_to_stdstream
+    assert cli.run_entry(job, verbose=verbose) == 128 + signum
+    out = capsys.readouterr().out
+    assert "note before the stop" in out and "a worker's own line" in out
+    assert ("will be retried" in out) == verbose
+    assert ray_worker.print_to_stdstream is original, "a later job in this process gets Ray's printer back"
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -138,6 +172,9 @@ def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, signum):
 
     assert all(pq.read_table(p).num_rows == 2 for p in done)
     assert "SIGTERM received" not in stdout + stderr
+    # A stop is no reason for Ray's notes: the actors it kills on the way out fail their batches, and Ray
+    # pushes "the task will be retried" for each of them to the driver's console.
+    assert foreign_lines(stdout) == []
 
 
 def command_lines(pid: int) -> str:
