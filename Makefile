@@ -39,7 +39,7 @@ run: setup
 run-online: setup
 	$(BIN)/python -m jobs.main --dataset $(ONLINE_DATASET) --method all $(ONLINE_ARGS) $(ARGS)
 
-# CI's command: lint and the whole suite (real Ray, real model weights; about 43 minutes on 2 cores).
+# CI's command: lint and the whole suite (real Ray, real model weights; 43 to 50 minutes on 2 cores).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
