@@ -44,6 +44,8 @@ class Stopped(KeyboardInterrupt):
 _job_running = False
 # Set while run_entry runs a job without --verbose: a stop signal then mutes Ray's notes (_mute_ray_notes).
 _quiet_job = False
+# Ray's printer of pushed notes while a stop has muted them, else None.
+_ray_printer = None
 
 
 def _stop_job(signum: int, frame) -> None:
@@ -61,26 +63,25 @@ def _mute_ray_notes() -> None:
     printer (looked up by name for each note) is replaced for the rest of the job; worker logs, which reach
     the driver only with --verbose, go another way.
     """
+    global _ray_printer
     worker = sys.modules.get("ray._private.worker")
-    printer = getattr(worker, "print_to_stdstream", None)
-    if printer is None or getattr(printer, "muted_ray_notes", False):
+    if _ray_printer is not None or not hasattr(worker, "print_to_stdstream"):
         return
+    _ray_printer = printer = worker.print_to_stdstream
 
     def print_all_but_ray_notes(data, *args, **kwargs):
         if data.get("pid") != "raylet":
             printer(data, *args, **kwargs)
 
-    print_all_but_ray_notes.muted_ray_notes = True
-    print_all_but_ray_notes.printer = printer
     worker.print_to_stdstream = print_all_but_ray_notes
 
 
 def _unmute_ray_notes() -> None:
     """Ray's own printer back, once the job has ended (and its Ray with it): a later job in this process is new."""
-    worker = sys.modules.get("ray._private.worker")
-    printer = getattr(worker, "print_to_stdstream", None)
-    if getattr(printer, "muted_ray_notes", False):
-        worker.print_to_stdstream = printer.printer
+    global _ray_printer
+    if _ray_printer is not None:
+        sys.modules["ray._private.worker"].print_to_stdstream = _ray_printer
+        _ray_printer = None
 
 
 def install_stop_handlers() -> None:
