@@ -18,6 +18,7 @@ from ray_pipeline.config import RunConfig
 from ray_pipeline.model import ensure_pad_token, resolve_model
 from ray_pipeline.prompts import build_prompt
 from ray_pipeline.shards import GENERATED_SCHEMA
+from ray_pipeline.timeline import mark, mark_process_start
 
 
 class GenerationBackend(Protocol):
@@ -241,8 +242,12 @@ class GeneratorActor:
     """
 
     def __init__(self, config: RunConfig):
+        mark_process_start("generator process started")
+        mark("generator init")
         import torch
         from transformers import AutoConfig, AutoTokenizer
+
+        mark("generator imported torch and transformers")
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
@@ -255,6 +260,7 @@ class GeneratorActor:
         ensure_pad_token(self.tokenizer)
         self.backend_name = resolve_backend(config.backend, torch.cuda.is_available())
         self.backend = self.make_backend(path)
+        mark("generator ready")
 
     def make_backend(self, path: str) -> GenerationBackend:
         if self.backend_name == "vllm":

@@ -40,6 +40,7 @@ from ray_pipeline.scores import (
     token_steps,
 )
 from ray_pipeline.shards import SHARD_SCHEMA
+from ray_pipeline.timeline import mark, mark_process_start
 
 
 class ScorerActor:
@@ -49,8 +50,12 @@ class ScorerActor:
     """
 
     def __init__(self, config: RunConfig):
+        mark_process_start("scorer process started")
+        mark("scorer init")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        mark("scorer imported torch and transformers")
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +91,7 @@ class ScorerActor:
         size = max(self.vocab_size, len(self.tokenizer))
         pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
         self.newlines = newline_table(pieces + [""] * (size - len(pieces)))
+        mark("scorer ready")
         # Seconds per stage (jobs.bench_scorer reads it); with `synchronize`, device work is waited
         # for at each stage's end so it is attributed to that stage, at the cost of the overlap.
         self.profile: dict[str, float] = defaultdict(float)

@@ -11,6 +11,7 @@ from actors import pipeline_actors
 from ray_pipeline import run
 from ray_pipeline.cli import program, quiet_ray, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
+from ray_pipeline.timeline import mark, mark_process_start
 
 
 def infer(config: RunConfig, command: str, argv: list[str]) -> None:
@@ -20,6 +21,8 @@ def infer(config: RunConfig, command: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    mark_process_start("driver started")
+    mark("driver imported")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     quiet_ray(args.verbose)

@@ -12,6 +12,7 @@ from actors import pipeline_actors
 from ray_pipeline import run
 from ray_pipeline.cli import program, quiet_ray, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
+from ray_pipeline.timeline import mark, mark_process_start
 
 
 def main_job(config: RunConfig, command: str, argv: list[str]) -> None:
@@ -25,6 +26,8 @@ def main_job(config: RunConfig, command: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    mark_process_start("driver started")
+    mark("driver imported")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     quiet_ray(args.verbose)

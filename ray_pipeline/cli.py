@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 
 from ray_pipeline.errors import PipelineError, first_line, os_error_text
+from ray_pipeline.timeline import mark
 
 # Flags that must not be repeated when resuming: they would start over or redo finished shards.
 _NOT_REPEATED = {"--overwrite": 0, "--no-resume": 0, "--reprocess_failed": 0, "--reprocess_shards": 1}
@@ -158,10 +159,12 @@ def _stop_ray() -> None:
     """Shut a Ray this process started down first, so its exit messages come before our last line."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        mark("ray stopping")
         try:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - the job is ending with its own message either way
             pass
+        mark("ray stopped")
 
 
 def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:

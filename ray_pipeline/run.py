@@ -64,6 +64,7 @@ from ray_pipeline.shards import (
     remove_stale_temporaries,
 )
 from ray_pipeline.storage import Location, StorageError, StoragePath
+from ray_pipeline.timeline import mark
 
 
 @dataclass
@@ -197,7 +198,9 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     """
     from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
+    mark("planned")
     init_ray(plan.config)
+    mark("ray started")
     quiet_ray_warnings(plan.config.verbose)
     config = resolve_execution(plan.config, plan.problems.num_rows)
     # Only these are taken resolved: other cluster-derived defaults do not change the shards.
@@ -236,6 +239,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
     def committed(shard_id: int, path: StoragePath, error_rows: int) -> None:
         manifest.set_status(shard_id, FAILED if error_rows else COMMITTED)
         manifest.save(run_dir)
+        mark("shard committed")
         failed = f", {error_rows} error rows" if error_rows else ""
         print(f"  shard {shard_id} committed -> {path} ({time.monotonic() - started:.0f} s{failed})", flush=True)
 
@@ -258,6 +262,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
             )
         except PipelineError as exc:
             raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None
+    mark("executed")
     return RunStats(config, time.monotonic() - started)
 
 
@@ -296,6 +301,7 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     if config.generation == "deepconf-online":
         print(online_tokens_line(plan.shards_dir), flush=True)
     print(f"✅ Done! Final results saved to: {plan.best}", flush=True)
+    mark("selected")
     return summary
 
 
@@ -340,6 +346,7 @@ def compare(plan: RunPlan) -> dict:
     print_comparison(comparison)
     print(f"Plots: {', '.join(str(run_dir / name) for name in PLOTS.values())}", flush=True)
     print(f"✅ Done! Comparison saved to: {run_dir / 'report.md'}", flush=True)
+    mark("compared")
     return comparison
 
 

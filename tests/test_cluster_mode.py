@@ -9,15 +9,10 @@ test's or another checkout's local Ray.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,142 +21,36 @@ import pytest
 from test_e2e import check_outputs
 
 from conftest import ROOT
+from ray_pipeline import local_ray
 
-RAY_CLI = Path(sys.executable).with_name("ray")
 SUBMISSION_ID = "bestofn-cluster"
-NODE_STARTED = "Ray runtime started."
 # Refused submissions carry this in their entrypoint, so the job list shows whether one got through.
 REFUSED_MARKER = "refused-submission"
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports that are free now; held open together so that no two are the same."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class LocalCluster:
-    """A head and a worker node on this machine, in their own temp dir, on ports picked here."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.token_path = root / "auth_token"
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
-        self.temp_dir = root / "ray"
-        self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
-        gcs, dashboard, *self.spare_ports = free_ports(11)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        self.dashboard_port = dashboard
-        inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        self.env = inherited | {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            # The job's entrypoint `python` must be this environment's, as on a cluster node.
-            "PATH": f"{RAY_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            # A SIGTERMed node otherwise waits 30 s for a drain that only Ray Serve needs.
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        }
-
-    def _port(self) -> str:
-        return str(self.spare_ports.pop())
-
-    def start_head(self, resource: str) -> None:
-        self._start_node(
-            "head",
-            "--head",
-            f"--port={self.gcs_address.rsplit(':', 1)[1]}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={self._port()}",
-            "--disable-usage-stats",
-            resource=resource,
-        )
-
-    def add_worker(self, resource: str) -> None:
-        self._start_node("worker", f"--address={self.gcs_address}", resource=resource)
-
-    def _start_node(self, name: str, *args: str, resource: str) -> None:
-        log = self.root / f"{name}.log"
-        # Every node pins its agents' ports: the dashboard agent's default (52365) would collide
-        # between the two nodes and with any other Ray on the machine.
-        command = [
-            str(RAY_CLI),
-            "start",
-            "--block",
-            *args,
-            f"--temp-dir={self.temp_dir}",
-            "--num-cpus=2",
-            "--object-store-memory=300000000",
-            f"--resources={json.dumps({resource: 1})}",
-            f"--dashboard-agent-listen-port={self._port()}",
-            f"--dashboard-agent-grpc-port={self._port()}",
-            f"--runtime-env-agent-port={self._port()}",
-            f"--metrics-export-port={self._port()}",
-        ]
-        with log.open("w") as out:
-            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        self.nodes.append((name, process, log))
-        deadline = time.monotonic() + 300
-        while NODE_STARTED not in log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start ({name}) did not come up; its output:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+class LocalCluster(local_ray.LocalCluster):
+    """ray_pipeline.local_ray.LocalCluster, its CLI run from the project root, its state listings checked."""
 
     def ray(self, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-        """The `ray` CLI from the project root, with the cluster's token unless `env` replaces the environment."""
-        return subprocess.run(
-            [str(RAY_CLI), *args],
-            cwd=ROOT,
-            env=self.env if env is None else env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return super().ray(*args, env=env, timeout=timeout, cwd=ROOT)
+
+    def start_head(self, resource: str | None = None) -> None:
+        try:
+            super().start_head(resource)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+
+    def add_worker(self, resource: str | None = None) -> None:
+        try:
+            super().add_worker(resource)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
 
     def list_state(self, kind: str, *args: str) -> list[dict]:
         proc = self.ray("list", kind, "--address", self.dashboard_url, "--format", "json", "--limit", "10000", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # An empty listing is not JSON: Ray prints "No resource in the cluster".
         return [] if proc.stdout.strip() == "No resource in the cluster" else json.loads(proc.stdout)
-
-    def stop(self) -> list[str]:
-        """Stop the worker, then the head; returns the processes that outlived it and had to be killed."""
-        processes = []
-        for _, process, _ in self.nodes:
-            try:
-                processes += psutil.Process(process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for _, process, _ in reversed(self.nodes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        self.nodes.clear()
-        # Ray processes name their temp dir on their command line; workers were among the children.
-        for proc in psutil.process_iter(["cmdline"]):
-            if str(self.temp_dir) in " ".join(proc.info["cmdline"] or []):
-                processes.append(proc)
-        _, alive = psutil.wait_procs(processes, timeout=15)
-        leftovers = []
-        for proc in alive:
-            try:
-                leftovers.append(" ".join(proc.cmdline())[:200])
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        return leftovers
 
 
 @pytest.fixture(scope="module")
