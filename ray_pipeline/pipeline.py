@@ -13,7 +13,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,9 @@ from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
 from ray_pipeline.shards import ShardWriter, expected_rows
+from ray_pipeline.stage_monitor import StageMonitor
 from ray_pipeline.storage import StoragePath
+from ray_pipeline.timeline import mark
 
 # Ray Data packs a UDF's outputs into blocks of up to DataContext.target_max_block_size (128 MiB by
 # default) before handing them on, which would hold back a streaming generator's candidates until its
@@ -387,31 +388,6 @@ def stop_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
-class StageMonitor:
-    """One small actor per run that the pools' actors report to: how often each batch was started,
-    and when the first candidate was generated.
-
-    Ray Data restarts a dead actor and retries its batch; how often is set only through
-    map_batches' `**ray_remote_args` (max_restarts, max_task_retries), which Ray 2.60 deprecates
-    with no named replacement. Without them a batch is retried without end, so each batch's
-    attempts are counted here, where an actor's death does not reset the count.
-    """
-
-    def __init__(self):
-        self.attempts: Counter[str] = Counter()
-        self.generated_at: float | None = None
-
-    def attempt(self, key: str) -> int:
-        self.attempts[key] += 1
-        return self.attempts[key]
-
-    def generated(self, at: float) -> None:
-        self.generated_at = at if self.generated_at is None else min(self.generated_at, at)
-
-    def first_generated(self) -> float | None:
-        return self.generated_at
-
-
 def start_monitor():
     import ray
 
@@ -465,6 +441,7 @@ def monitored(cls: type, stage: str) -> type:
     def _report(self) -> None:
         if not self._reported:
             self._reported = True
+            mark("first candidate")
             self._monitor.generated.remote(time.time())
 
     namespace = {"__init__": __init__, "_refuse_if_exhausted": _refuse_if_exhausted, "_report": _report}

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where it is used: the job's driver names the scorer class (which imports this module)
+# and must not pay for torch, which only the actors need.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -43,6 +47,8 @@ DEEPCONF_TOP_K = 20
 
 def logit_statistics(logits: torch.Tensor, targets: torch.Tensor, top_k: int = DEEPCONF_TOP_K) -> TokenScores:
     """Scores from full logits `[T, V]` (the unchunked definition, used for small inputs and tests)."""
+    import torch
+
     logp = torch.log_softmax(logits, dim=-1)
     vocab = logits.shape[-1]
     entropy = -(logp.exp() * logp).sum(-1)
@@ -67,6 +73,8 @@ def token_scores(
     Logits are formed in float32 one `[token_chunk, vocab_chunk]` tile at a time; `top_k` is
     DeepConf's k (capped at V). `weight` is float32, or a bf16/fp16 CUDA head for which `half_head` holds.
     """
+    import torch
+
     parts = [
         _chunk_scores(hidden[s : s + token_chunk], weight, bias, targets[s : s + token_chunk], vocab_chunk, top_k)
         for s in range(0, hidden.shape[0], token_chunk)
@@ -81,6 +89,8 @@ def half_head(weight: torch.Tensor) -> bool:
     accumulation and float32 output (CUDA), which equals the float32 matmul of the same values (half
     values are exact in float32) at half the memory traffic. Elsewhere the head is converted to float32.
     """
+    import torch
+
     if weight.dtype not in (torch.bfloat16, torch.float16) or not weight.is_cuda:
         return False
     probe = weight[:2]
@@ -92,6 +102,8 @@ def half_head(weight: torch.Tensor) -> bool:
 
 def _chunk_scores(h, weight, bias, targets, vocab_chunk, top_k) -> TokenScores:
     # The half path only for half hidden states (exact in the head's dtype); float32 ones take the float32 head.
+    import torch
+
     half = weight.dtype in (torch.bfloat16, torch.float16) and h.is_cuda and h.dtype == weight.dtype
     h_half = h if half else None
     h = h.float()
@@ -181,6 +193,7 @@ class NewlineTable:
 
 def newline_table(pieces: list[str]) -> NewlineTable:
     """The table of the pieces `pieces[i]` (token i decoded alone)."""
+    import torch
 
     def flags(test) -> torch.Tensor:
         return torch.tensor([test(p) for p in pieces], dtype=torch.bool)
@@ -202,6 +215,8 @@ def token_steps(token_ids: torch.Tensor, table: NewlineTable) -> torch.Tensor:
     straddles two tokens). Only those straddling pairs, one per blank line, are visited in Python:
     whether a pair completes a separator depends on whether its first piece already ended a step.
     """
+    import torch
+
     if token_ids.numel() == 0:
         return torch.zeros(0, dtype=torch.long)
     ids = token_ids.long()
@@ -222,6 +237,8 @@ def token_steps(token_ids: torch.Tensor, table: NewlineTable) -> torch.Tensor:
 
 def step_spans(steps: torch.Tensor) -> list[tuple[int, int]]:
     """`(start, end)` token positions of each step, from the step number of each token."""
+    import torch
+
     if steps.numel() == 0:
         return []
     sizes = torch.bincount(steps).tolist()
@@ -231,6 +248,8 @@ def step_spans(steps: torch.Tensor) -> list[tuple[int, int]]:
 
 def step_means(values: torch.Tensor, steps) -> torch.Tensor:
     """Mean of `values [T]` within each step (`steps`: the step number 0..S-1 of each value, in order)."""
+    import torch
+
     if values.numel() == 0:
         return values.new_zeros(0)
     index = torch.as_tensor(steps, device=values.device)
@@ -264,6 +283,8 @@ class CoeTransitions:
 
 
 def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch
+
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
     return torch.arccos(cos.clamp(-1.0, 1.0))
 
@@ -294,6 +315,8 @@ def option_probability(hidden: torch.Tensor, option_weight: torch.Tensor, option
     `hidden [P, D]` is the final hidden state before the answer, `option_weight [2, D]` (and
     `option_bias [2]`) the output-head rows of the two option tokens, so only two logits are formed.
     """
+    import torch
+
     z = hidden.float() @ option_weight.float().T
     if option_bias is not None:
         z = z + option_bias.float()
