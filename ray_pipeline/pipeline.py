@@ -208,11 +208,15 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
+def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None = None) -> RunConfig:
     """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in
-    flight, and the scorer's passes and logit tiles (`DEVICE_RESOLVED_FIELDS` among them)."""
-    backend = resolve_backend(config.backend, cluster_has_gpu())
-    if config.reproducible and backend == "vllm" and not actor_gpus(config)[0]:
+    flight, and the scorer's passes and logit tiles (`DEVICE_RESOLVED_FIELDS` among them).
+
+    `has_gpu` says whether the actors get GPUs; None asks the Ray cluster.
+    """
+    gpu = cluster_has_gpu() if has_gpu is None else has_gpu
+    backend = resolve_backend(config.backend, gpu)
+    if config.reproducible and backend == "vllm" and not actor_gpus(config, gpu)[0]:
         raise PipelineError(
             "--reproducible needs vLLM with a GPU per generator (vLLM on CPUs takes no per-request seeds, so a "
             "redone shard would sample anew); use --backend hf (always reproducible) or drop --reproducible"
@@ -229,10 +233,10 @@ def resolve_execution(config: RunConfig, num_problems: int) -> RunConfig:
         share = math.ceil(num_problems / config.pool_bounds("generators")[1])
         in_flight = math.ceil(share / batch) if backend == "vllm" else 1
     config = dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
-    return resolve_scoring(config, on_gpu=actor_gpus(config)[1] > 0)
+    return resolve_scoring(config, on_gpu=actor_gpus(config, gpu)[1] > 0)
 
 
-def actor_gpus(config: RunConfig) -> tuple[float, float]:
+def actor_gpus(config: RunConfig, has_gpu: bool | None = None) -> tuple[float, float]:
     """GPUs per generator and per scorer: on a GPU cluster one generator and one scorer share each GPU.
 
     Ray packs fractional GPU requests onto as few GPUs as it can, so two 0.5-GPU generators land
@@ -240,9 +244,10 @@ def actor_gpus(config: RunConfig) -> tuple[float, float]:
     on one GPU race in memory profiling: one was left a 1 GiB KV cache. A generator takes 0.6, so
     no two share a GPU, and a scorer 0.4, the rest of one (Ray Data starts an operator's inputs
     first, so the generators are placed before the scorers fill the gaps). A tensor-parallel
-    generator holds `tensor_parallel_size` whole GPUs, one per shard of the model.
+    generator holds `tensor_parallel_size` whole GPUs, one per shard of the model. `has_gpu` as in
+    `resolve_execution`.
     """
-    gpu = cluster_has_gpu()
+    gpu = cluster_has_gpu() if has_gpu is None else has_gpu
     gen = config.gpus_per_generator if config.gpus_per_generator is not None else (GENERATOR_GPU_SHARE if gpu else 0.0)
     if config.tensor_parallel_size > 1 and gpu:
         gen = float(config.tensor_parallel_size)

@@ -191,18 +191,26 @@ def _make_folder(run_dir: StoragePath) -> None:
         raise PipelineError(f"cannot write the run folder {run_dir}: {exc.reason}; {what}") from None
 
 
-def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
+def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bool = False) -> RunStats:
     """Start Ray, resolve the cluster's settings, and generate and score the plan's shards to do, committing each.
 
     The one step that needs a cluster; the job hands in the actor classes, so the library never imports `actors/`.
+    `in_process` runs the stages in this process without Ray (`ray_pipeline.inprocess`: tests of what is not
+    Ray's or an engine's behaviour).
     """
     from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
 
     mark("planned")
-    init_ray(plan.config)
-    mark("ray started")
-    quiet_ray_warnings(plan.config.verbose)
-    config = resolve_execution(plan.config, plan.problems.num_rows)
+    if in_process:
+        from ray_pipeline.inprocess import has_gpu, run_in_process
+
+        stages, gpu = run_in_process, has_gpu()
+    else:
+        init_ray(plan.config)
+        mark("ray started")
+        quiet_ray_warnings(plan.config.verbose)
+        stages, gpu = run_stages, None
+    config = resolve_execution(plan.config, plan.problems.num_rows, has_gpu=gpu)
     # Only these are taken resolved: other cluster-derived defaults do not change the shards.
     resolved = dataclasses.replace(plan.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
     fp = fingerprint(resolved, plan.problems, plan.model)
@@ -248,7 +256,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type) -> RunStats:
         todo_problems = plan.problems.filter(wanted)
         progress = Progress(todo_problems.num_rows, n, pools=pools_text(config.num_generators, config.num_scorers))
         try:
-            run_stages(
+            stages(
                 config,
                 todo_problems,
                 shards_dir,
