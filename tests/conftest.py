@@ -1,10 +1,13 @@
-"""Shared fixtures and helpers: the fast tier, the reads guard, jobs run as a user runs them, a local S3."""
+"""Shared fixtures and helpers: the fast tier, the reads guard, jobs run as a user runs them, one Ray for the
+session's jobs, the tiny model, a local S3."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,16 +78,54 @@ def _fast_tests_start_no_ray(request, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", NO_RAY_ADDRESS)
 
 
-def run_job(module: str, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m module args` from the project root, as a user would."""
+def run_job(
+    module: str, *args: str, timeout: int = 900, env: dict | None = None, cluster=None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` from the project root, as a user would.
+
+    With `cluster` (the `ray_cluster` fixture) the job joins that running Ray, as `--ray_address` and the
+    cluster's token make a job join one; without, a job that gets past its plan starts a local Ray of its own.
+    """
+    joined = cluster.client_env() if cluster is not None else {}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **joined, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One running Ray for the session's jobs that do not test Ray's own start or stop (`run_job(..., cluster=)`).
+
+    A `ray start` head on this machine (ray_pipeline.local_ray.LocalCluster): token authentication on, its own
+    temp dir, its agents on ports picked here, so it stays clear of any other Ray on the machine. A job that
+    joins it pays neither a Ray start nor a shutdown, and later jobs find Ray Data's own actors already up.
+    Tests of a local Ray's start, stop, stop signals and leftover processes start a Ray of their own.
+    """
+    from ray_pipeline.local_ray import LocalCluster
+
+    # Unix socket paths under the temp dir must stay short (108 bytes), so not under pytest's tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="bestofn-suite-", dir="/tmp"))
+    cluster = LocalCluster(root, num_cpus=4)
+    try:
+        cluster.start_head()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The tiny random-weights model with SmolLM2's architecture and tokenizer (tests/tiny_model.py), made once a
+    session: for tests whose assertions do not depend on the model's answers."""
+    from tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-smollm2"))
 
 
 class S3:
