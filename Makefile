@@ -39,10 +39,11 @@ run: setup
 run-online: setup
 	$(BIN)/python -m jobs.main --dataset $(ONLINE_DATASET) --method all $(ONLINE_ARGS) $(ARGS)
 
-# CI's command: lint and the whole suite (real Ray, real model weights; 43 to 50 minutes on 2 cores).
+# CI's command: lint and the whole suite (real Ray, real model weights), ending with the 25 slowest tests and the
+# total; tests/README.md says what the end-to-end tests check and where.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 # The edit loop: unit tests only (no model, no Ray cluster), about 3 minutes on 2 cores.
 test-fast: setup

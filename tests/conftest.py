@@ -119,6 +119,32 @@ def ray_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def joined_ray(ray_cluster):
+    """This test process joined to the session's Ray for one module: in-process Ray Data tests start no Ray of
+    their own. The cluster's address and token are in this process's environment for the module (a job a test
+    starts meanwhile would join the cluster too)."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    joined = ray_cluster.client_env()
+    saved = {name: os.environ.get(name) for name in joined}
+    os.environ.update(joined)
+    # Ray reads its authentication mode when it is first imported: re-read it, as Ray's own tests do.
+    reset_auth_token_state()
+    try:
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_auth_token_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The tiny random-weights model with SmolLM2's architecture and tokenizer (tests/tiny_model.py), made once a

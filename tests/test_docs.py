@@ -73,3 +73,5 @@ def test_make_test_fast_selects_the_fast_marker_and_make_test_the_whole_suite():
     assert "pytest -m fast" in _make_dry_run("test-fast")
     (suite,) = [line for line in _make_dry_run("test").splitlines() if "pytest" in line]
     assert "-m fast" not in suite and "-k" not in suite
+    # CI's log ends with where the suite's time went.
+    assert "--durations=25" in suite

@@ -114,7 +114,7 @@ def test_a_dead_engine_exits_the_actor_process(problems, monkeypatch):
     assert exits == [1]
 
 
-def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(problems, tmp_path):
+def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(joined_ray, problems, tmp_path):
     """Real Ray Data: the first actor's engine dies mid-run; every problem still comes out N times, once."""
     pytest.importorskip("vllm")
     import ray
@@ -138,11 +138,7 @@ def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(proble
         backend="hf", num_return_sequences=2, generate_batch_size=1, generate_in_flight=2, cpus_per_actor=0.5
     ).validate()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        rows = generate_stage(config, problems, FlakyGenerator).take_all()
-    finally:
-        ray.shutdown()
+    rows = generate_stage(config, problems, FlakyGenerator).take_all()
     assert died.exists()
     keys = sorted((r["problem_id"], c["candidate_index"]) for r in rows for c in r["candidates"])
     assert keys == sorted((p, k) for p in problems.column("problem_id").to_pylist() for k in range(2))

@@ -1,10 +1,15 @@
 """Actor pools on real Ray Data: generators run several small batches at once and share the work, even
-one that starts late or runs slowly; autoscaling grows the scorer pool."""
+one that starts late or runs slowly; autoscaling grows the scorer pool.
+
+Every wait is on an event the test makes (a file one actor writes and another waits for), never on a duration,
+so the outcome is the same on a fast machine and on a loaded one. The pools run on the session's Ray.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 import pyarrow as pa
@@ -18,7 +23,9 @@ def run_batches(udf: type, batches: int, config: RunConfig, pool: str) -> list[d
     """One-row batches through `udf` in the pool `pool_strategy` builds: per batch the pid and its start/end."""
     import ray.data
 
-    # Defined here, not at module level: Ray's workers cannot import this test module.
+    # The session's Ray cannot import this test module: its classes and functions travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
     def stamp(batch: pa.Table, start: float) -> pa.Table:
         n = batch.num_rows
         batch = batch.append_column("pid", pa.array([os.getpid()] * n))
@@ -54,6 +61,23 @@ def most_at_once(rows: list[dict]) -> int:
     return best
 
 
+def wait_for(condition, what: str, timeout_s: float = 600) -> None:
+    """Poll `condition` (inside an actor) until it holds; past `timeout_s` give up, so the test fails, not hangs."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+async def wait_for_async(condition, what: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        await asyncio.sleep(0.05)
+
+
 def per_actor(rows: list[dict]) -> list[int]:
     counts: dict[int, int] = {}
     for r in rows:
@@ -61,30 +85,32 @@ def per_actor(rows: list[dict]) -> list[int]:
     return sorted(counts.values())
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("in_flight", [2, 3])
-def test_a_generator_that_starts_late_still_gets_its_share(local_ray, tmp_path, in_flight):
-    """Like vLLM engines, one actor comes up seconds after the other. The first takes `in_flight` small
-    batches and runs them at once; it cannot take the late one's share, which would leave it idle."""
+def test_a_generator_that_starts_late_still_gets_its_share(joined_ray, tmp_path, in_flight):
+    """Like vLLM engines, one actor comes up long after the other. The first takes `in_flight` small batches
+    and runs them at once; it cannot take the late one's share, which would leave it idle.
+
+    The late actor's start lasts until the first has started `in_flight` batches, and those last until the late
+    one has started its own: only a first actor that could take more than `in_flight` would take any more.
+    """
     first = tmp_path / "first"
 
     class StaggeredGenerator:
         def __init__(self):
             try:
                 first.open("x").close()
+                self.late = False
             except FileExistsError:
-                time.sleep(4)  # the second engine is still starting
+                self.late = True
+                wait_for(lambda: len(list(tmp_path.glob("first-*"))) >= in_flight, "the first actor's batches")
 
         async def __call__(self, batch: pa.Table) -> None:
-            await asyncio.sleep(8)  # generating the batch
+            i = batch.column("i")[0].as_py()
+            if self.late:
+                (tmp_path / f"late-{i}").touch()
+                return
+            (tmp_path / f"first-{i}").touch()
+            await wait_for_async(lambda: len(list(tmp_path.glob("late-*"))) >= in_flight, "the late actor's batches")
 
     config = RunConfig(num_generators=2, generate_in_flight=in_flight)
     rows = run_batches(StaggeredGenerator, 2 * in_flight, config, "generators")
@@ -93,20 +119,32 @@ def test_a_generator_that_starts_late_still_gets_its_share(local_ray, tmp_path, 
     assert most_at_once(rows) == in_flight, "an actor ran its batches one after the other"
 
 
-def test_a_fast_generator_takes_more_batches_than_a_slow_one(local_ray, tmp_path):
-    """Engines share the work: batches left in the queue go to whichever engine finishes one first."""
+def test_a_fast_generator_takes_more_batches_than_a_slow_one(joined_ray, tmp_path):
+    """Engines share the work: batches left in the queue go to whichever engine finishes one first.
+
+    The slow engine's first batch lasts until the fast one has finished 8 of the 12 (and the fast one starts
+    only once the slow one holds a batch): the slow one cannot end up with more than the 4 left over, so the
+    fast one runs at least twice as many.
+    """
     first = tmp_path / "first"
+    holding = tmp_path / "slow-holds-a-batch"
 
     class UnevenGenerator:
         def __init__(self):
             try:
                 first.open("x").close()
-                self.seconds = 3.0
+                self.slow = True
             except FileExistsError:
-                self.seconds = 0.3
+                self.slow = False
 
         async def __call__(self, batch: pa.Table) -> None:
-            await asyncio.sleep(self.seconds)
+            if self.slow:
+                if not holding.exists():
+                    holding.touch()
+                    await wait_for_async(lambda: len(list(tmp_path.glob("fast-*"))) >= 8, "8 fast batches")
+                return
+            await wait_for_async(holding.exists, "the slow actor's first batch")
+            (tmp_path / f"fast-{batch.column('i')[0].as_py()}").touch()
 
     rows = run_batches(UnevenGenerator, 12, RunConfig(num_generators=2, generate_in_flight=1), "generators")
     assert len(rows) == 12
@@ -114,10 +152,26 @@ def test_a_fast_generator_takes_more_batches_than_a_slow_one(local_ray, tmp_path
     assert fast >= 2 * slow, f"the fast engine ran {fast} batches, the slow one {slow}"
 
 
-def test_an_autoscaling_scorer_pool_grows_while_batches_queue(local_ray):
+def test_an_autoscaling_scorer_pool_grows_while_batches_queue(joined_ray, tmp_path):
+    """While the one starting scorer holds its batches, the queue grows and Ray Data adds a second actor. The
+    first actor's batches last until the second has run one, so a pool that never grows fails (after the wait)
+    instead of finishing alone."""
+    first = tmp_path / "first"
+    second_ran = tmp_path / "second-ran"
+
     class SlowScorer:
+        def __init__(self):
+            try:
+                first.open("x").close()
+                self.first = True
+            except FileExistsError:
+                self.first = False
+
         def __call__(self, batch: pa.Table) -> None:
-            time.sleep(2)
+            if self.first:
+                wait_for(second_ran.exists, "a batch on a second scorer actor")
+            else:
+                second_ran.touch()
 
     rows = run_batches(SlowScorer, 12, RunConfig(num_scorers=1, max_scorers=2).validate(), "scorers")
     assert len(rows) == 12

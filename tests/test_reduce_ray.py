@@ -13,7 +13,7 @@ from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def test_ray_tasks_grade_as_the_local_pool_does(tmp_path):
+def test_ray_tasks_grade_as_the_local_pool_does(joined_ray, tmp_path):
     import ray
 
     rows = [json.loads(line) for line in (DATA / "reduce_golden_rows.jsonl").read_text().splitlines()]
@@ -22,22 +22,18 @@ def test_ray_tasks_grade_as_the_local_pool_does(tmp_path):
     RunConfig(num_return_sequences=8).save(tmp_path / "config.json")
     params = SelectionParams(answer_extraction="math-verify")
     local = compare_run(tmp_path, params, workers=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    calls = []
+    original = ray.remote
+
+    def counting_remote(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    ray.remote = counting_remote
     try:
-        calls = []
-        original = ray.remote
-
-        def counting_remote(*args, **kwargs):
-            calls.append(kwargs)
-            return original(*args, **kwargs)
-
-        ray.remote = counting_remote
-        try:
-            spread = compare_run(tmp_path, params)
-        finally:
-            ray.remote = original
+        spread = compare_run(tmp_path, params)
     finally:
-        ray.shutdown()
+        ray.remote = original
     assert calls, "the grading did not go to Ray tasks"
     for comparison in (local, spread):
         comparison.pop("stage_s"), comparison.pop("reduce_s")
