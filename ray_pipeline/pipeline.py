@@ -357,7 +357,10 @@ def run_stages(
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        # No prefetching: with Ray Data's default of one batch, the driver got a scored block only once the next
+        # one existed, so a shard whose last rows were scored waited uncommitted while the generators worked on
+        # (and was lost to a stop or a kill meanwhile). The driver's own work per block is a few milliseconds.
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             if on_generating is not None:
                 on_generating(first_generated(monitor))
                 on_generating = None
