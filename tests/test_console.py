@@ -2,12 +2,19 @@
 
 "The project's lines" are exactly those PROJECT_LINES describes: each line a job prints on stdout
 matches one of them, and a job that succeeds prints nothing on stderr. The end-to-end tests run
-real jobs (real Ray, the embedded SmolLM2 weights, transformers backend) on the embedded set.
+real jobs as a user runs them (each its own local Ray, transformers backend) on the embedded set, with
+the embedded weights: the quiet run is the suite's one job that runs to its end as `make run` does. --verbose is checked on the
+quiet run's own command, rerun on a copy of its finished folder: the job starts Ray as the quiet one did
+(its start is what a quiet run hides), with no shard left to do.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -52,17 +59,29 @@ def job_args(out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class QuietRun:
+    """`jobs.main --method all` as a user runs it: its --output_dir, its flags (less --method) and what it printed."""
+
+    out: Path
+    args: list[str]
+    proc: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="module")
-def quiet_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quiet")
-    return run_job("jobs.main", *job_args(out, "--method", "all"))
+def quiet_run(tmp_path_factory) -> QuietRun:
+    # The suite's one job that runs to its end as `make run` does: its own local Ray, the real embedded weights.
+    out = tmp_path_factory.mktemp("quiet") / "out"
+    args = job_args(out)
+    return QuietRun(out, args, run_job("jobs.main", *args, "--method", "all"))
 
 
 def test_a_job_prints_only_the_project_lines(quiet_run):
-    assert quiet_run.returncode == 0, quiet_run.stderr[-3000:]
-    assert quiet_run.stderr == "", quiet_run.stderr[-3000:]
-    assert not foreign_lines(quiet_run.stdout), foreign_lines(quiet_run.stdout)
-    lines = quiet_run.stdout.splitlines()
+    proc = quiet_run.proc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr[-3000:]
+    assert not foreign_lines(proc.stdout), foreign_lines(proc.stdout)
+    lines = proc.stdout.splitlines()
     # The start is its own phase, before any shard and any progress line.
     starting = lines.index("  starting 1 generator and 1 scorer…")
     started = next(i for i, line in enumerate(lines) if line.startswith("  started 1 generator and 1 scorer in "))
@@ -71,11 +90,17 @@ def test_a_job_prints_only_the_project_lines(quiet_run):
     assert starting < started < min(first_shard, first_progress)
 
 
-def test_verbose_shows_what_a_quiet_run_hides(tmp_path):
-    proc = run_job("jobs.infer", *job_args(tmp_path, "--verbose", "--limit", "2"))
+def test_verbose_shows_what_a_quiet_run_hides(quiet_run, tmp_path):
+    # The quiet run's command with --verbose, on a copy of its folder: it finds the run done, and starts its Ray.
+    out = tmp_path / "out"
+    shutil.copytree(quiet_run.out, out)
+    args = [str(out) if arg == str(quiet_run.out) else arg for arg in quiet_run.args]
+    proc = run_job("jobs.infer", *args, "--verbose")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Ray's own lines (its start, Ray Data's plan, the actors' output) are back.
-    assert foreign_lines(proc.stdout + "\n" + proc.stderr)
+    assert "0 of 2 shards to do" in proc.stdout, proc.stdout[-3000:]
+    # Ray's own lines (its start) are back: the quiet run, which started a Ray as this one did, showed none.
+    foreign = foreign_lines(proc.stdout + "\n" + proc.stderr)
+    assert any("Started a local Ray instance" in line for line in foreign), foreign
 
 
 @pytest.mark.fast

@@ -4,14 +4,17 @@ job started goes with it, even after `kill -9`.
 SIGINT (Ctrl-C), SIGTERM (Kubernetes, Slurm, `ray job stop`) and SIGHUP (a closed terminal): committed
 shards are kept, one line says how to resume, the exit status is 128 + the signal's number, and
 there is no traceback and no native stack dump. The kind is tested twice: through run_entry with
-Ray's own handlers in the way (no Ray, every signal), and end to end with real Ray, real weights and
-a signal that lands between two committed shards (test_interrupt_e2e.py does Ctrl-C).
+Ray's own handlers in the way (no Ray, every signal), and end to end with the job's own local Ray, the
+tiny model (no assertion reads an answer) and a signal that lands between two shards: the job's
+generator holds shard 1 (tests/held_job.py), so the signal comes once shard 0 is committed, at any
+speed (test_interrupt_e2e.py does Ctrl-C, on the real weights).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,9 +24,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from held_job import HeldJob
 from test_console import foreign_lines
 
 from conftest import ROOT
+from ray_pipeline.local_ray import stop
+from ray_pipeline.shards import shard_path
 
 STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
@@ -124,20 +130,35 @@ def test_after_a_stop_a_quiet_job_prints_no_ray_notes(monkeypatch, capsys, signu
 
 # ------------------------------------------------------------------------------------------ end to end
 
+# Every generator batch of a held job in the generator at once (--generate_in_flight): Ray Data hands an actor its
+# batches in no set order, and with transformers' one batch at a time a held batch that came first would keep
+# shard 0's out for good. With all of them in, the held ones wait while shard 0's is generated.
+SHARDS = 3
 
-def job_args(out: Path) -> list[str]:
-    # One problem a shard and one a scorer batch: shards commit one by one, so a signal lands between two.
+
+def job_args(out: Path, model_path: str) -> list[str]:
+    # One problem a shard and one a scorer batch (score_batch_size = N): shard 0 reaches the scorer alone and
+    # commits while the held generator keeps the later shards' batches (tests/held_job.py).
     return [
-        "--dataset", "embedded:10", "--shard_size", "1", "--num_return_sequences", "2", "--max_tokens", "24",
-        "--score_batch_size", "2", "--prompt", "chat", "--backend", "hf", "--seed", "2", "--output_dir", str(out),
-        "--run_id", "run",
+        "--dataset", f"embedded:{SHARDS}", "--shard_size", "1", "--generate_in_flight", str(SHARDS),
+        "--num_return_sequences", "2", "--max_tokens", "8", "--score_batch_size", "2", "--prompt", "chat",
+        "--backend", "hf", "--seed", "2", "--model_path", model_path, "--output_dir", str(out), "--run_id", "run",
     ]  # fmt: skip
 
 
-def start_job(out: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.infer", *job_args(out)], cwd=ROOT, text=True, start_new_session=True, **popen
-    )
+class SignalledJob(HeldJob):
+    """A held job (tests/held_job.py) that also notes the processes below its driver once it holds, so a test can
+    check that they all end, and a failed test stops whatever it left running."""
+
+    started: set[tuple[int, float]] = set()
+
+    def wait_until_held(self, shards: set[int], timeout_s: float = 600) -> None:
+        super().wait_until_held(shards, timeout_s)
+        self.started = processes_below(self.driver.pid)
+
+    def kill(self) -> None:
+        super().kill()
+        stop(self.started, grace_s=1)
 
 
 def wait_for(predicate, what: str, timeout_s: float = 600) -> None:
@@ -149,32 +170,33 @@ def wait_for(predicate, what: str, timeout_s: float = 600) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
-def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, signum):
-    shards = tmp_path / "run" / "shards"
-    driver = start_job(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: any(shards.glob("shard-*.parquet")) or driver.poll() is not None, "a first shard")
-        driver.send_signal(signum)
-        stdout, stderr = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    done = sorted(shards.glob("shard-*.parquet"))
-    assert 1 <= len(done) < 10, "the signal must land between the first and the last shard"
-    assert driver.returncode == 128 + signum, stderr[-3000:]
-    # One line on stderr, and it is the resume line: no traceback, no native stack dump.
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    resume = "python -m jobs.infer " + " ".join(job_args(tmp_path))
-    assert lines == [expected_line(signum, f"committed shards are kept in {tmp_path / 'run'}; resume with: {resume}")]
-    # What was committed is intact and stays committed.
-    import pyarrow.parquet as pq
+def processes_below(pid: int) -> set[tuple[int, float]]:
+    """Every process below `pid`, as (pid, start time): a pid reused later is not the same process."""
+    found = set()
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            found.add((p.pid, p.create_time()))
+    return found
 
-    assert all(pq.read_table(p).num_rows == 2 for p in done)
-    assert "SIGTERM received" not in stdout + stderr
-    # A stop is no reason for Ray's notes: the actors it kills on the way out fail their batches, and Ray
-    # pushes "the task will be retried" for each of them to the driver's console.
-    assert foreign_lines(stdout) == []
+
+def still_running(processes: set[tuple[int, float]]) -> list[str]:
+    left = []
+    for pid, created in processes:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            continue
+    return left
+
+
+def assert_all_end(processes: set[tuple[int, float]], timeout_s: float = 300) -> None:
+    """Every one of `processes` ends. It tests that they go, not how fast: the deadline only ends the wait."""
+    deadline = time.monotonic() + timeout_s
+    while still_running(processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not still_running(processes), still_running(processes)
 
 
 def command_lines(pid: int) -> str:
@@ -186,40 +208,52 @@ def command_lines(pid: int) -> str:
     return "\n".join(lines)
 
 
-def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path):
-    """kill -9 of the driver alone: every process it started (GCS, raylet, Ray's agents, the actors) ends too."""
-    driver = start_job(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
+def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, tiny_model, signum):
+    args = job_args(tmp_path, tiny_model)
+    job = SignalledJob(tmp_path, args)
     try:
-        # Once the generator actor runs, every kind of process the local Ray has is up.
-        wait_for(
-            lambda: driver.poll() is not None or "GeneratorActor" in command_lines(driver.pid), "the generator actor"
-        )
-        assert driver.poll() is None, "the job ended before it could be killed"
-        started = set()
-        for p in psutil.Process(driver.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                started.add((p.pid, p.create_time()))
-        names = command_lines(driver.pid)
-        assert all(name in names for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-
-        def alive() -> list[str]:
-            left = []
-            for pid, created in started:
-                try:
-                    p = psutil.Process(pid)
-                    if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                        left.append(f"{pid} {p.name()}")
-                except psutil.Error:
-                    continue
-            return left
-
-        # Ray's agents outlived a killed driver by one to two minutes before the job had a watcher.
-        deadline = time.monotonic() + 20
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(), alive()
+        # Shard 0 committed, shard 1's batch held in the generator: the signal lands between two shards.
+        job.wait_until_held({0})
+        job.driver.send_signal(signum)
+        job.driver.wait(timeout=300)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        job.kill()
+    stdout, stderr = job.output()
+    shards = tmp_path / "run" / "shards"
+    done = sorted(shards.glob("shard-*.parquet"))
+    assert [p.name for p in done] == [shard_path(shards, 0).name], "exactly the shards before the hold are kept"
+    assert job.driver.returncode == 128 + signum, stderr[-3000:]
+    # One line on stderr, and it is the resume line: no traceback, no native stack dump.
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    resume = "python -m jobs.infer " + shlex.join(args)
+    assert lines == [expected_line(signum, f"committed shards are kept in {tmp_path / 'run'}; resume with: {resume}")]
+    # What was committed is intact and stays committed.
+    import pyarrow.parquet as pq
+
+    assert all(pq.read_table(p).num_rows == 2 for p in done)
+    assert "SIGTERM received" not in stdout + stderr
+    # A stop is no reason for Ray's notes: the actors it kills on the way out fail their batches, and Ray
+    # pushes "the task will be retried" for each of them to the driver's console.
+    assert foreign_lines(stdout) == []
+    # The job's own Ray (GCS, raylet, agents, actors) goes with it.
+    assert_all_end(job.started)
+
+
+def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path, tiny_model):
+    """kill -9 of the driver alone: every process it started (GCS, raylet, Ray's agents, the actors) ends too."""
+    job = SignalledJob(tmp_path, job_args(tmp_path, tiny_model))
+    try:
+        # With shard 0 committed and shard 1's batch held, every kind of process the local Ray has is up and stays.
+        job.wait_until_held({0})
+        names = command_lines(job.driver.pid)
+        assert all(name in names for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
+        assert "GeneratorActor" in names, names
+        # The watcher that stops them once the driver is gone (ray_pipeline.local_ray) is one of them.
+        assert f"ray_pipeline.local_ray {job.driver.pid}" in names, names
+        os.kill(job.driver.pid, signal.SIGKILL)
+        job.driver.wait()
+        # Ray's agents outlived a killed driver by one to two minutes before the job had a watcher.
+        assert_all_end(job.started)
+    finally:
+        job.kill()
