@@ -97,6 +97,29 @@ def run_job(
     )
 
 
+def run_in_process(module: str, *argv: str) -> str:
+    """What `python -m module ARGV` (jobs.infer, or jobs.main with --method all) does to its run folder, in this
+    process without Ray: the in-process seam (`run.execute(..., in_process=True)`). Returns what it printed."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from actors import pipeline_actors
+    from ray_pipeline import run
+    from ray_pipeline.config import RunConfig, build_parser, config_from_args
+
+    config = config_from_args(build_parser(module).parse_args(list(argv)))
+    compare_all = module == "jobs.main" and config.method == "all"
+    if compare_all:
+        config = dataclasses.replace(config, method=RunConfig().method)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        with run.plan(config, f"python -m {module}", list(argv)) as plan:
+            run.select(plan, run.execute(plan, *pipeline_actors(), in_process=True))
+            if compare_all:
+                run.compare(plan)
+    return stdout.getvalue()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One running Ray for the session's jobs that do not test Ray's own start or stop (`run_job(..., cluster=)`).

@@ -1,4 +1,5 @@
-"""End to end: jobs.main --method all through local Ray with the real SmolLM2 weights, then jobs.reduce."""
+"""End to end: jobs.main --method all --self_eval through real Ray with the real SmolLM2 weights (the session's
+shared `main_run`, tests/shared_runs.py), then jobs.reduce on a copy of its run folder."""
 
 import json
 
@@ -8,19 +9,17 @@ from conftest import run_job
 from ray_pipeline.report import PLOTS
 from ray_pipeline.selection import METHODS
 
+pytest_plugins = ["shared_runs"]
 
-def test_one_run_every_method_then_reselect(tmp_path):
-    out = tmp_path / "results"
-    args = ["--dataset", "embedded:4", "--n_repetitive_sampling", "4"]
-    args += ["--max_tokens", "48", "--temperature", "0.7", "--shard_size", "2", "--backend", "hf"]
-    args += ["--self_eval", "--method", "all", "--output_dir", str(out), "--run_id", "run"]
-    proc = run_job("jobs.main", *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "✅ Done! Final results saved to: " in proc.stdout and "Comparison saved to" in proc.stdout
-    run_dir = out / "run"
+
+def test_one_run_every_method_then_reselect(main_run, tmp_path):
+    problems, candidates = main_run.problems, main_run.n
+    assert candidates == 4, "DeepConf's top 10 % below is one candidate only at N 4"
+    assert "✅ Done! Final results saved to: " in main_run.stdout and "Comparison saved to" in main_run.stdout
+    run_dir = main_run.run_dir
 
     rows = [r for shard in sorted((run_dir / "shards").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
-    assert len(rows) == 16
+    assert len(rows) == problems * candidates
     for r in rows:
         n, steps = r["token_count"], len(r["step_texts"])
         assert n == len(r["token_confidence"]) > 0 and min(r["token_confidence"]) > 0
@@ -32,20 +31,20 @@ def test_one_run_every_method_then_reselect(tmp_path):
     # deepconf-online is the vote an online run made while generating: a full run has none.
     full_run_methods = set(METHODS) - {"deepconf-online"}
     assert set(comparison["methods"]) == full_run_methods and set(comparison["unavailable"]) == {"deepconf-online"}
-    assert (comparison["problems"], comparison["candidates_per_problem"]) == (4, 4)
+    assert (comparison["problems"], comparison["candidates_per_problem"]) == (problems, candidates)
     assert comparison["params"]["answerless_last"] is True and comparison["params"]["borda_score"] == "token"
     for m in comparison["methods"].values():
-        assert 0 <= m["answerless_last_changed"] <= 4
+        assert 0 <= m["answerless_last_changed"] <= problems
         assert 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1] <= 1
         assert m["accuracy"] <= comparison["pass_at_n"]
-        assert sum(v["n"] for v in m["by_level"].values()) == sum(v["n"] for v in m["by_subject"].values()) == 4
+        assert sum(v["n"] for v in m["by_level"].values()) == sum(v["n"] for v in m["by_subject"].values()) == problems
     report = (run_dir / "report.md").read_text()
     for name in full_run_methods:
         assert f"\n| {name} | " in report
     assert all((run_dir / file).stat().st_size > 1000 for file in PLOTS.values())
     assert "answerless-last changed" in report
     debug = [json.loads(line) for line in (run_dir / "debug.jsonl").read_text().splitlines()]
-    assert len(debug) == 4
+    assert len(debug) == problems
     for record in debug:
         for choice in record["methods"].values():
             assert choice["key_step"]["text"] and choice["key_step"]["index"] >= 0
@@ -56,6 +55,8 @@ def test_one_run_every_method_then_reselect(tmp_path):
                 assert methods[f"deepconf-{kind}-10"]["candidate_index"] == methods[kind]["candidate_index"]
             assert methods[kind]["pred"] is not None or not answered
 
+    # jobs.reduce rewrites summary.json, report.md and the best files: the shared run stays as the job left it.
+    run_dir = main_run.copy(tmp_path)
     reselect = run_job("jobs.reduce", str(run_dir), "--method", "all", "--num_return_sequences", "2")
     assert reselect.returncode == 0, reselect.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["comparison"]["candidates_per_problem"] == 2
@@ -67,4 +68,4 @@ def test_one_run_every_method_then_reselect(tmp_path):
     single = run_job("jobs.reduce", str(run_dir), "--method", "self-eval", "--num_return_sequences", "1")
     assert single.returncode == 0, single.stderr[-3000:]
     best = [json.loads(line) for line in (run_dir / "best_self-eval.jsonl").read_text().splitlines()]
-    assert [b["candidate_index"] for b in best] == [0, 0, 0, 0]
+    assert [b["candidate_index"] for b in best] == [0] * problems
