@@ -1,7 +1,8 @@
 """Bad input against a finished run, through `python -m jobs.infer` / `jobs.reduce`, and a local run beside
 a `ray start` cluster: one `error:` line last on stderr, exit 2, the run's shards byte for byte as they were.
 
-Real Ray and the embedded SmolLM2 (transformers backend); run under the heavy-test lock.
+The finished run is made on the in-process seam with the tiny model (the refusals stop before Ray and read only
+the run folder); the refused jobs are processes, as a user runs them. The local run beside a cluster uses real Ray.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import ROOT, run_job
+from conftest import ROOT, run_in_process, run_job
 from ray_pipeline.problem_set import embedded_records
 
 
-def job_args(out: Path, *extra: str) -> list[str]:
+def job_args(out: Path, model: str, *extra: str) -> list[str]:
     return [
-        "--dataset", "embedded:2", "--num_return_sequences", "2", "--max_tokens", "8",
+        "--dataset", "embedded:2", "--num_return_sequences", "2", "--max_tokens", "8", "--model_path", model,
         "--backend", "hf", "--output_dir", str(out), "--run_id", "run", *extra,
     ]  # fmt: skip
 
@@ -32,10 +34,10 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, tiny_model):
+    """A finished run folder (manifest, shard, config, summary, best answers), made in this process."""
     out = tmp_path_factory.mktemp("finished")
-    proc = run_job("jobs.infer", *job_args(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "✅ Done!" in run_in_process("jobs.infer", *job_args(out, tiny_model))
     assert list((out / "run" / "shards").glob("*.parquet"))
     return out
 
@@ -83,11 +85,11 @@ CASES = ["nan level", "list problem", "bool id", "huge level", "truncated", "dir
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_against_a_finished_run(finished, tmp_path, case):
+def test_bad_input_against_a_finished_run(finished, tiny_model, tmp_path, case):
     (tmp_path / "x.gguf").write_bytes(b"<html>404 not found</html>\n")
     args, message = bad_inputs(tmp_path)[case]
     before = digests(finished / "run")
-    line = refused(run_job("jobs.infer", *job_args(finished), *args))
+    line = refused(run_job("jobs.infer", *job_args(finished, tiny_model), *args))
     assert message in line
     assert digests(finished / "run") == before
 
@@ -103,21 +105,23 @@ def test_reduce_on_a_damaged_config(finished, tmp_path):
     assert digests(run_dir / "shards") == before
 
 
-def test_local_run_beside_a_ray_start_cluster():
+def test_local_run_beside_a_ray_start_cluster(ray_cluster):
     """A cluster started with `ray start` on this machine is found by a bare ray.init(), which then refuses
-    num_cpus; init_ray starts a Ray of its own. The cluster is stopped by its own processes (never `ray stop`).
-    """
-    from test_cluster_mode import LocalCluster
+    num_cpus; init_ray starts a Ray of its own, which goes when its job ends.
 
-    # Unix socket paths under the temp dir must stay short, so not under pytest's tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="bestofn-h4-"))
-    cluster = LocalCluster(root)
+    The cluster is the session's. Ray finds the last `ray start` address in $RAY_TMPDIR/ray/ray_current_cluster:
+    the probes get a temp dir of their own holding the cluster's file, so the local Ray's session is made there,
+    not in the running cluster's.
+    """
+    # Ray's Unix socket paths under the temp dir must stay short, so not under pytest's tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="bestofn-probe-"))
     try:
-        cluster.start_head("head_node")
-        # Ray looks for the last `ray start` address in $RAY_TMPDIR/ray/ray_current_cluster.
-        env = cluster.env | {"RAY_TMPDIR": str(root)}
-        port = cluster.gcs_address.rsplit(":", 1)[1]
-        assert (root / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")
+        port = ray_cluster.gcs_address.rsplit(":", 1)[1]
+        written = ray_cluster.temp_dir / "ray_current_cluster"
+        assert written.read_text().strip().endswith(f":{port}")
+        (root / "ray").mkdir()
+        shutil.copyfile(written, root / "ray" / "ray_current_cluster")
+        env = ray_cluster.env | {"RAY_TMPDIR": str(root)}
         probe = (
             "import sys, ray\n"
             "from ray_pipeline.config import RunConfig\n"
@@ -127,7 +131,7 @@ def test_local_run_beside_a_ray_start_cluster():
             "else:\n"
             "    init_ray(RunConfig())\n"
             "print('GCS', ray.get_runtime_context().gcs_address)\n"
-            "print('HEAD', ray.cluster_resources().get('head_node', 0))\n"
+            "print('SESSION', ray._private.worker.global_worker.node.get_session_dir_path())\n"
             "ray.shutdown()\n"
         )
         bare = subprocess.run(
@@ -140,28 +144,37 @@ def test_local_run_beside_a_ray_start_cluster():
         )
         assert ours.returncode == 0, ours.stderr[-3000:]
         gcs = [line for line in ours.stdout.splitlines() if line.startswith("GCS ")]
-        assert gcs and not gcs[0].endswith(f":{port}") and "HEAD 0" in ours.stdout, ours.stdout
+        assert gcs and not gcs[0].endswith(f":{port}"), ours.stdout
+        # A session of its own, under the probes' temp dir: a joined cluster's would be under the cluster's.
+        sessions = [line.split(" ", 1)[1] for line in ours.stdout.splitlines() if line.startswith("SESSION ")]
+        assert sessions and Path(sessions[0]).is_relative_to(root / "ray"), ours.stdout
+        # Ray's processes name their session dir on their command line: none of the local Ray's outlives its job.
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if sessions[0] in " ".join(p.info["cmdline"] or [])]
+        _, alive = psutil.wait_procs(leftovers, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:200] for p in alive if p.is_running()]
     finally:
-        leftovers = cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-    assert not leftovers
 
 
-def gguf_without(source: Path, target: Path, dropped: str) -> None:
-    """A copy of a GGUF file with every metadata field and every tensor but `dropped`."""
+def gguf_without(source: Path, target: Path, dropped: str, blocks: int) -> None:
+    """A copy of a GGUF file cut to its first `blocks` transformer blocks (its block count says so), every other
+    metadata field and tensor kept, less the tensor `dropped`."""
     import gguf
 
     reader = gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    block_count = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
     writer = gguf.GGUFWriter(target, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    kept = [t for t in reader.tensors if t.name != dropped]
-    assert len(kept) == len(reader.tensors) - 1
+        value = blocks if field.name == block_count else field.contents()
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    cut = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < blocks]
+    kept = [t for t in cut if t.name != dropped]
+    assert len(kept) == len(cut) - 1 and len(cut) < len(reader.tensors)
     for t in kept:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -173,13 +186,17 @@ def gguf_without(source: Path, target: Path, dropped: str) -> None:
 
 
 def test_gguf_missing_a_weight_is_refused(tmp_path, monkeypatch):
-    """A GGUF that lacks one tensor would leave that weight random: materializing it fails, naming it."""
+    """A GGUF that lacks one tensor would leave that weight random: materializing it fails, naming it.
+
+    The file is the embedded GGUF cut to its first two blocks: dequantizing all thirty is most of the test's time,
+    and a missing tensor is found the same way in any number of them.
+    """
     from ray_pipeline.errors import PipelineError
     from ray_pipeline.model import embedded_gguf, resolve_model
 
     monkeypatch.setenv("RAY_PIPELINE_CACHE", str(tmp_path / "cache"))
     partial = tmp_path / "SmolLM2-partial.gguf"
-    gguf_without(embedded_gguf(), partial, "blk.0.attn_q.weight")
+    gguf_without(embedded_gguf(), partial, "blk.0.attn_q.weight", blocks=2)
     with pytest.raises(PipelineError) as err:
         resolve_model(str(partial))
     text = str(err.value)

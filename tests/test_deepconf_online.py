@@ -1,12 +1,14 @@
-"""DeepConf online end to end on CPU: real Ray, the embedded SmolLM2's real weights, real Parquet shards.
+"""DeepConf online end to end on CPU: the embedded SmolLM2's real weights, real Parquet shards.
 
 transformers (float32: its CPU arithmetic does not depend on the batch): a full run that stores engine
 confidences, then an online run of the same traces. With per-trace seeds every online trace is a prefix of
 the full run's, and the replay of the full run (ray_pipeline.deepconf) decides what the online run decided:
-the thresholds, which traces stop and where, the tokens, the vote.
+the thresholds, which traces stop and where, the tokens, the vote. What is checked is DeepConf's logic, not
+Ray's: both runs go through the in-process seam (`run.execute(..., in_process=True)`, whose shards equal a Ray
+job's, tests/test_e2e.py), the generator's trace generation and the online stop included.
 
-vllm-cpu (no per-request seeds: traces follow the engine seed) with a consensus stop: the online run's own
-traces replayed give back its thresholds, its stops and which waves it skipped.
+vllm-cpu (no per-request seeds: traces follow the engine seed) with a consensus stop, a job on real Ray (the
+session's): the online run's own traces replayed give back its thresholds, its stops and which waves it skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_job
+from conftest import run_in_process, run_job
 from ray_pipeline.answers import answers_equivalent, extract_answer
 from ray_pipeline.deepconf import (
     FINAL,
@@ -39,17 +41,29 @@ COMMON = [
 ]
 ONLINE = ["--generation", "deepconf-online", "--warmup_traces", "2", "--deepconf_window", "6"]
 SETTINGS = OnlineSettings(window=6, warmup=2, percentile=90.0)
+# The vLLM test checks DeepConf online on vllm-cpu, not vLLM's compilation (test_vllm_e2e runs that): eager, its
+# engine starts in seconds where compiling the model took about 35 s with a warm compile cache and 150 s cold.
+VLLM_ENGINE = ["--enforce_eager"]
 
 
-def run(tmp_path, run_id: str, *args: str) -> tuple[dict[str, list[dict]], str]:
-    proc = run_job("jobs.infer", *COMMON, *args, "--output_dir", str(tmp_path), "--run_id", run_id, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pq.read_table(tmp_path / run_id / "shards").to_pylist()
+def job_argv(out, run_id: str, *args: str) -> list[str]:
+    return [*COMMON, *args, "--output_dir", str(out), "--run_id", run_id]
+
+
+def read_run(run_dir) -> dict[str, list[dict]]:
+    """The run's candidates by problem, in candidate order."""
+    rows = pq.read_table(run_dir / "shards").to_pylist()
     problems: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: (r["problem_index"], r["candidate_index"])):
         problems.setdefault(row["problem_id"], []).append(row)
     assert len(problems) == PROBLEMS and all(len(c) == N for c in problems.values())
-    return problems, proc.stdout
+    return problems
+
+
+def run_here(out, run_id: str, *args: str) -> tuple[dict[str, list[dict]], str]:
+    """jobs.infer on the in-process seam (no Ray): the candidates and what the job printed."""
+    printed = run_in_process("jobs.infer", *job_argv(out, run_id, *args))
+    return read_run(out / run_id), printed
 
 
 def answer_classes(candidates: list[dict]) -> np.ndarray:
@@ -60,8 +74,8 @@ def answer_classes(candidates: list[dict]) -> np.ndarray:
 def hf_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     hf = ("--backend", "hf", "--dtype", "float32")
-    full, _ = run(out, "full", *hf, "--engine_confidence")
-    online, stdout = run(out, "online", *hf, *ONLINE)
+    full, _ = run_here(out, "full", *hf, "--engine_confidence")
+    online, stdout = run_here(out, "online", *hf, *ONLINE)
     return full, online, stdout
 
 
@@ -113,9 +127,13 @@ def test_stopped_traces_are_kept_and_scored_and_the_job_says_what_it_saved(hf_ru
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None and not os.environ.get("CI"), reason="vLLM is not installed"
 )
-def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(tmp_path):
-    args = ["--backend", "vllm", *ONLINE, "--consensus", "0.6", "--consensus_wave", "2"]
-    online, stdout = run(tmp_path, "online", *args)
+def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(ray_cluster, tmp_path):
+    """A job on the session's Ray, vllm-cpu with --enforce_eager (VLLM_ENGINE): what is checked is the online rule's
+    streamed stops and consensus skips, not the engine's compilation."""
+    args = ["--backend", "vllm", *VLLM_ENGINE, *ONLINE, "--consensus", "0.6", "--consensus_wave", "2"]
+    proc = run_job("jobs.infer", *job_argv(tmp_path, "online", *args), timeout=1500, cluster=ray_cluster)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    online, stdout = read_run(tmp_path / "online"), proc.stdout
     settings = OnlineSettings(window=6, warmup=2, percentile=90.0, consensus=0.6, wave=2)
     skipped = 0
     for traces in online.values():

