@@ -3,9 +3,9 @@
 "The project's lines" are exactly those PROJECT_LINES describes: each line a job prints on stdout
 matches one of them, and a job that succeeds prints nothing on stderr. The end-to-end tests run
 real jobs as a user runs them (each its own local Ray, transformers backend) on the embedded set, with
-the embedded weights: the quiet run is the suite's one job that runs to its end as `make run` does. --verbose is checked on the
-quiet run's own command, rerun on a copy of its finished folder: the job starts Ray as the quiet one did
-(its start is what a quiet run hides), with no shard left to do.
+the embedded weights: the quiet run is the suite's one job that runs to its end as `make run` does.
+--verbose is checked on the quiet run's own command, rerun on a copy of its finished folder: the job
+starts Ray as the quiet one did (its start is what a quiet run hides), with no shard left to do.
 """
 
 from __future__ import annotations
