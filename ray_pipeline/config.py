@@ -341,8 +341,8 @@ class RunConfig:
     )
     generate_batch_size: int | None = _opt(
         None,
-        "problems per generator batch (default: the largest divisor of shard_size up to 8, so a batch never "
-        "mixes shards and a retry redoes a few problems)",
+        "problems per generator batch, cut within each shard (default: the largest divisor of shard_size up "
+        "to 8, so every batch is full and a retry redoes a few problems)",
         low=1,
         role="samples",
         matters=Matters(

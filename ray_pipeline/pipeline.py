@@ -222,7 +222,7 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
             "redone shard would sample anew); use --backend hf (always reproducible) or drop --reproducible"
         )
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
-    # problems. A size dividing shard_size cuts every shard into whole batches (problem_blocks), so
+    # problems. Every shard is cut into batches from its own first problem (problem_blocks), so
     # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.
     batch = config.generate_batch_size or default_generate_batch_size(config.shard_size)
     in_flight = config.generate_in_flight
@@ -293,9 +293,9 @@ def actor_resources(cpus: float, gpus: float, resource: str | None) -> dict:
 def problem_blocks(problems: pa.Table, batch_size: int) -> list[pa.Table]:
     """Input blocks of `batch_size` problems cut within each shard: a generator batch is one block.
 
-    Ray Data bundles blocks up to batch_size rows before a task, so only a shard's short last block
-    can share a batch with the next shard's first; with a batch size dividing shard_size (the
-    default) only the last, short shard has one, and batches never mix shards.
+    A batch is seeded from its problems (transformers), so a shard redone alone must be cut into the
+    batches it had in the full run: every shard is cut from its own first problem, and no batch holds
+    problems of two shards whatever the batch and shard sizes.
     """
     ids = problems.column("shard_id")
     blocks = []
@@ -319,7 +319,10 @@ def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type, m
     return ds.map_batches(
         monitored(generator_cls, "generator"),
         fn_constructor_kwargs={"config": config, "monitor": monitor},
-        batch_size=config.generate_batch_size,
+        # One block, one batch: with a batch size Ray Data bundles blocks up to that many rows and cuts the
+        # bundle into batches again, so a shard's short last block shared a batch with the next shard's first
+        # (seeded from both: that shard, redone alone, sampled other candidates).
+        batch_size=None,
         batch_format="pyarrow",
         compute=pool_strategy(config, "generators"),
         **actor_resources(config.cpus_per_actor, actor_gpus(config)[0], config.generator_resource),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import time
 
@@ -176,3 +177,36 @@ def test_an_autoscaling_scorer_pool_grows_while_batches_queue(joined_ray, tmp_pa
     rows = run_batches(SlowScorer, 12, RunConfig(num_scorers=1, max_scorers=2).validate(), "scorers")
     assert len(rows) == 12
     assert len(per_actor(rows)) == 2, "the pool never grew past its one starting actor"
+
+
+class BatchRecorder:
+    """A generator stand-in: one output row per call, naming the problems of the batch it was handed."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    async def __call__(self, batch: pa.Table):
+        yield pa.table({"batch": [",".join(batch.column("problem_id").to_pylist())]})
+
+
+def batch_cases(count: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """(problems, shard_size, generate_batch_size, generate_in_flight), sizes that do and do not divide each other."""
+    rng = random.Random(seed)
+    return [(rng.randint(3, 13), rng.randint(1, 5), rng.randint(1, 6), rng.randint(1, 3)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("problems,shard_size,batch_size,in_flight", batch_cases(6, seed=1))
+def test_each_generator_batch_is_one_block_of_one_shard(joined_ray, problems, shard_size, batch_size, in_flight):
+    """What Ray Data hands the generators is exactly `problem_blocks`: each shard cut from its own first problem, no
+    batch across two shards (a batch is seeded from its problems, so a shard redone alone must get the same ones)."""
+    import ray
+
+    from ray_pipeline.pipeline import generate_stage, problem_blocks
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ids = [f"p{i}" for i in range(problems)]
+    table = pa.table({"problem_id": ids, "shard_id": [i // shard_size for i in range(problems)]})
+    config = RunConfig(shard_size=shard_size, generate_batch_size=batch_size, generate_in_flight=in_flight)
+    handed = sorted(row["batch"] for row in generate_stage(config, table, BatchRecorder).take_all())
+    blocks = problem_blocks(table, batch_size)
+    assert handed == sorted(",".join(block.column("problem_id").to_pylist()) for block in blocks)
