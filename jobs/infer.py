@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":
+    # First, before the imports: a stop signal from the process's start on ends it with its own line.
+    from ray_pipeline.cli import stop_before_the_job
+
+    stop_before_the_job()
+
 from actors import pipeline_actors
 from ray_pipeline import run
 from ray_pipeline.cli import program, quiet_ray, run_entry

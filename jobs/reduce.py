@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":
+    # First, before the imports: a stop signal from the process's start on ends it with its own line.
+    from ray_pipeline.cli import stop_before_the_job
+
+    stop_before_the_job()
+
 from ray_pipeline import run
 from ray_pipeline.cli import run_entry
 from ray_pipeline.config import build_parser, config_fields

@@ -43,6 +43,10 @@ class Stopped(KeyboardInterrupt):
 
 # Set while run_entry runs a job: only then are the stop handlers (re)installed.
 _job_running = False
+# The stop signal that stopped the job (the first one), whatever exceptions it went through on its way up.
+_stop_signum: int | None = None
+# Set once run_entry has printed the job's last line: a signal then changes nothing.
+_job_ended = False
 # Set while run_entry runs a job without --verbose: a stop signal then mutes Ray's notes (_mute_ray_notes).
 _quiet_job = False
 # Ray's printer of pushed notes while a stop has muted them, else None.
@@ -50,9 +54,45 @@ _ray_printer = None
 
 
 def _stop_job(signum: int, frame) -> None:
+    global _stop_signum
     if _quiet_job:
         _mute_ray_notes()
+    if _stop_signum is None:
+        _stop_signum = signum
     raise Stopped(signum)
+
+
+def stop_before_the_job() -> None:
+    """From the process's first line until run_entry takes over: a stop signal ends it at once with its line.
+
+    Nothing has started then (no Ray, no file written), so there is nothing to unwind; without this a SIGTERM
+    during the imports killed the job without a word (Python's default), and a SIGINT printed a traceback.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stopped_before_the_job)
+
+
+def _stopped_before_the_job(signum: int, frame) -> None:
+    if _job_ended:
+        return
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    sys.stderr.write(f"interrupted{by}: stopped before any work was committed\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def keep_stop_signals_from_ray() -> None:
+    """Before ray.init in a job: the driver's Ray core installs no crash handler of its own.
+
+    That handler (abseil's) also takes SIGTERM, printing a native stack dump and aborting (exit 134) when the
+    signal lands while ray.init connects, before the job's handler is back. Ray reads the setting when it
+    creates the driver's core worker; Ray's own processes keep theirs.
+    """
+    if _job_running:
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 def _mute_ray_notes() -> None:
@@ -169,19 +209,31 @@ def _stop_ray() -> None:
 
 def run_entry(job: Callable[[], object], *, verbose: bool = False) -> int:
     """Run `job`: 0 when it finishes, 2 with one `error:` line when it refuses or fails, 128 + n on stop signal n."""
-    global _job_running, _quiet_job
+    global _job_running, _quiet_job, _stop_signum, _job_ended
     main_thread = threading.current_thread() is threading.main_thread()
     saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} if main_thread else {}
-    _job_running, _quiet_job = True, not verbose
+    _job_running, _quiet_job, _stop_signum, _job_ended = True, not verbose, None, False
     install_stop_handlers()
     try:
         return _run(job, verbose)
     finally:
         _job_running = _quiet_job = False
+        _job_ended = True
         _unmute_ray_notes()
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+def _signal_in_chain(exc: BaseException | None) -> int | None:
+    """The signal of the first Stopped among `exc` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Stopped):
+            return exc.signum
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _run(job: Callable[[], object], verbose: bool) -> int:
@@ -190,8 +242,8 @@ def _run(job: Callable[[], object], verbose: bool) -> int:
     except (Interrupted, KeyboardInterrupt) as exc:
         _ignore_stop_signals()
         _stop_ray()
-        # Interrupted is raised from the Stopped it replaces.
-        signum = next((e.signum for e in (exc, exc.__context__) if isinstance(e, Stopped)), signal.SIGINT)
+        # The handler noted the signal; a KeyboardInterrupt it did not raise is Ctrl-C (Python's own handler).
+        signum = _stop_signum or _signal_in_chain(exc) or signal.SIGINT
         detail = str(exc) if isinstance(exc, Interrupted) else "stopped before any work was committed"
         # Ctrl-C is the user's own key; another signal came from elsewhere, so the line names it.
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
-from ray_pipeline.cli import Stopped, install_stop_handlers
+from ray_pipeline.cli import Stopped, install_stop_handlers, keep_stop_signals_from_ray
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
@@ -45,6 +45,7 @@ def init_ray(config: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    keep_stop_signals_from_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -53,6 +54,14 @@ def init_ray(config: RunConfig) -> None:
             with native_lines_hidden(config.verbose):
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if address.strip().lower() == "auto":
+                # Ray's own words name an --address flag this job does not have.
+                given = "--ray_address" if config.ray_address else "$RAY_ADDRESS"
+                raise PipelineError(
+                    f"{given} is 'auto', but no Ray runs on this machine: start one (ray start --head), pass its "
+                    f"address, or {'drop --ray_address' if config.ray_address else 'unset RAY_ADDRESS'} to start a "
+                    "local Ray for this job"
+                ) from None
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
         except AuthenticationError as exc:
             raise token_missing(address, exc) from None

@@ -203,3 +203,21 @@ def test_gguf_missing_a_weight_is_refused(tmp_path, monkeypatch):
     assert "\n" not in text and f"model file {partial} does not hold every weight" in text
     assert "missing model.layers.0.self_attn.q_proj.weight" in text
     assert not list((tmp_path / "cache").glob("models/*/config.json"))
+
+
+@pytest.mark.parametrize("given", ["env", "flag"])
+def test_auto_with_no_ray_running_names_what_to_do(tiny_model, tmp_path, given):
+    """`auto` joins the Ray this machine runs; with none, one line says so in the job's words (Ray's name a
+    `--address` flag the job does not have)."""
+    root = Path(tempfile.mkdtemp(prefix="bestofn-auto-"))  # no ray_current_cluster: nothing to join
+    try:
+        args = ["--dataset", "embedded:1", "--num_return_sequences", "1", "--temperature", "0", "--max_tokens", "4"]
+        args += ["--model_path", tiny_model, "--output_dir", str(tmp_path)]
+        env = {"RAY_TMPDIR": str(root)} | ({"RAY_ADDRESS": "auto"} if given == "env" else {})
+        proc = run_job("jobs.infer", *args, *(["--ray_address", "auto"] if given == "flag" else []), env=env)
+        line = refused(proc)
+        source = "$RAY_ADDRESS" if given == "env" else "--ray_address"
+        assert line.startswith(f"error: {source} is 'auto', but no Ray runs on this machine: start one"), line
+        assert "--address" not in line.replace("--ray_address", ""), line
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -13,7 +13,9 @@ speed (test_interrupt_e2e.py does Ctrl-C, on the real weights).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import shlex
 import signal
 import subprocess
@@ -27,7 +29,7 @@ import pytest
 from held_job import HeldJob
 from test_console import foreign_lines
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from ray_pipeline.local_ray import stop
 from ray_pipeline.shards import shard_path
 
@@ -77,8 +79,10 @@ def test_every_stop_signal_ends_a_job_with_one_line_and_its_status(signum, stage
     finally:
         if proc.poll() is None:
             proc.kill()
-    detail = "committed shards are kept in RUN; resume with: CMD" if stage == "planned" else (
-        "stopped before any work was committed"
+    detail = (
+        "committed shards are kept in RUN; resume with: CMD"
+        if stage == "planned"
+        else ("stopped before any work was committed")
     )
     assert proc.returncode == 128 + signum, stderr
     assert stderr.splitlines() == [expected_line(signum, detail)]
@@ -208,7 +212,9 @@ def command_lines(pid: int) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
+# SIGTERM between two shards; SIGHUP and SIGINT land at generated moments in the sweep below (and SIGINT between two
+# shards on the real weights in test_interrupt_e2e.py).
+@pytest.mark.parametrize("signum", [signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
 def test_a_scheduler_signal_stops_a_real_job_cleanly(tmp_path, tiny_model, signum):
     args = job_args(tmp_path, tiny_model)
     job = SignalledJob(tmp_path, args)
@@ -257,3 +263,59 @@ def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path, tiny_model
         assert_all_end(job.started)
     finally:
         job.kill()
+
+
+def sweep(seed: int) -> list[tuple[int, float]]:
+    """Per stop signal two moments, as fractions of an uninterrupted job's wall time: one in its start (imports,
+    plan, Ray's start) and one later (actors starting, generating, committing, shutting down)."""
+    rng = random.Random(seed)
+    return [(s, round(rng.uniform(lo, hi), 3)) for s in STOP_SIGNALS for lo, hi in ((0.01, 0.35), (0.35, 1.0))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model):
+    """The sweep's job run to its end as a user runs it (its own local Ray): its wall time and its run folder."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.infer", *job_args(out, tiny_model)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return time.monotonic() - started, out / "run"
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.parquet"))}
+
+
+@pytest.mark.parametrize("signum,fraction", sweep(27), ids=[f"{signal.Signals(s).name}-at-{f}" for s, f in sweep(27)])
+def test_a_stop_signal_at_any_moment_ends_with_its_line_and_resumes_exactly(
+    uninterrupted, tiny_model, tmp_path, signum, fraction
+):
+    """Wherever the signal lands (the moment is a share of the job's own wall time, so it lands in every phase on
+    any machine), the job ends with its one line and 128 + n, or had already finished; the resume then gives the
+    uninterrupted run's shards and best-answer file, byte for byte."""
+    wall, whole = uninterrupted
+    args = job_args(tmp_path, tiny_model)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.infer", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(fraction * wall)
+        if job.poll() is None:
+            job.send_signal(signum)
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if job.returncode != 0:
+        assert job.returncode == 128 + signum, stderr[-3000:]
+        assert len(lines) == 1 and lines[0].startswith(expected_line(signum, "")), stderr[-3000:]
+        assert foreign_lines(stdout) == [], stdout[-3000:]
+        run_in_process("jobs.infer", *args)
+    else:
+        assert lines == [], stderr[-3000:]
+    assert digests(tmp_path / "run" / "shards") == digests(whole / "shards")
+    best = sorted(whole.parent.glob("*_best_*.jsonl"))
+    assert best and [p.read_bytes() for p in best] == [p.read_bytes() for p in sorted(tmp_path.glob("*_best_*.jsonl"))]
