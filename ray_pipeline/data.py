@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.problem_set import embedded_records, is_embedded
+from ray_pipeline.storage import StorageError, StoragePath
 
 PROBLEM_SCHEMA = pa.schema(
     [
@@ -45,8 +46,19 @@ def read_records(dataset: str, split: str = "test") -> list[dict]:
     """Raw rows of the embedded set (`embedded[:K]`), a local .jsonl/.json/.parquet file or a Hub data set."""
     if is_embedded(dataset) and not Path(dataset).exists():
         return embedded_records(dataset)
+    if "://" in dataset:
+        # A URI is read as --output_dir is written: by pyarrow's file systems (s3, gs, hdfs, …), whose schemes
+        # StoragePath.parse names when it refuses another (http, ftp: download the file first).
+        try:
+            location = StoragePath.parse(dataset)
+        except StorageError:
+            raise
+        except PipelineError as exc:
+            fix = "download the file and pass its local path" if "scheme" in str(exc) else "pass scheme://bucket/file"
+            raise PipelineError(f"data set {exc}: {fix}") from None
+        return _read_file(location)
     if _is_local(dataset):
-        return _read_local(Path(dataset).expanduser())
+        return _read_file(StoragePath.parse(Path(dataset).expanduser()))
     return _read_hub(dataset, split)
 
 
@@ -68,27 +80,30 @@ def _read_hub(dataset: str, split: str) -> list[dict]:
         ) from None
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_file(path: StoragePath) -> list[dict]:
+    """The rows of a .jsonl/.json/.parquet file on a local disk or a store pyarrow reads (s3://, gs://, …)."""
     if path.is_dir():
         raise PipelineError(f"data set {path} is a directory: {LOCAL_FIX} inside it")
     if not path.is_file():
         raise PipelineError(f"data set file {path} does not exist: pass an existing .jsonl/.json/.parquet file")
-    if path.suffix not in LOCAL_SUFFIXES:
+    suffix = PurePosixPath(path.name).suffix
+    if suffix not in LOCAL_SUFFIXES:
         raise PipelineError(
-            f"data set {path} has the extension {path.suffix or '(none)'!r}: {LOCAL_FIX} (one JSON object per line "
+            f"data set {path} has the extension {suffix or '(none)'!r}: {LOCAL_FIX} (one JSON object per line "
             "for .jsonl, a JSON list of objects for .json)"
         )
     try:
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             return _read_parquet(path)
         # utf-8-sig: a byte order mark some editors write is not part of the first row.
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"data set {path} is not UTF-8 text (byte {exc.start}): re-encode it as UTF-8") from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise PipelineError(f"cannot read data set {path}: {reason}; check the file and its permissions") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    except StorageError as exc:
+        if not path.is_local:
+            raise
+        raise PipelineError(f"cannot read data set {path}: {exc.reason}; check the file and its permissions") from None
+    if suffix == ".json" and text.lstrip().startswith("["):
         try:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
@@ -111,11 +126,12 @@ def _read_local(path: Path) -> list[dict]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: StoragePath) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        with path.open_input_file() as source:
+            return pq.read_table(source).to_pylist()
     except (OSError, pa.ArrowException, ValueError) as exc:
         first = first_line(exc)
         raise PipelineError(f"cannot read data set {path} as Parquet ({first}): pass a valid Parquet file") from None

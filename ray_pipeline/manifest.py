@@ -133,7 +133,9 @@ def dataset_name(dataset: str) -> str:
     """A short name for output files: 'math500' for MATH-500, else the file's or Hub id's last part."""
     if dataset == HUB_DATASET:
         return "math500"
-    stem = re.sub(r"\.(jsonl|json|parquet)$", "", dataset.rstrip("/").rsplit("/", 1)[-1], flags=re.I)
+    # A URI's query (s3://bucket/x.jsonl?endpoint_override=…) is no part of the file's name.
+    path = dataset.split("?", 1)[0] if "://" in dataset else dataset
+    stem = re.sub(r"\.(jsonl|json|parquet)$", "", path.rstrip("/").rsplit("/", 1)[-1], flags=re.I)
     return re.sub(r"[^a-z0-9]+", "", stem.lower())[:40] or "data"
 
 
