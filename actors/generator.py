@@ -275,12 +275,16 @@ class GeneratorActor:
             self.tokenizer(build_prompt(p["problem"], self.config.prompt, self.tokenizer))["input_ids"]
             for p in problems
         ]
-        # A prompt that leaves no room to generate fails the same way on every retry: it becomes
-        # error rows at once instead of failing its batch.
-        fits = [i for i, p in enumerate(prompts) if self.context is None or len(p) < self.context]
+        # A prompt that leaves no room for max_tokens fails the same way on every retry: it becomes error rows at
+        # once (on every backend: transformers would run past the context, vLLM cut the response short).
+        budget = self.config.max_tokens
+        fits = [i for i, p in enumerate(prompts) if self.context is None or len(p) + budget <= self.context]
         rows, done = [], 0
         for i in sorted(set(range(len(problems))) - set(fits)):
-            error = f"prompt has {len(prompts[i])} tokens, no room under the context length {self.context}"
+            error = (
+                f"prompt has {len(prompts[i])} tokens, {len(prompts[i]) + budget} with --max_tokens {budget}: over "
+                f"the context length {self.context}"
+            )
             rows += self._error_rows(problems[i], error)
             done += 1
         keys = [problems[i]["problem_id"] for i in fits]

@@ -226,6 +226,40 @@ def check_context(resolved: str, max_tokens: int, max_model_len: int | None) -> 
         )
 
 
+# A prompt's tokens beyond its text's bytes: byte-level and byte-fallback tokenizers give every token at least one
+# byte of text, so only special tokens (the chat template's turns, a BOS) come on top; far fewer than this.
+SPECIAL_TOKENS_BOUND = 256
+
+
+def check_prompts_fit(resolved: str, problems: list[str], prompt: str, max_tokens: int, max_model_len: int | None):
+    """Refuse a run in which no problem's prompt leaves room for --max_tokens in the context.
+
+    A problem that cannot fit becomes error rows (the generator checks each prompt, on every backend); when none
+    can, the run would be only error rows, so it is refused here, before Ray starts. The prompts are tokenized only
+    when a bound on their length (bytes plus template) says one might not fit: the driver imports no
+    transformers on the usual run.
+    """
+    found = model_context(resolved)
+    limit = max_model_len or (found[0] if found else None)
+    if limit is None or not problems:
+        return
+    from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE, build_prompt
+
+    template = max(len(ORIGINAL_TEMPLATE.encode()), len(CHAT_INSTRUCTION.encode()))
+    if min(len(p.encode()) for p in problems) + template + SPECIAL_TOKENS_BOUND + max_tokens <= limit:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    shortest = min(len(tokenizer(build_prompt(p, prompt, tokenizer))["input_ids"]) for p in problems)
+    if shortest + max_tokens > limit:
+        what = "--max_model_len" if max_model_len else "the model's context"
+        raise PipelineError(
+            f"no problem fits the context: the shortest prompt has {shortest} tokens, {shortest + max_tokens} with "
+            f"--max_tokens {max_tokens}, over {what} of {limit} tokens: pass a --max_tokens up to {limit - shortest}"
+        )
+
+
 def check_hub_model(model_id: str) -> None:
     """Fail early, in one line and without retry warnings, when a Hub id cannot be reached."""
     from ray_pipeline import hub

@@ -41,7 +41,14 @@ from ray_pipeline.manifest import (
     fingerprint,
     shard_faults,
 )
-from ray_pipeline.model import check_context, check_hub_model, check_tensor_parallel, model_name, resolve_model
+from ray_pipeline.model import (
+    check_context,
+    check_hub_model,
+    check_prompts_fit,
+    check_tensor_parallel,
+    model_name,
+    resolve_model,
+)
 from ray_pipeline.plots import PLOTS
 from ray_pipeline.progress import Progress, pools_text
 from ray_pipeline.reduce import (
@@ -126,6 +133,8 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
         check_hub_model(model)
     check_tensor_parallel(model, config.tensor_parallel_size)
     check_context(model, config.max_tokens, config.max_model_len)
+    texts = problems.column("problem").to_pylist()
+    check_prompts_fit(model, texts, config.prompt, config.max_tokens, config.max_model_len)
     name = model_name(config.model_path)
     output_dir = StoragePath.parse(config.output_dir)
     # The backend as given ('auto' included): the same command names the same folder on any cluster.

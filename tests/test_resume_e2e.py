@@ -307,7 +307,7 @@ LONG_PROBLEM = {
 
 
 def test_a_problem_that_cannot_be_generated_becomes_error_rows(tiny_model, tmp_path):
-    """Problem 1's prompt does not fit --max_model_len 100: its rows say so, the run finishes.
+    """Problem 1's prompt and --max_tokens 24 do not fit --max_model_len 100: its rows say so, the run finishes.
 
     The tiny model has SmolLM2's tokenizer and chat template, so the prompts have the real model's lengths.
     """
@@ -322,7 +322,7 @@ def test_a_problem_that_cannot_be_generated_becomes_error_rows(tiny_model, tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     lengths = [len(tokenizer(build_prompt(r["problem"], "original"))["input_ids"]) for r in rows]
     length = lengths[1]
-    assert length > 100 and max(lengths[0], *lengths[2:]) < 100, lengths
+    assert length + 24 > 100 and max(lengths[0], *lengths[2:]) + 24 <= 100, lengths
     refusing = ("--max_model_len", "100", "--dataset", str(data))
     first = run_in_process("jobs.infer", *tiny_args(tmp_path, "run", tiny_model, *refusing))
     long_id = LONG_PROBLEM["unique_id"]
