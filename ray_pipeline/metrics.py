@@ -87,9 +87,11 @@ def picked_correct(run: GradedRun, picks: RunPicks) -> np.ndarray:
 
 
 def _by(run: GradedRun, correct: np.ndarray, key: str) -> dict[str, dict]:
+    """Accuracy per value of `key` over the graded problems."""
     groups: dict[str, list[bool]] = defaultdict(list)
-    for value, hit in zip(run.column(key), correct.tolist()):
-        groups["unknown" if value is None else str(value)].append(hit)
+    for value, hit, graded in zip(run.column(key), correct.tolist(), run.has_gold.tolist()):
+        if graded:
+            groups["unknown" if value is None else str(value)].append(hit)
     return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
@@ -108,9 +110,10 @@ def evaluate(run: GradedRun, name: str, params: SelectionParams) -> MethodResult
     if params.answerless_last:
         plain = run_method(run, name, replace(params, answerless_last=False))
         changed = int(np.sum(picks.index != plain.index))
+    # Over the graded problems: one without a gold answer is neither right nor wrong.
     summary = {
-        "accuracy": float(correct.sum()) / run.problems,
-        "ci95": list(wilson_interval(int(correct.sum()), run.problems)),
+        "accuracy": _none_if_nan(run.share(float(correct.sum()))),
+        "ci95": [_none_if_nan(x) for x in wilson_interval(int(correct.sum()), run.graded)],
         "auroc": _none_if_nan(auroc_arrays(picks.scores, run.values["correct"], known)),
         "by_level": _by(run, correct, "level"),
         "by_subject": _by(run, correct, "subject"),
@@ -153,8 +156,8 @@ def curves(run: GradedRun, names: list[str], params: SelectionParams) -> dict:
                     hits = _hits(subsets, METHODS[name](subsets, params).index, run, problems, CURVE_DRAWS)
                 hits_mean[name] += hits
         for name in names:
-            mean[name][k] = hits_mean[name] / run.problems
-            first[name][k] = hits_first[name] / run.problems
+            mean[name][k] = _none_if_nan(run.share(hits_mean[name]))
+            first[name][k] = _none_if_nan(run.share(hits_first[name]))
     return {"sizes": sizes, "accuracy_by_n": mean, "accuracy_by_first_n": first}
 
 
@@ -177,9 +180,13 @@ def pass_curves(run: GradedRun) -> tuple[dict, dict]:
     sizes = curve_sizes(int(run.sizes.max()))
     correct = run.values["correct"]
     counts = [int(correct[a:b].sum()) if g else 0 for a, b, g in zip(run.offsets[:-1], run.offsets[1:], run.has_gold)]
-    unbiased = {k: sum(pass_at_k(int(n), c, k) for n, c in zip(run.sizes, counts)) / run.problems for k in sizes}
+    graded = [(int(n), c) for n, c, g in zip(run.sizes, counts, run.has_gold) if g]
+    unbiased = {k: _none_if_nan(run.share(sum(pass_at_k(n, c, k) for n, c in graded))) for k in sizes}
     bounds = list(zip(run.offsets[:-1].tolist(), run.offsets[1:].tolist(), run.has_gold.tolist()))
-    first = {k: sum(g and bool(correct[a : min(a + k, b)].any()) for a, b, g in bounds) / run.problems for k in sizes}
+    first = {
+        k: _none_if_nan(run.share(sum(g and bool(correct[a : min(a + k, b)].any()) for a, b, g in bounds)))
+        for k in sizes
+    }
     return unbiased, first
 
 
@@ -197,7 +204,7 @@ def compare(run: GradedRun, params: SelectionParams) -> tuple[dict[str, MethodRe
             sweep[name] = {}
             for a in ALPHA_GRID:
                 picks = run_method(run, name, replace(params, alpha=a))
-                sweep[name][str(a)] = float(picked_correct(run, picks).sum()) / run.problems
+                sweep[name][str(a)] = _none_if_nan(run.share(float(picked_correct(run, picks).sum())))
     return results, unavailable, sweep
 
 

@@ -33,6 +33,11 @@ def _save(fig, target: StoragePath) -> None:
     target.write_bytes(png.getvalue())
 
 
+def _floats(values) -> list[float]:
+    """Accuracies as plotted: None (no problem graded) as NaN, which matplotlib leaves out."""
+    return [math.nan if v is None else v for v in values]
+
+
 def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodResult], comparison: dict) -> None:
     """Accuracy vs N', accuracy vs alpha, and per-method score histograms of correct vs wrong candidates."""
     import matplotlib
@@ -46,8 +51,8 @@ def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodR
     colors = dict(zip(comparison["methods"], plt.get_cmap("tab20").colors))
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, m in comparison["methods"].items():
-        ax.plot(sizes, [m["accuracy_by_n"][k] for k in sizes], marker="o", color=colors[name], label=name)
-    ax.plot(sizes, [comparison["pass_at_n_by_n"][k] for k in sizes], "k--", label="pass@N'")
+        ax.plot(sizes, _floats(m["accuracy_by_n"][k] for k in sizes), marker="o", color=colors[name], label=name)
+    ax.plot(sizes, _floats(comparison["pass_at_n_by_n"][k] for k in sizes), "k--", label="pass@N'")
     if n > 16:
         ax.set_xscale("log", base=2)
     ticks = shown_sizes(n)
@@ -60,19 +65,22 @@ def write_plots(run_dir: StoragePath, run: GradedRun, results: dict[str, MethodR
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in comparison["accuracy_by_alpha"].items():
-        ax.plot(ALPHA_GRID, [row[str(a)] for a in ALPHA_GRID], marker="o", color=colors[name], label=name)
+        ax.plot(ALPHA_GRID, _floats(row[str(a)] for a in ALPHA_GRID), marker="o", color=colors[name], label=name)
     ax.set(xlabel="alpha (1 = token level, 0 = step level)", ylabel="accuracy", title="Accuracy vs alpha")
     ax.legend(fontsize=8, loc="upper left")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93)
     _save(fig, run_dir / PLOTS["accuracy_vs_alpha"])
 
-    scored = {name: r for name, r in results.items() if not np.isnan(r.picks.scores).all()}
+    # Candidates of problems without a gold answer are neither correct nor wrong: left out of the histograms.
+    graded = np.repeat(run.has_gold, run.sizes)
+    masked = {name: np.where(graded, r.picks.scores, np.nan) for name, r in results.items()}
+    scored = {name: r for name, r in results.items() if not np.isnan(masked[name]).all()}
     cols = 4
     rows = max(1, math.ceil(len(scored) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    labels = run.values["correct"] & np.repeat(run.has_gold, run.sizes)
-    for ax, (name, r) in zip(axes.flat, scored.items()):
-        scores = r.picks.scores
+    labels = run.values["correct"] & graded
+    for ax, name in zip(axes.flat, scored):
+        scores = masked[name]
         finite = scores[~np.isnan(scores)]
         low, high = float(finite.min()), float(finite.max())
         # Shared bins, so the two histograms line up (a single value gets one bin around it).

@@ -73,6 +73,8 @@ class Summary:
     output: str
     # Problems whose candidates could not be generated (their shard rows name why).
     error_problems: dict[str, str]
+    # Problems without a gold answer: not graded, so accuracy and pass@N are over the others (None when none is).
+    ungraded: int = 0
 
 
 def _float_values(table: pa.Table, name: str) -> np.ndarray:
@@ -279,6 +281,15 @@ class GradedRun:
     generated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     engine_strategies: dict | None = None
     _rows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def graded(self) -> int:
+        """Problems with a gold answer: what accuracy, its interval, pass@N and AUROC count."""
+        return int(np.sum(self.has_gold))
+
+    def share(self, hits: float) -> float:
+        """`hits` correct picks as a share of the graded problems (NaN when none is graded)."""
+        return hits / self.graded if self.graded else math.nan
 
     @property
     def problems(self) -> int:
@@ -557,7 +568,7 @@ def error_problems(run: GradedRun) -> dict[str, str]:
 def pass_at_n(run: GradedRun) -> float:
     """The share of problems with at least one correct candidate (the oracle)."""
     hits = np.add.reduceat(run.values["correct"], run.offsets[:-1]) > 0 if len(run.preds) else np.zeros(0)
-    return float(np.sum(hits & run.has_gold)) / run.problems
+    return run.share(float(np.sum(hits & run.has_gold)))
 
 
 def reduce_run(
@@ -593,14 +604,19 @@ def write_best(run: GradedRun, output: Location, method: str, params: SelectionP
         problems=run.problems,
         candidates=len(run.preds),
         candidates_per_problem=int(run.sizes.max()),
-        accuracy=correct / run.problems,
-        pass_at_n=pass_at_n(run),
+        accuracy=_json_number(run.share(correct)),
+        pass_at_n=_json_number(pass_at_n(run)),
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
         partial=bool(run.missing) or not verified,
         missing_shards=run.missing,
         output=str(output),
         error_problems=error_problems(run),
+        ungraded=run.problems - run.graded,
     )
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def summary_json(summary: Summary) -> str:

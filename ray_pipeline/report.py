@@ -100,10 +100,12 @@ def compare_run(
     n = int(run.sizes.max())
     comparison = {
         "problems": run.problems,
+        # Problems without a gold answer: accuracy, its interval, pass@N and AUROC count the others.
+        "ungraded": run.problems - run.graded,
         "candidates_per_problem": n,
         # Every selection parameter, in RunConfig's order (a new one appears here and in report.md by itself).
         "params": dataclasses.asdict(params),
-        "pass_at_n": pass_at_n(run),
+        "pass_at_n": None if math.isnan(pass_at_n(run)) else pass_at_n(run),
         "pass_at_n_by_n": pass_by_n,
         "pass_at_n_by_first_n": pass_by_first_n,
         "curve_draws": CURVE_DRAWS,
@@ -146,6 +148,18 @@ def _setting(value) -> str:
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
+def _ungraded_note(comparison: dict) -> list[str]:
+    ungraded = comparison.get("ungraded", 0)
+    if not ungraded:
+        return []
+    graded = comparison["problems"] - ungraded
+    return [
+        "",
+        f"**Not graded**: {ungraded} of the {comparison['problems']} problems have no gold answer; accuracy, its "
+        f"interval, pass@N and AUROC are over the other {graded}.",
+    ]
+
+
 def report_markdown(run_id: str, comparison: dict) -> str:
     """The report: one table per view (overall, by level, by subject, by N', by alpha) and the plots."""
     methods = comparison["methods"]
@@ -158,6 +172,7 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         "Accuracy in %, with its 95 % Wilson interval; AUROC of the method's per-candidate score for "
         "the candidate's correctness; answerless-last changed: on how many questions ranking candidates "
         "without an extracted answer last changed the pick (— when the rule is off).",
+        *_ungraded_note(comparison),
         "",
         "| method | accuracy | 95 % CI | AUROC | answerless-last changed |",
         "|---|---:|---:|---:|---:|",
@@ -168,8 +183,9 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         changed = "—" if changed is None else str(changed)
         ci = f"{_pct(m['ci95'][0])}–{_pct(m['ci95'][1])}"
         lines.append(f"| {name} | {_pct(m['accuracy'])} | {ci} | {auc} | {changed} |")
-    successes = round(comparison["pass_at_n"] * comparison["problems"])
-    low, high = wilson_interval(successes, comparison["problems"])
+    graded = comparison["problems"] - comparison.get("ungraded", 0)
+    successes = round((comparison["pass_at_n"] or 0) * graded)
+    low, high = wilson_interval(successes, graded)
     lines.append(f"| pass@{n} (oracle) | {_pct(comparison['pass_at_n'])} | {_pct(low)}–{_pct(high)} | — | — |")
     for name, reason in comparison["unavailable"].items():
         lines.append(f"\n{name}: not available ({reason}).")

@@ -307,10 +307,11 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     (plan.run_dir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     partial = f" PARTIAL: shards {summary.missing_shards} missing," if summary.partial else ""
     n = config.num_return_sequences
+    ungraded = f" ({summary.ungraded} without a gold answer, not graded)" if summary.ungraded else ""
+    accuracy, oracle = ("—" if x is None else f"{x:.3f}" for x in (summary.accuracy, summary.pass_at_n))
     print(
-        f"  backend {config.backend}:{partial} {summary.problems} problems, {summary.candidates} candidates, "
-        f"accuracy ({config.method}) {summary.accuracy:.3f}, pass@{n} {summary.pass_at_n:.3f}, "
-        f"generate+score {stats.generate_and_score_s:.0f} s",
+        f"  backend {config.backend}:{partial} {summary.problems} problems{ungraded}, {summary.candidates} candidates, "
+        f"accuracy ({config.method}) {accuracy}, pass@{n} {oracle}, generate+score {stats.generate_and_score_s:.0f} s",
         flush=True,
     )
     for problem_id, error in summary.error_problems.items():
@@ -369,11 +370,17 @@ def compare(plan: RunPlan) -> dict:
 
 def print_comparison(comparison: dict) -> None:
     n = comparison["candidates_per_problem"]
-    print(f"{comparison['problems']} problems x {n} candidates, pass@{n} {comparison['pass_at_n']:.3f}", flush=True)
+    ungraded = comparison.get("ungraded", 0)
+    graded = f" ({ungraded} without a gold answer, not graded)" if ungraded else ""
+
+    def number(value) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    oracle = number(comparison["pass_at_n"])
+    print(f"{comparison['problems']} problems x {n} candidates{graded}, pass@{n} {oracle}", flush=True)
     for name, m in comparison["methods"].items():
-        auroc = "—" if m["auroc"] is None else f"{m['auroc']:.3f}"
-        low, high = m["ci95"]
-        print(f"  {name:<22} accuracy {m['accuracy']:.3f} [{low:.3f}, {high:.3f}]  AUROC {auroc}", flush=True)
+        accuracy = f"{number(m['accuracy'])} [{number(m['ci95'][0])}, {number(m['ci95'][1])}]"
+        print(f"  {name:<22} accuracy {accuracy}  AUROC {number(m['auroc'])}", flush=True)
     for name, reason in comparison["unavailable"].items():
         print(f"  {name:<22} not available: {reason}", flush=True)
 

@@ -33,14 +33,14 @@ PROJECT_LINES = [
     r"  progress: \d+/\d+ problems scored \(\d+%\), \d+/\d+ candidates, [\d.]+ tokens/s, "
     r"(elapsed .+, ETA .+|done in .+)",
     r"\[2/2\] Evaluating and selecting best answers -> .+\.jsonl",
-    r"  backend \w+:( PARTIAL: .+,)? \d+ problems, \d+ candidates, accuracy \(.+\) [\d.]+, pass@\d+ [\d.]+, "
-    r"generate\+score \d+ s",
+    r"  backend \w+:( PARTIAL: .+,)? \d+ problems( \(\d+ without a gold answer, not graded\))?, \d+ candidates, "
+    r"accuracy \(.+\) ([\d.]+|—), pass@\d+ ([\d.]+|—), generate\+score \d+ s",
     r"  no candidates for .+: .+",
     r"✅ Done! Final results saved to: .+\.jsonl",
     # jobs.main --method all
     r"Comparing every selection method -> .+report\.md",
-    r"\d+ problems x \d+ candidates, pass@\d+ [\d.]+",
-    r"  \S+ +accuracy [\d.]+ \[[\d.]+, [\d.]+\]  AUROC (—|[\d.]+)",
+    r"\d+ problems x \d+ candidates( \(\d+ without a gold answer, not graded\))?, pass@\d+ ([\d.]+|—)",
+    r"  \S+ +accuracy ([\d.]+|—) \[([\d.]+|—), ([\d.]+|—)\]  AUROC (—|[\d.]+)",
     r"  \S+ +not available: .+",
     r"Plots: .+\.png",
     r"✅ Done! Comparison saved to: .+report\.md",
