@@ -594,7 +594,8 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Location) -> RunConfig:
-        """The configuration a run saved; keys this version does not know are ignored."""
+        """The configuration a run saved; a key that is no field (a hand edit's typo) is refused, naming the field
+        it may have meant, since ignoring it would run with the default."""
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             saved = json.loads(StoragePath.parse(path).read_text())
@@ -606,7 +607,17 @@ class RunConfig:
                 f"run configuration {path} is not a valid config.json ({why}): run the jobs.infer command that made "
                 "the run again, which rewrites it and keeps the finished shards"
             )
-        return cls(**{k: v for k, v in saved.items() if k in names})
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+            meant = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(
+                f"run configuration {path} has a field this version does not know: '{unknown[0]}'{meant}; fix or "
+                "remove it in the file, or run the jobs.infer command that made the run again (it rewrites it)"
+            )
+        return cls(**saved)
 
     def save(self, path: Location) -> None:
         StoragePath.parse(path).write_text(self.to_json() + "\n")

@@ -215,17 +215,84 @@ class Manifest:
     shards: dict[str, dict] = field(default_factory=dict)
     # The command that resumes this run (how its last job was started), for hints given elsewhere.
     command: str = ""
+    # A digest of the shard plan as planned (plan_digest): a hand edit of the plan is told from the plan itself.
+    plan_digest: str = ""
 
     @property
     def fingerprint_hash(self) -> str:
         return fingerprint_hash(self.fingerprint)
 
     @classmethod
-    def plan(cls, run_id: str, stamp: str, model_name: str, fp: dict, rows: dict[int, int], num_candidates: int):
+    def plan(
+        cls,
+        run_id: str,
+        stamp: str,
+        model_name: str,
+        fp: dict,
+        rows: dict[int, int] | pa.Table,
+        num_candidates: int,
+    ):
+        """A new run's manifest, every shard pending: from the run's problems (each shard lists its problem ids, in
+        order), or from the rows each shard holds (benchmarks and tests of synthetic runs)."""
+        if isinstance(rows, pa.Table):
+            shards = planned_entries(rows, num_candidates)
+            return cls(run_id, stamp, model_name, fp, shards, plan_digest=plan_digest(shards))
         shards = {
             str(s): {"problems": n // num_candidates, "rows": n, "status": PENDING} for s, n in sorted(rows.items())
         }
         return cls(run_id, stamp, model_name, fp, shards)
+
+    def check_plan(self, run_dir: Location, problems: pa.Table | None, fix: str) -> None:
+        """Refuse a shard plan that is not the one `jobs.infer` wrote: edited by hand, its shards would be checked
+        against the edit (and a resume would never finish what the edit left out).
+
+        With the run's `problems` (a resume) the plan must be theirs exactly; without (the reducer, which has no
+        data set) it must be one jobs.infer could write: shards 0..k of shard_size problems, the last one fewer,
+        rows = problems x N, and, where listed, one problem id per problem.
+        """
+        path = StoragePath.parse(run_dir) / MANIFEST_NAME
+        fault = self._plan_fault(problems)
+        if fault:
+            raise PipelineError(f"{path}: the shard plan is not the one the run made ({fault}); {fix}")
+        if problems is not None and not self.plan_digest:
+            # A manifest written before shards listed their problem ids: the plan matched, so take the data's.
+            for shard_id, entry in planned_entries(problems, self.num_candidates()).items():
+                self.shards[shard_id]["problem_ids"] = entry["problem_ids"]
+            self.plan_digest = plan_digest(self.shards)
+
+    def num_candidates(self) -> int:
+        n = self.fingerprint.get("num_return_sequences")
+        return n if isinstance(n, int) else next((i["rows"] // i["problems"] for i in self.shards.values()), 0)
+
+    def _plan_fault(self, problems: pa.Table | None) -> str | None:
+        n = self.num_candidates()
+        if problems is not None:
+            expected = planned_entries(problems, n)
+            if sorted(self.shards, key=int) != sorted(expected, key=int):
+                return f"shards {_span(self.shards)}, the data set gives shards {_span(expected)}"
+            for shard_id, want in expected.items():
+                has = self.shards[shard_id]
+                for key in ("problems", "rows", "problem_ids"):
+                    if key in has and has[key] != want[key]:
+                        return f"shard {shard_id}'s {key} {_short(has[key])}, the data set gives {_short(want[key])}"
+            return None
+        ids = sorted(int(s) for s in self.shards)
+        if ids != list(range(len(ids))):
+            return f"shards {_span(self.shards)}, not 0-{len(ids) - 1}"
+        size = self.fingerprint.get("shard_size")
+        for shard_id in ids:
+            info = self.shards[str(shard_id)]
+            last = shard_id == ids[-1]
+            if isinstance(size, int) and not (0 < info["problems"] <= size and (last or info["problems"] == size)):
+                return f"shard {shard_id} holds {info['problems']} problems, with shard_size {size}"
+            if info["rows"] != info["problems"] * n:
+                return f"shard {shard_id} holds {info['rows']} rows, {info['problems']} problems x {n} candidates"
+            listed = info.get("problem_ids")
+            if listed is not None and len(listed) != info["problems"]:
+                return f"shard {shard_id} lists {len(listed)} problem ids for {info['problems']} problems"
+        if self.plan_digest and plan_digest(self.shards) != self.plan_digest:
+            return "its shards, problem counts or problem ids were edited after the run planned them"
+        return None
 
     @classmethod
     def load(cls, run_dir: Location, fix: str = "pass --overwrite to start this run folder over") -> Manifest | None:
@@ -235,11 +302,13 @@ class Manifest:
             return None
         try:
             manifest = cls(**json.loads(path.read_text()))
-            shards_ok = all(
+            shards_ok = isinstance(manifest.shards, dict) and all(
                 isinstance(i, dict)
                 and isinstance(i.get("rows"), int)
                 and isinstance(i.get("problems"), int)
                 and i.get("status") in STATUSES
+                and isinstance(i.get("problem_ids", []), list)
+                and all(isinstance(p, str) for p in i.get("problem_ids", []))
                 for i in manifest.shards.values()
             )
             if not shards_ok or not isinstance(manifest.fingerprint, dict):
@@ -266,8 +335,9 @@ class Manifest:
         from ray_pipeline.shards import planned_shards
 
         problems = {int(s): info["problems"] for s, info in self.shards.items()}
+        ids = {int(s): tuple(info["problem_ids"]) for s, info in self.shards.items() if "problem_ids" in info}
         candidates = {info["rows"] // info["problems"] for info in self.shards.values() if info["problems"]}
-        return planned_shards(problems, candidates.pop() if len(candidates) == 1 else 0)
+        return planned_shards(problems, candidates.pop() if len(candidates) == 1 else 0, ids)
 
     def set_status(self, shard_id: int, status: str) -> None:
         self.shards[str(shard_id)]["status"] = status
@@ -283,6 +353,36 @@ class Manifest:
                 f"run folder {run_dir} was made with another configuration ({changed}): "
                 "rerun with the same settings, a new --run_id, or --overwrite"
             )
+
+
+def plan_digest(shards: dict[str, dict]) -> str:
+    """What the shard plan holds (each shard's problems, rows and problem ids), not the statuses that change."""
+    plan = {s: [info["problems"], info["rows"], info.get("problem_ids")] for s, info in shards.items()}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def planned_entries(problems: pa.Table, num_candidates: int) -> dict[str, dict]:
+    """The manifest's shard entries for `problems` (in plan order): problems, rows, their ids, all pending."""
+    entries: dict[str, dict] = {}
+    for shard_id, problem_id in zip(problems.column("shard_id").to_pylist(), problems.column("problem_id").to_pylist()):
+        entry = entries.setdefault(str(shard_id), {"problems": 0, "rows": 0, "problem_ids": [], "status": PENDING})
+        entry["problems"] += 1
+        entry["rows"] += num_candidates
+        entry["problem_ids"].append(problem_id)
+    return dict(sorted(entries.items(), key=lambda item: int(item[0])))
+
+
+def _span(shards) -> str:
+    ids = sorted(int(s) for s in shards)
+    if not ids:
+        return "none"
+    return f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(repr, value[:3])) + (", …]" if len(value) > 3 else "]")
+    return repr(value)
 
 
 def shard_faults(manifest: Manifest, shards_dir: Location) -> dict[int, str | None]:
@@ -306,7 +406,7 @@ def choose_shards(
 ) -> tuple[list[int], list[str]]:
     """The shards a (re)run must produce, given each one's fault in `shards_dir` (shard_faults; a new run's are all
     "missing"), and a note for each committed one it redoes or distrusts."""
-    from ray_pipeline.shards import FOREIGN_SHARD
+    from ray_pipeline.shards import FOREIGN_SHARD, NOT_A_FILE, shard_path
 
     unknown = sorted(set(reprocess) - set(manifest.expected_rows()))
     if unknown:
@@ -314,6 +414,8 @@ def choose_shards(
     todo, notes = [], []
     for shard_id in sorted(manifest.expected_rows()):
         fault = faults[shard_id]
+        if fault and fault.startswith(NOT_A_FILE):
+            raise PipelineError(f"{shard_path(StoragePath.parse(shards_dir), shard_id)} is {fault}")
         if shard_id in reprocess:
             todo.append(shard_id)
             notes.append(f"shard {shard_id}: redo (--reprocess_shards)")

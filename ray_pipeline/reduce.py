@@ -552,7 +552,8 @@ def best_record(run: GradedRun, problem: int, choice: Choice, params: SelectionP
         "pred": best["pred"],
         "gold": best["gold"],
         "correct": best["correct"],
-        "score": None if math.isnan(choice.score) else choice.score,
+        # JSON has no NaN or infinity: a score that is not a number is no score.
+        "score": choice.score if math.isfinite(choice.score) else None,
         "candidate_index": best["candidate_index"],
         "key_step": key_step(best, params.lambda_weight),
         "error": best["error"],

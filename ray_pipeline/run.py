@@ -66,7 +66,6 @@ from ray_pipeline.selection import SelectionParams, get_method
 from ray_pipeline.shards import (
     FOREIGN_SHARD,
     check_no_unplanned_files,
-    expected_rows,
     read_shards,
     remove_stale_temporaries,
 )
@@ -177,11 +176,12 @@ def _plan_locked(
         # Every shard is to do: the folder has none, or --overwrite removes them (execute, once Ray is up).
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
         n = config.num_return_sequences
-        manifest = Manifest.plan(run_dir.name, stamp, name, fp, expected_rows(problems, n), n)
+        manifest = Manifest.plan(run_dir.name, stamp, name, fp, problems, n)
         faults = dict.fromkeys(manifest.expected_rows(), "missing")
     else:
         # Everything but what the cluster resolves ('auto' backend, scorer passes; execute checks those).
         manifest.check_same_run(fp, run_dir, config)
+        manifest.check_plan(run_dir, problems, fix="restore it, or pass --overwrite to start the run folder over")
         faults = shard_faults(manifest, shards_dir)
     todo, notes = choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
     best = output_dir / best_file_name(config.dataset, manifest.model_name, run_dir.name)
@@ -431,9 +431,20 @@ def reselect(run_dir: Location, overrides: dict) -> Summary | dict:
     takes each question's first K candidates.
     """
     run_dir = StoragePath.parse(run_dir)
+    if run_dir.is_local and not run_dir.is_dir():
+        raise PipelineError(f"run folder {run_dir} does not exist: pass one written by jobs.infer or jobs.main")
+    # A job writing the folder holds its lock: its shards, manifest and config.json are not all there yet.
+    with run_dir.lock(fix="then reduce it"):
+        return _reselect_locked(run_dir, overrides)
+
+
+def _reselect_locked(run_dir: StoragePath, overrides: dict) -> Summary | dict:
     config = reselect_config(run_dir, overrides)
     # The reducer starts nothing over: the job that made the folder does.
-    manifest = Manifest.load(run_dir, fix="rerun the jobs.infer or jobs.main command that made it with --overwrite")
+    fix = "rerun the jobs.infer or jobs.main command that made it with --overwrite"
+    manifest = Manifest.load(run_dir, fix=fix)
+    if manifest is not None:
+        manifest.check_plan(run_dir, None, fix=f"restore it, or {fix}")
     # The plan says which shards must exist and what each must hold: the resume's shard check runs on each.
     shard_plan = ShardPlan.of(manifest) if manifest else None
     if shard_plan is not None:

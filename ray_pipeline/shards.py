@@ -129,19 +129,28 @@ class PlannedShard:
     first_problem: int
     problems: int
     candidates: int
+    # The id of each problem, in order, where the manifest lists them (runs planned before it did do not).
+    problem_ids: tuple[str, ...] | None = None
 
     @property
     def rows(self) -> int:
         return self.problems * self.candidates
 
 
-def planned_shards(problems: dict[int, int], num_candidates: int) -> dict[int, PlannedShard]:
+def planned_shards(
+    problems: dict[int, int], num_candidates: int, problem_ids: dict[int, tuple[str, ...]] | None = None
+) -> dict[int, PlannedShard]:
     """Each shard's problems from the plan's problems per shard: shards hold consecutive problems, in shard order."""
     planned, first = {}, 0
     for shard_id in sorted(problems):
-        planned[shard_id] = PlannedShard(first, problems[shard_id], num_candidates)
+        ids = (problem_ids or {}).get(shard_id)
+        planned[shard_id] = PlannedShard(first, problems[shard_id], num_candidates, ids)
         first += problems[shard_id]
     return planned
+
+
+def _is_float(kind: pa.DataType) -> bool:
+    return pa.types.is_floating(kind.value_type if pa.types.is_list(kind) else kind)
 
 
 def schema_fault(schema: pa.Schema) -> str | None:
@@ -152,6 +161,8 @@ def schema_fault(schema: pa.Schema) -> str | None:
 
 # How check_shard's reason for a shard of another run's configuration begins: such a shard is never redone unasked.
 FOREIGN_SHARD = "written by another configuration"
+# check_shard's reason for a folder where a shard file belongs: the resume refuses it (it could not write the shard).
+NOT_A_FILE = "a folder, not a shard file"
 KEY_COLUMNS = ["problem_id", "problem_index", "candidate_index"]
 
 
@@ -165,7 +176,8 @@ def check_shard(path: Location, planned: PlannedShard, fingerprint: str) -> str 
     """
     path = StoragePath.parse(path)
     if not path.is_file():
-        return "missing"
+        # A folder of the shard's name is no shard, and no shard can be written in its place.
+        return f"{NOT_A_FILE}: remove or rename it" if path.is_dir() else "missing"
     try:
         with path.open_input_file() as source:
             footer = pq.ParquetFile(source)
@@ -178,9 +190,50 @@ def check_shard(path: Location, planned: PlannedShard, fingerprint: str) -> str 
             if meta.num_rows != planned.rows:
                 return f"{meta.num_rows} rows, expected {planned.rows}"
             keys = footer.read(columns=KEY_COLUMNS)
+            fault = key_fault(keys, planned)
+            if fault:
+                return fault
+            values = footer.read(columns=[n for n in FLOAT_COLUMNS if n in schema.names] + ["token_count"])
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable ({type(exc).__name__})"
-    return key_fault(keys, planned)
+    return value_fault(values, keys)
+
+
+# Every float a shard holds: the scorer's scores and per-token values, the generator's confidences and threshold.
+FLOAT_COLUMNS = [f.name for f in SHARD_SCHEMA if _is_float(f.type)]
+
+
+def value_fault(values: pa.Table, keys: pa.Table) -> str | None:
+    """The first float that no stage writes, or None: NaN or an infinity anywhere but a scalar score of a candidate
+    without response tokens (NaN there: "no score", columns.empty_scores). Such a value would become "no score" or
+    an `Infinity` that is not JSON in the best-answer file."""
+    if "token_count" in values.column_names:
+        empty = pc.equal(pc.fill_null(values.column("token_count"), 0), 0)
+    else:
+        empty = pa.array([False] * values.num_rows)
+    for name in FLOAT_COLUMNS:
+        if name not in values.column_names:
+            continue
+        column = values.column(name)
+        if pa.types.is_list(column.type):
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(column)
+            bad = ~pc.fill_null(pc.is_finite(flat), True).to_numpy(zero_copy_only=False)
+            if not bad.any():
+                continue
+            row = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(bad)), side="right"))
+            value = flat[int(np.argmax(bad))].as_py()
+        else:
+            finite = pc.fill_null(pc.is_finite(column), True)
+            allowed = pc.and_(pc.is_nan(pc.fill_null(column, 0.0)), empty)
+            bad = ~pc.or_(finite, allowed).to_numpy(zero_copy_only=False)
+            if not bad.any():
+                continue
+            row = int(np.argmax(bad))
+            value = column[row].as_py()
+        problem, candidate = keys.column("problem_index")[row].as_py(), keys.column("candidate_index")[row].as_py()
+        return f"problem {problem} candidate {candidate} holds {value} in {name}"
+    return None
 
 
 def key_fault(keys: pa.Table, planned: PlannedShard) -> str | None:
@@ -211,6 +264,14 @@ def key_fault(keys: pa.Table, planned: PlannedShard) -> str | None:
     if pc.any(mixed).as_py():
         first = ids.filter(mixed).column("problem")[0].as_py() + planned.first_problem
         return f"problem {first} holds rows of several problem ids"
+    if planned.problem_ids is not None:
+        held = keys.column("problem_id").to_pylist()
+        for row, local in enumerate(problem.tolist()):
+            if held[row] != planned.problem_ids[local]:
+                return (
+                    f"problem {local + planned.first_problem} has id {held[row]!r}, "
+                    f"the plan's is {planned.problem_ids[local]!r}"
+                )
     return None
 
 
@@ -266,7 +327,13 @@ def read_shards(shards_dir: Location, columns: list[str] | None = None) -> pa.Ta
                 if fault:
                     redo = "run jobs.infer with the same flags to redo it"
                     raise PipelineError(f"shard {f} cannot be read ({fault}): {redo}")
-                tables.append(pq.read_table(source, schema=SHARD_SCHEMA, columns=columns))
+                table = pq.read_table(source, schema=SHARD_SCHEMA, columns=columns)
+            # Checked here too: a folder without a manifest gets no shard check, and its values would reach the
+            # methods (a NaN becomes "no score", an infinity a best-answer file that is not JSON).
+            fault = value_fault(table, table)
+            if fault:
+                raise PipelineError(f"shard {f} cannot be used: {fault}; run jobs.infer with the same flags to redo it")
+            tables.append(table)
         # A file of another schema can fail the cast with TypeError or ValueError, not only an Arrow error.
         except (OSError, pa.ArrowException, TypeError, ValueError) as exc:
             raise PipelineError(

@@ -194,7 +194,7 @@ class StoragePath:
             self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
 
     @contextlib.contextmanager
-    def lock(self, what: str = "run folder") -> Iterator[bool]:
+    def lock(self, what: str = "run folder", fix: str = "or pass another --run_id") -> Iterator[bool]:
         """Hold this local folder's lock file (`.lock`) for the block; a second holder is refused at once.
 
         Yields True when locked. An object store has no lock (pyarrow offers none): the block runs
@@ -212,7 +212,7 @@ class StoragePath:
         except Timeout:
             raise PipelineError(
                 f"{what} {self} is in use by another job (it holds {self / LOCK_NAME}): wait for that job to end, "
-                "or pass another --run_id"
+                f"{fix}"
             ) from None
         except OSError as exc:
             raise StorageError("lock", str(self / LOCK_NAME), exc, remote=False) from None

@@ -200,7 +200,7 @@ def test_every_failure_ends_with_one_error_line(capsys):
 
 
 def test_the_reducer_names_the_command_that_redoes_a_lost_shard(tmp_path, problems):
-    fp = fingerprint(RunConfig(backend="hf"), problems, "x/y")
+    fp = fingerprint(RunConfig(backend="hf", shard_size=2, num_return_sequences=2), problems, "x/y")
     manifest = Manifest.plan("run", "s", "M", fp, {0: 4, 1: 4}, 2)
     manifest.command = "python -m jobs.infer --limit 4 --run_id run"
     manifest.save(tmp_path)
