@@ -395,6 +395,14 @@ def reselect_config(run_dir: StoragePath, overrides: dict) -> RunConfig:
     wrong = wrong_type_field(loaded)
     if wrong:
         raise ConfigError(f"run configuration {saved}: {wrong}; {fix}")
+    window = overrides.get("deepconf_window")
+    if loaded.generation == "deepconf-online" and window is not None and window != loaded.deepconf_window:
+        # An online run's traces were stopped by its own window: another would let stopped traces vote as if whole.
+        raise ConfigError(
+            f"deepconf_window {window}: this run was generated online with --deepconf_window "
+            f"{loaded.deepconf_window}, which decided where its traces stopped; reduce it with that window (drop the "
+            "flag), or compare windows on a run generated in full"
+        )
     try:
         config = dataclasses.replace(loaded, **overrides).validate()
     except ConfigError as exc:

