@@ -16,7 +16,7 @@ if __name__ == "__main__":
 
 from actors import pipeline_actors
 from ray_pipeline import run
-from ray_pipeline.cli import program, quiet_ray, run_entry
+from ray_pipeline.cli import exit_process, program, quiet_ray, run_entry
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.timeline import mark, mark_process_start
 
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -8,8 +8,6 @@ question's first K candidates (K <= the run's N).
 
 from __future__ import annotations
 
-import sys
-
 if __name__ == "__main__":
     # First, before the imports: a stop signal from the process's start on ends it with its own line.
     from ray_pipeline.cli import stop_before_the_job
@@ -17,7 +15,7 @@ if __name__ == "__main__":
     stop_before_the_job()
 
 from ray_pipeline import run
-from ray_pipeline.cli import run_entry
+from ray_pipeline.cli import exit_process, run_entry
 from ray_pipeline.config import build_parser, config_fields
 
 # Every selection setting, how many candidates to take, and how the job reports.
@@ -40,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
