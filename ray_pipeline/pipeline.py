@@ -47,6 +47,8 @@ def init_ray(config: RunConfig) -> None:
         return
     keep_stop_signals_from_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address.strip().lower() == "auto":
+        address = _resolve_auto("--ray_address" if config.ray_address else "$RAY_ADDRESS")
     if address:
         _check_reachable(address)
         _check_token(address)
@@ -54,14 +56,6 @@ def init_ray(config: RunConfig) -> None:
             with native_lines_hidden(config.verbose):
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            if address.strip().lower() == "auto":
-                # Ray's own words name an --address flag this job does not have.
-                given = "--ray_address" if config.ray_address else "$RAY_ADDRESS"
-                raise PipelineError(
-                    f"{given} is 'auto', but no Ray runs on this machine: start one (ray start --head), pass its "
-                    f"address, or {'drop --ray_address' if config.ray_address else 'unset RAY_ADDRESS'} to start a "
-                    "local Ray for this job"
-                ) from None
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
         except AuthenticationError as exc:
             raise token_missing(address, exc) from None
@@ -134,6 +128,24 @@ def native_lines_hidden(verbose: bool):
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+def _resolve_auto(given: str) -> str:
+    """`auto` as ray.init reads it: the last `ray start` on this machine, else any Ray GCS running here.
+
+    Resolved before ray.init so that the checks of an address (reachable, token) apply to what it finds: ray.init
+    retried a refused token for 20 s, and with nothing found it named an `--address` flag this job does not have.
+    """
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    found = find_bootstrap_address(None) or next(iter(find_gcs_addresses()), None)
+    if found is None:
+        drop = "drop --ray_address" if given == "--ray_address" else "unset RAY_ADDRESS"
+        raise PipelineError(
+            f"{given} is 'auto', but no Ray runs on this machine: start one (ray start --head), pass its address, "
+            f"or {drop} to start a local Ray for this job"
+        )
+    return found
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

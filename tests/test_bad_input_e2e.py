@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -205,19 +206,51 @@ def test_gguf_missing_a_weight_is_refused(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("models/*/config.json"))
 
 
+# A job whose Ray discovery finds no Ray on this machine: Ray's lookup also finds any gcs_server process running here
+# (the session's cluster, in this suite), so "none" is its process search stood in for by one that finds nothing.
+NO_RAY_FOUND = (
+    "import sys\n"
+    "import ray._private.services as services\n"
+    "services.find_gcs_addresses = lambda: []\n"
+    "from jobs.infer import main\n"
+    "from ray_pipeline.cli import exit_process\n"
+    "exit_process(main(sys.argv[1:]))\n"
+)
+
+
+def auto_args(tiny_model: str, out: Path) -> list[str]:
+    args = ["--dataset", "embedded:1", "--num_return_sequences", "1", "--temperature", "0", "--max_tokens", "4"]
+    return args + ["--model_path", tiny_model, "--output_dir", str(out)]
+
+
 @pytest.mark.parametrize("given", ["env", "flag"])
 def test_auto_with_no_ray_running_names_what_to_do(tiny_model, tmp_path, given):
     """`auto` joins the Ray this machine runs; with none, one line says so in the job's words (Ray's name a
-    `--address` flag the job does not have)."""
-    root = Path(tempfile.mkdtemp(prefix="bestofn-auto-"))  # no ray_current_cluster: nothing to join
+    `--address` flag the job does not have), at once."""
+    root = Path(tempfile.mkdtemp(prefix="bestofn-auto-"))  # no ray_current_cluster: no `ray start` to find
     try:
-        args = ["--dataset", "embedded:1", "--num_return_sequences", "1", "--temperature", "0", "--max_tokens", "4"]
-        args += ["--model_path", tiny_model, "--output_dir", str(tmp_path)]
-        env = {"RAY_TMPDIR": str(root)} | ({"RAY_ADDRESS": "auto"} if given == "env" else {})
-        proc = run_job("jobs.infer", *args, *(["--ray_address", "auto"] if given == "flag" else []), env=env)
+        env = {**os.environ, "RAY_TMPDIR": str(root)} | ({"RAY_ADDRESS": "auto"} if given == "env" else {})
+        flag = ["--ray_address", "auto"] if given == "flag" else []
+        proc = subprocess.run(
+            [sys.executable, "-c", NO_RAY_FOUND, *auto_args(tiny_model, tmp_path), *flag],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
         line = refused(proc)
         source = "$RAY_ADDRESS" if given == "env" else "--ray_address"
         assert line.startswith(f"error: {source} is 'auto', but no Ray runs on this machine: start one"), line
         assert "--address" not in line.replace("--ray_address", ""), line
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_auto_finds_the_running_ray_and_checks_its_token(ray_cluster, tiny_model, tmp_path):
+    """`auto` finds the session's running Ray (Ray's own search: its GCS process); without that cluster's token the
+    job is refused at once naming the token (ray.init retried a refused token for 20 s)."""
+    root = Path(tempfile.mkdtemp(prefix="bestofn-auto-"))
+    try:
+        env = {"RAY_TMPDIR": str(root), "RAY_ADDRESS": "auto", "RAY_AUTH_MODE": "token"}
+        env["RAY_AUTH_TOKEN_PATH"] = str(root / "no-token")
+        line = refused(run_job("jobs.infer", *auto_args(tiny_model, tmp_path), env=env))
+        assert ray_cluster.gcs_address.rsplit(":", 1)[1] in line and "token" in line, line
     finally:
         shutil.rmtree(root, ignore_errors=True)
