@@ -112,7 +112,7 @@ def evaluate(run: GradedRun, name: str, params: SelectionParams) -> MethodResult
         changed = int(np.sum(picks.index != plain.index))
     # Over the graded problems: one without a gold answer is neither right nor wrong.
     summary = {
-        "accuracy": _none_if_nan(run.share(float(correct.sum()))),
+        "accuracy": run.share(float(correct.sum())),
         "ci95": [_none_if_nan(x) for x in wilson_interval(int(correct.sum()), run.graded)],
         "auroc": _none_if_nan(auroc_arrays(picks.scores, run.values["correct"], known)),
         "by_level": _by(run, correct, "level"),
@@ -156,8 +156,8 @@ def curves(run: GradedRun, names: list[str], params: SelectionParams) -> dict:
                     hits = _hits(subsets, METHODS[name](subsets, params).index, run, problems, CURVE_DRAWS)
                 hits_mean[name] += hits
         for name in names:
-            mean[name][k] = _none_if_nan(run.share(hits_mean[name]))
-            first[name][k] = _none_if_nan(run.share(hits_first[name]))
+            mean[name][k] = run.share(hits_mean[name])
+            first[name][k] = run.share(hits_first[name])
     return {"sizes": sizes, "accuracy_by_n": mean, "accuracy_by_first_n": first}
 
 
@@ -181,12 +181,9 @@ def pass_curves(run: GradedRun) -> tuple[dict, dict]:
     correct = run.values["correct"]
     counts = [int(correct[a:b].sum()) if g else 0 for a, b, g in zip(run.offsets[:-1], run.offsets[1:], run.has_gold)]
     graded = [(int(n), c) for n, c, g in zip(run.sizes, counts, run.has_gold) if g]
-    unbiased = {k: _none_if_nan(run.share(sum(pass_at_k(n, c, k) for n, c in graded))) for k in sizes}
+    unbiased = {k: run.share(sum(pass_at_k(n, c, k) for n, c in graded)) for k in sizes}
     bounds = list(zip(run.offsets[:-1].tolist(), run.offsets[1:].tolist(), run.has_gold.tolist()))
-    first = {
-        k: _none_if_nan(run.share(sum(g and bool(correct[a : min(a + k, b)].any()) for a, b, g in bounds)))
-        for k in sizes
-    }
+    first = {k: run.share(sum(g and bool(correct[a : min(a + k, b)].any()) for a, b, g in bounds)) for k in sizes}
     return unbiased, first
 
 
@@ -204,7 +201,7 @@ def compare(run: GradedRun, params: SelectionParams) -> tuple[dict[str, MethodRe
             sweep[name] = {}
             for a in ALPHA_GRID:
                 picks = run_method(run, name, replace(params, alpha=a))
-                sweep[name][str(a)] = _none_if_nan(run.share(float(picked_correct(run, picks).sum())))
+                sweep[name][str(a)] = run.share(float(picked_correct(run, picks).sum()))
     return results, unavailable, sweep
 
 

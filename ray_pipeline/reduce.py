@@ -66,8 +66,8 @@ class Summary:
     problems: int
     candidates: int
     candidates_per_problem: int
-    accuracy: float
-    pass_at_n: float
+    accuracy: float | None
+    pass_at_n: float | None
     partial: bool
     missing_shards: list[int]
     output: str
@@ -287,9 +287,9 @@ class GradedRun:
         """Problems with a gold answer: what accuracy, its interval, pass@N and AUROC count."""
         return int(np.sum(self.has_gold))
 
-    def share(self, hits: float) -> float:
-        """`hits` correct picks as a share of the graded problems (NaN when none is graded)."""
-        return hits / self.graded if self.graded else math.nan
+    def share(self, hits: float) -> float | None:
+        """`hits` correct picks as a share of the graded problems; None (JSON's null) when none is graded."""
+        return hits / self.graded if self.graded else None
 
     @property
     def problems(self) -> int:
@@ -566,7 +566,7 @@ def error_problems(run: GradedRun) -> dict[str, str]:
     return {pid: error for pid, error in zip(ids, errors) if error}
 
 
-def pass_at_n(run: GradedRun) -> float:
+def pass_at_n(run: GradedRun) -> float | None:
     """The share of problems with at least one correct candidate (the oracle)."""
     hits = np.add.reduceat(run.values["correct"], run.offsets[:-1]) > 0 if len(run.preds) else np.zeros(0)
     return run.share(float(np.sum(hits & run.has_gold)))
@@ -605,8 +605,8 @@ def write_best(run: GradedRun, output: Location, method: str, params: SelectionP
         problems=run.problems,
         candidates=len(run.preds),
         candidates_per_problem=int(run.sizes.max()),
-        accuracy=_json_number(run.share(correct)),
-        pass_at_n=_json_number(pass_at_n(run)),
+        accuracy=run.share(correct),
+        pass_at_n=pass_at_n(run),
         # Without a plan (no manifest) nothing proves the shards complete: never claim they are.
         partial=bool(run.missing) or not verified,
         missing_shards=run.missing,
@@ -614,10 +614,6 @@ def write_best(run: GradedRun, output: Location, method: str, params: SelectionP
         error_problems=error_problems(run),
         ungraded=run.problems - run.graded,
     )
-
-
-def _json_number(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def summary_json(summary: Summary) -> str:

@@ -105,7 +105,7 @@ def compare_run(
         "candidates_per_problem": n,
         # Every selection parameter, in RunConfig's order (a new one appears here and in report.md by itself).
         "params": dataclasses.asdict(params),
-        "pass_at_n": None if math.isnan(pass_at_n(run)) else pass_at_n(run),
+        "pass_at_n": pass_at_n(run),
         "pass_at_n_by_n": pass_by_n,
         "pass_at_n_by_first_n": pass_by_first_n,
         "curve_draws": CURVE_DRAWS,

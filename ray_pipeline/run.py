@@ -308,7 +308,7 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     partial = f" PARTIAL: shards {summary.missing_shards} missing," if summary.partial else ""
     n = config.num_return_sequences
     ungraded = f" ({summary.ungraded} without a gold answer, not graded)" if summary.ungraded else ""
-    accuracy, oracle = ("—" if x is None else f"{x:.3f}" for x in (summary.accuracy, summary.pass_at_n))
+    accuracy, oracle = _number(summary.accuracy), _number(summary.pass_at_n)
     print(
         f"  backend {config.backend}:{partial} {summary.problems} problems{ungraded}, {summary.candidates} candidates, "
         f"accuracy ({config.method}) {accuracy}, pass@{n} {oracle}, generate+score {stats.generate_and_score_s:.0f} s",
@@ -368,19 +368,20 @@ def compare(plan: RunPlan) -> dict:
     return comparison
 
 
+def _number(value: float | None) -> str:
+    """A share or score as the console prints it: three decimals, or — when there is none (nothing graded)."""
+    return "—" if value is None else f"{value:.3f}"
+
+
 def print_comparison(comparison: dict) -> None:
     n = comparison["candidates_per_problem"]
     ungraded = comparison.get("ungraded", 0)
     graded = f" ({ungraded} without a gold answer, not graded)" if ungraded else ""
-
-    def number(value) -> str:
-        return "—" if value is None else f"{value:.3f}"
-
-    oracle = number(comparison["pass_at_n"])
+    oracle = _number(comparison["pass_at_n"])
     print(f"{comparison['problems']} problems x {n} candidates{graded}, pass@{n} {oracle}", flush=True)
     for name, m in comparison["methods"].items():
-        accuracy = f"{number(m['accuracy'])} [{number(m['ci95'][0])}, {number(m['ci95'][1])}]"
-        print(f"  {name:<22} accuracy {accuracy}  AUROC {number(m['auroc'])}", flush=True)
+        accuracy = f"{_number(m['accuracy'])} [{_number(m['ci95'][0])}, {_number(m['ci95'][1])}]"
+        print(f"  {name:<22} accuracy {accuracy}  AUROC {_number(m['auroc'])}", flush=True)
     for name, reason in comparison["unavailable"].items():
         print(f"  {name:<22} not available: {reason}", flush=True)
 
