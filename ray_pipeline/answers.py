@@ -6,8 +6,10 @@ the main thread (e.g. in Ray actor threads) the timeouts are switched off.
 
 A problem's N answers are graded and grouped once (`grade_and_group`): each distinct answer is parsed
 once, cheap exact keys decide most pairs (`decide_equivalent`), and math-verify's symbolic comparison
-runs only on the pairs the keys cannot decide. math-verify counts a timeout as "not equivalent"; every
-one is counted (`timeouts`) and none is printed.
+runs only on the pairs the keys cannot decide. One direction rule serves both: `grade(pred, gold)` is
+math-verify's `verify(gold, pred)`, and two answers are equivalent (`answers_equivalent`, the rule of
+answer classes) when each grades correct against the other; classes are cliques of it. math-verify
+counts a timeout as "not equivalent"; every one is counted (`timeouts`) and none is printed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 from math_verify.utils import timeout as math_verify_timeout
+
+from ray_pipeline.deepconf import group_answers
 
 # Per-call limit in the main thread, where signal.alarm is usable.
 MAIN_THREAD_TIMEOUT_S = 5
@@ -201,7 +205,16 @@ def _same_normalized(a: str, b: str) -> bool:
 
 
 def grade(pred: str | None, gold: str) -> bool:
-    """True when `pred` is mathematically equivalent to `gold` (both bare answers, no `\\boxed`). Never raises."""
+    """True when `pred` is a correct answer for `gold` (both bare answers, no `\\boxed`). Never raises.
+
+    The one direction rule, which `answers_equivalent` (and so every answer class) shares: equal non-empty
+    normalized strings, else math-verify's `verify(gold, pred)`, gold first. math-verify is not symmetric
+    on purpose: the gold's form decides how the prediction is read. A gold set or bare list (`2,3`)
+    accepts its elements in any order, `(3,2)` included, while a gold tuple `(3,2)` rejects `2,3`; a gold
+    inequality `1 \\le x \\le 2` accepts the interval `[1,2]`, a gold interval does not accept the
+    inequality. (An assignment is read as its value in both directions: `x=2` and `2` grade each other
+    correct.) Grading keeps math-verify's own direction, so accuracies stay math-verify's.
+    """
     if pred is None or gold is None:
         return False
     if _same_normalized(pred, gold):
@@ -210,13 +223,19 @@ def grade(pred: str | None, gold: str) -> bool:
 
 
 def answers_equivalent(a: str, b: str) -> bool:
-    """True when two predicted answers are equivalent; symmetric, for grouping votes. Never raises."""
+    """True when each answer grades correct against the other: `grade(a, b) and grade(b, a)`. Never raises.
+
+    The one pairwise rule of answer classes (symmetric). Both directions must hold, not either: two answers
+    share a class only if, whichever of them were the gold, the other would be graded correct. With
+    "either", `2,3` and `(3,2)` would be one class although `grade("2,3", "(3,2)")` is False, so a vote's
+    accuracy would depend on which member it picked. Equivalence stays non-transitive (50\\% ~ 0.5 and
+    50\\% ~ 50, but 0.5 !~ 50), which is why classes are cliques (`deepconf.group_answers`).
+    """
     if a is None or b is None:
         return False
     if _same_normalized(a, b):
         return True
-    # math-verify's verify(gold, pred) is not symmetric (e.g. assignments like `x=2`), so try both orders.
-    return _verify(a, b) or _verify(b, a)
+    return _verify(a, b) and _verify(b, a)
 
 
 # --- timeouts: counted, never printed ---------------------------------------------------------------------------
@@ -413,7 +432,7 @@ def _numbers_equal(x, y) -> bool:
 
 
 def decide_equivalent(a: ParsedAnswer, b: ParsedAnswer) -> bool | None:
-    """What `answers_equivalent(a.text, b.text)` (and `grade` in either direction) returns, where cheap keys decide it.
+    """What `grade` returns in either direction (so also `answers_equivalent`), where cheap keys decide it.
 
     True: the normalized strings are equal, a string part is shared, or a SymPy part is the same
     structure. Both plain numbers: math-verify's numeric rule (`_numbers_equal`). False: the answers
@@ -460,54 +479,40 @@ class GradedAnswers:
 def grade_and_group(preds: list[str | None], gold: str | None) -> GradedAnswers:
     """Grade each distinct answer once (`grade`'s rule) and give every candidate its answer class.
 
-    The class rule: distinct answers are taken in order of first appearance, and each joins the class
-    of the first earlier class leader (the first answer of a class) it is equivalent to
-    (`answers_equivalent`), else starts a class; identical strings always share a class. Keys decide
-    a pair where they can (`decide_equivalent`), math-verify otherwise. Where math-verify's
-    equivalence is transitive this is the pairwise grouping of every answer against each earlier
-    group's first answer; where it is not (a ~ b and b ~ c, but not a ~ c), an answer's class depends
-    on the problem's other answers, in order, and is then the same for every subset of them that the
-    accuracy curves draw, instead of being re-derived per subset.
+    Classes are `deepconf.group_answers`'s cliques under `answers_equivalent` (each member graded correct
+    against every other as gold): the partition depends only on the answers and their counts, not on
+    their order; labels are numbered by first appearance. Keys decide a pair where they can (a clearly
+    different value, then `decide_equivalent`), math-verify both ways otherwise (the second direction only
+    when the first holds). The classes are the problem's, made once: the accuracy curves restrict them to
+    each subset they draw instead of re-deriving them per subset.
     """
-    distinct = list(dict.fromkeys(p for p in preds if p is not None))
-    parsed = [parse_answer(p) for p in distinct]
-    leaders: list[ParsedAnswer] = []
-    leader_values = np.full(0, np.nan, dtype=np.complex128)
-    class_of: dict[str, int] = {}
-    symbolic = 0
-    for answer in parsed:
-        label = None
-        if answer.value is not None and len(leaders):
-            # Leaders whose value is clearly different are decided at once; the others are checked in order.
-            with np.errstate(invalid="ignore"):
-                gap = np.abs(leader_values - answer.value)
-                scale = np.maximum(1.0, np.maximum(np.abs(leader_values), abs(answer.value)))
-                open_pairs = ~(gap > _DIFFERENT * scale)
-            order = np.flatnonzero(open_pairs)
-        else:
-            order = range(len(leaders))
-        for g in order:
-            decided = decide_equivalent(leaders[g], answer)
-            if decided is None:
-                symbolic += 2
-                decided = _verify_parsed(leaders[g], answer) or _verify_parsed(answer, leaders[g])
-            if decided:
-                label = int(g)
-                break
-        if label is None:
-            label = len(leaders)
-            leaders.append(answer)
-            leader_values = np.append(leader_values, np.nan if answer.value is None else answer.value)
-        class_of[answer.text] = label
-    labels = np.array([-1 if p is None else class_of[p] for p in preds], dtype=np.int32)
-    if gold is None:
-        return GradedAnswers(labels, [None] * len(preds), len(distinct), symbolic)
-    gold_parsed = parse_answer(gold)
-    grades = {}
-    for answer in parsed:
-        decided = decide_equivalent(gold_parsed, answer)
-        if decided is None:
-            symbolic += 1
-            decided = _verify_parsed(gold_parsed, answer)
-        grades[answer.text] = decided
-    return GradedAnswers(labels, [False if p is None else grades[p] for p in preds], len(distinct), symbolic)
+    parsed = {p: parse_answer(p) for p in dict.fromkeys(p for p in preds if p is not None)}
+    # math-verify's verdicts, (gold text, pred text) -> bool: each comparison runs at most once per call, and
+    # grading reuses one that grouping ran (the gold is often among the answers).
+    verdicts: dict[tuple[str, str], bool] = {}
+
+    def verified(gold_answer: ParsedAnswer, pred: ParsedAnswer) -> bool:
+        key = (gold_answer.text, pred.text)
+        if key not in verdicts:
+            verdicts[key] = _verify_parsed(gold_answer, pred)
+        return verdicts[key]
+
+    def decide(a: str, b: str) -> bool | None:
+        pa, pb = parsed[a], parsed[b]
+        if pa.value is not None and pb.value is not None and _clearly_different(pa.value, pb.value):
+            return False
+        return decide_equivalent(pa, pb)
+
+    def equivalent(a: str, b: str) -> bool:
+        return verified(parsed[a], parsed[b]) and verified(parsed[b], parsed[a])
+
+    labels = group_answers(preds, equivalent, decide=decide).astype(np.int32)
+    grades = None
+    if gold is not None:
+        gold_parsed = parse_answer(gold)
+        grades = {}
+        for answer in parsed.values():
+            decided = decide_equivalent(gold_parsed, answer)
+            grades[answer.text] = verified(gold_parsed, answer) if decided is None else decided
+    correct = [None] * len(preds) if grades is None else [False if p is None else grades[p] for p in preds]
+    return GradedAnswers(labels, correct, len(parsed), len(verdicts))

@@ -4,8 +4,8 @@ The battery below covers the kinds of answers MATH solutions give, each in sever
 integers, fractions and decimals, radicals and pi, polynomials, equations, intervals, sets and
 tuples, percentages, degrees, text and symbols, complex numbers, and answers math-verify cannot
 compare. Every pair the keys decide must get math-verify's own answer (`answers_equivalent`, and
-`grade` in both directions), and grouping must equal the pairwise grouping of every answer against
-each earlier group's first answer.
+`grade` in both directions), and grouping must equal the clique grouping done with math-verify alone
+(tests/test_answer_classes.py checks the cliques and their order independence on generated cases).
 """
 
 import itertools
@@ -102,22 +102,28 @@ def test_the_keys_grade_as_grade_does(gold):
             assert decision == grade(pred, gold), (pred, gold)
 
 
-def pairwise_groups(preds):
-    """The grouping before classes: each answer joins the first earlier group whose first answer is equivalent."""
-    firsts, labels = [], []
+def clique_groups(preds):
+    """The class rule with math-verify alone: distinct answers, most common first (ties: by string), each joins the
+    first class all of whose members are equivalent to it; classes numbered by first appearance in `preds`."""
+    counts = {p: preds.count(p) for p in preds if p is not None}
+    classes = []
+    for pred in sorted(counts, key=lambda p: (-counts[p], p)):
+        home = next((c for c in classes if all(reference_equivalent(m, pred) for m in c)), None)
+        if home is None:
+            classes.append(home := [])
+        home.append(pred)
+    number: dict[int, int] = {}
+    labels = []
     for pred in preds:
         if pred is None:
             labels.append(-1)
             continue
-        label = next((g for g, first in enumerate(firsts) if reference_equivalent(first, pred)), None)
-        if label is None:
-            firsts.append(pred)
-            label = len(firsts) - 1
-        labels.append(label)
+        c = next(i for i, members in enumerate(classes) if pred in members)
+        labels.append(number.setdefault(c, len(number)))
     return labels
 
 
-def test_classes_equal_pairwise_grouping_and_grades_equal_grade():
+def test_classes_equal_clique_grouping_and_grades_equal_grade():
     rng = random.Random(0)
     # Answers that are equivalent to themselves: an answer that is not (nothing parses) is one class with its copies.
     pool = [a for a in BATTERY if reference_equivalent(a, a) and len(a) < 100]
@@ -126,7 +132,7 @@ def test_classes_equal_pairwise_grouping_and_grades_equal_grade():
         preds += rng.sample([p for p in preds if p is not None], k=min(3, sum(p is not None for p in preds)))
         gold = rng.choice(GOLDS)
         graded = grade_and_group(preds, gold)
-        assert graded.labels.tolist() == pairwise_groups(preds), preds
+        assert graded.labels.tolist() == clique_groups(preds), preds
         assert graded.correct == [p is not None and grade(p, gold) for p in preds], (preds, gold)
         assert graded.distinct == len({p for p in preds if p is not None})
 
@@ -189,8 +195,11 @@ def test_timeouts_are_counted_and_never_printed(monkeypatch, capsys):
     monkeypatch.setattr(math_verify.grader, "sympy_expr_eq", block)
     logging.lastResort.setLevel(logging.WARNING)
     before = timeouts()
-    # Both directions are compared (verify is not symmetric), and each times out after its second.
+    # Equivalence needs both directions (verify is not symmetric); the first times out after its second, which
+    # counts as "not equivalent", so the second is not run.
     assert answers_equivalent("(x+1)^{4}", "x^{4}+1") is False
+    assert timeouts() == before + 1
+    assert grade("x^{4}+1", "(x+1)^{4}") is False
     assert timeouts() == before + 2
     logging.getLogger("math_verify.grader").warning("Timeout during comparison")
     assert timeouts() == before + 3
