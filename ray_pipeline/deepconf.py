@@ -14,10 +14,13 @@ does this per problem:
    the final traces that were not stopped; like `deepconf-online.py`, which marks every final trace whose
    lowest group confidence is below s as stopped after generation, it also leaves out a final trace shorter
    than the window whose mean is below s. Traces without an answer never vote.
-5. Optional consensus stop (the paper's adaptive sampling): the final traces run in waves, and after each
-   wave the problem stops once the leading answer holds at least `consensus` of the vote's weight; the
-   traces not yet launched are never generated. As in the paper, where the check follows each new trace, at
-   least one wave runs: the warm-up's vote alone (with DeepConf-low often one or two traces) never stops it.
+5. Optional consensus stop (the paper's adaptive sampling): after each final trace, in trace order, the
+   problem stops once the leading answer holds at least `consensus` of the vote's weight; the later traces do
+   not vote (phase skipped). As in the paper, the check follows each new trace, so at least one final trace
+   runs: the warm-up's vote alone (with DeepConf-low often one or two traces) never stops it. Which traces
+   vote depends only on the traces, never on timing: the generator keeps `wave` final traces in flight and
+   hands them to the check in trace order; a trace that finished after the stop was decided is counted as
+   spent engine work, not as a vote.
 
 A token's engine confidence is minus the mean of the generator's top-k log-probabilities of the raw
 (temperature 1) distribution at that position, DeepConf's definition, read from the engine that samples
@@ -27,6 +30,10 @@ exactly in any order: a window's mean is its exact sum divided by the window, on
 running sums (`WindowMonitor`) and the simulator's cumulative sums (`window_means`) therefore give the same
 means bit for bit, and the simulator (`replay_problem`) decides exactly what an online run on the same traces
 decided. The scorer's `token_confidence` (a teacher-forced pass, up to 0.16 nat away in bf16) is never mixed in.
+One limit under a consensus stop: the online check groups the answers of the traces finished so far, the replay
+is given the classes of the complete run's answers; answer classes are cliques (`group_answers`), and where a
+problem's answers are not transitively equivalent (50\\% ~ 0.5 and 50\\% ~ 50, 0.5 !~ 50) the classes of a
+subset need not be those of the whole restricted to it, so the two can weigh a vote differently there.
 """
 
 from __future__ import annotations
@@ -248,13 +255,6 @@ class OnlineSettings:
             config.consensus_wave,
         )
 
-    def final_waves(self, num_traces: int) -> list[list[int]]:
-        """The final traces' indices in launch order: all in one wave, or waves of `wave` under a consensus stop."""
-        final = list(range(self.warmup, num_traces))
-        if self.consensus is None:
-            return [final] if final else []
-        return [final[i : i + self.wave] for i in range(0, len(final), self.wave)]
-
     def consensus_reached(self, vote: OnlineVote) -> bool:
         return self.consensus is not None and vote.winner >= 0 and vote.share >= self.consensus
 
@@ -298,17 +298,17 @@ def replay_problem(confidences: Sequence, class_ids, settings: OnlineSettings) -
         phase[k], kept[k] = WARMUP, len(confidences[k])
         lowest[k] = lowest_group_confidence(confidences[k], settings.window)
     threshold = stop_threshold(lowest[:warmup], settings.percentile)
-    for number, wave in enumerate(settings.final_waves(n)):
-        launched = np.array([p != SKIPPED for p in phase], dtype=bool)
-        if number and settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold)):
-            break
-        for k in wave:
-            conf = np.asarray(confidences[k])
-            stop = first_stop(conf, settings.window, threshold)
-            phase[k] = FINAL
-            kept[k] = len(conf) if stop is None else stop
-            stopped_at[k] = -1 if stop is None else stop
-            lowest[k] = lowest_group_confidence(conf[: kept[k]], settings.window)
+    for k in range(warmup, n):
+        conf = np.asarray(confidences[k])
+        stop = first_stop(conf, settings.window, threshold)
+        phase[k] = FINAL
+        kept[k] = len(conf) if stop is None else stop
+        stopped_at[k] = -1 if stop is None else stop
+        lowest[k] = lowest_group_confidence(conf[: kept[k]], settings.window)
+        if settings.consensus is not None:
+            launched = np.array([p != SKIPPED for p in phase], dtype=bool)
+            if settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold)):
+                break
     vote = online_vote(lowest, class_ids, np.array([p != SKIPPED for p in phase], dtype=bool), threshold)
     return ProblemReplay(phase, kept, stopped_at, lowest, threshold, vote)
 

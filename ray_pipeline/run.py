@@ -317,29 +317,34 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
     for problem_id, error in summary.error_problems.items():
         print(f"  no candidates for {problem_id}: {error}", flush=True)
     if config.generation == "deepconf-online":
-        print(online_tokens_line(plan.shards_dir), flush=True)
+        print(online_tokens_line(plan.shards_dir, stats.generate_and_score_s), flush=True)
     print(f"✅ Done! Final results saved to: {plan.best}", flush=True)
     mark("selected")
     return summary
 
 
-def online_tokens_line(shards_dir: StoragePath) -> str:
+def online_tokens_line(shards_dir: StoragePath, generate_and_score_s: float | None = None) -> str:
     """What DeepConf online saved in a run: tokens generated, traces stopped and skipped, and an estimate of the
-    tokens running every trace to its end would have taken (`deepconf.estimated_savings`)."""
+    tokens (and, given this run's generate+score seconds, the time) running every trace to its end would have
+    taken (`deepconf.estimated_savings`; time counted in proportion to the tokens the engine generated)."""
     table = read_shards(shards_dir, ["problem_id", "phase", "stopped_at", "token_count", "engine_token_count"])
     phase = table.column("phase").to_pylist()
     stopped = [s is not None for s in table.column("stopped_at").to_pylist()]
     counts = table.column("token_count").to_pylist()
     generated, estimate = estimated_savings(table.column("problem_id").to_pylist(), phase, stopped, counts)
     final = sum(p == FINAL for p in phase)
-    engine = sum(c or 0 for c in table.column("engine_token_count").to_pylist())
-    dropped = f" (+{engine - generated:,} generated after a stop and dropped)" if engine > generated else ""
-    saved = 1 - generated / estimate if estimate else 0.0
+    engine = max(generated, sum(c or 0 for c in table.column("engine_token_count").to_pylist()))
+    spent = f" (+{engine - generated:,} generated and not kept)" if engine > generated else ""
+    saved = 1 - engine / estimate if estimate else 0.0
+    seconds = ""
+    if generate_and_score_s and engine and estimate > engine:
+        full_s = generate_and_score_s * estimate / engine
+        seconds = f"; about {full_s - generate_and_score_s:.0f} s of {full_s:.0f} s saved"
     return (
-        f"  deepconf-online: {generated:,} tokens generated{dropped}; {sum(stopped)} of {final} final traces stopped "
-        f"early, {sum(p == SKIPPED for p in phase)} skipped; about {estimate - generated:,} tokens ({saved:.0%}) "
-        f"saved against running every trace to its end (estimate: a cut trace counted at its problem's mean "
-        f"complete length)"
+        f"  deepconf-online: {generated:,} tokens generated{spent}; {sum(stopped)} of {final} final traces stopped "
+        f"early, {sum(p == SKIPPED for p in phase)} skipped; about {max(0, estimate - engine):,} tokens ({saved:.0%})"
+        f"{seconds} against running every trace to its end (estimate: a cut trace counted at its problem's mean "
+        f"complete length, time in proportion to tokens)"
     )
 
 

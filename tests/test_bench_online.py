@@ -51,7 +51,8 @@ def test_the_comparison_replays_the_full_run_and_scores_the_online_one():
         "online": [(np.array([0, -1, -1]), np.array([True]))],
     }
     timings = {"full-confidence": {"generate_score_s": 10.0}, "online": {"generate_score_s": 4.0}}
-    result = _compare(config, online_config, [90.0], {"full-confidence": full, "online": online}, grades, timings)
+    runs = {"full-confidence": full, "online": online}
+    result = _compare(config, online_config, [90.0], runs, grades, timings, 0.6)
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["full self-consistency"]["tokens"] == 12 and rows["full self-consistency"]["accuracy"] == 1.0
     simulated = rows["DeepConf-low online, simulated"]
@@ -62,4 +63,10 @@ def test_the_comparison_replays_the_full_run_and_scores_the_online_one():
     assert measured["generate_score_s"] == 4.0
     targets = result["targets"]
     assert targets["online_tokens_share"] == 0.5 and targets["work_share"] == 0.4
-    assert targets["work_target_met (<= 0.65)"] and targets["tokens_target_met (<= 0.50)"]
+    assert targets["work_target_met (<= 0.6)"] and targets["tokens_target_met (<= 0.50)"]
+    # The engine generated 6 of the full run's 12 tokens; work 0.4 <= 0.5 + 0.05: the saved tokens became time.
+    follows = "work_follows_tokens (work <= engine tokens + 0.05)"
+    assert targets["online_engine_tokens_share"] == 0.5 and targets[follows]
+    slower = _compare(config, online_config, [90.0], runs, grades, timings | {"online": {"generate_score_s": 7.0}}, 0.6)
+    assert not slower["targets"][follows]
+    assert not slower["targets"]["work_target_met (<= 0.6)"]

@@ -157,24 +157,26 @@ def test_replay_stops_final_traces_at_their_first_low_window():
     assert replay.vote.winner == 0 and replay.vote.share == pytest.approx(3.0 / 5.0)
 
 
-def test_replay_with_consensus_skips_the_waves_after_agreement():
+def test_replay_with_consensus_checks_after_every_final_trace():
     agree = trace([2, 2, 2])
     confidences = [agree] * 2 + [agree] * 6
     settings = OnlineSettings(window=2, warmup=2, percentile=50, consensus=0.9, wave=2)
-    assert settings.final_waves(8) == [[2, 3], [4, 5], [6, 7]]
     replay = replay_problem(confidences, [0] * 8, settings)
-    # The warm-up already agrees, but a first wave always runs; then the vote is unanimous: stop.
-    assert replay.phase == [WARMUP] * 2 + [FINAL] * 2 + [SKIPPED] * 4 and replay.tokens == 12
-    assert replay.launched.tolist() == [True] * 4 + [False] * 4
+    # The warm-up already agrees, but one final trace always runs; then the vote is unanimous: stop.
+    assert replay.phase == [WARMUP] * 2 + [FINAL] + [SKIPPED] * 5 and replay.tokens == 9
+    assert replay.launched.tolist() == [True] * 3 + [False] * 5
     split = replay_problem(confidences, [0, 1, 0, 0, 1, 1, 0, 0], settings)
-    # After the first wave 3:1 (share 0.75), after the second 3:3, after the third 5:3: all run. With
-    # [0, 1, 0, 1, 0, 0, ...] and 0.65: 2:2 after the first wave, 4:2 (0.67) after the second: stop.
+    # Shares of class 0 after each final trace: 2/3, 3/4, 3/5, 3/6, 4/7, 5/8: never 0.9, all run.
     assert split.phase == [WARMUP] * 2 + [FINAL] * 6
-    stop_after_one = replay_problem(confidences, [0, 1, 0, 0, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.75, 2))
-    assert stop_after_one.phase == [WARMUP] * 2 + [FINAL] * 2 + [SKIPPED] * 4
-    stop_after_two = replay_problem(confidences, [0, 1, 0, 1, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.65, 2))
-    assert stop_after_two.phase == [WARMUP] * 2 + [FINAL] * 4 + [SKIPPED] * 2
-    assert OnlineSettings(2, 2, 50).final_waves(8) == [[2, 3, 4, 5, 6, 7]]
+    # 0.75 is reached after the second final trace (3 of 4), 0.65 after the first (2 of 3).
+    stop_after_two = replay_problem(confidences, [0, 1, 0, 0, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.75, 2))
+    assert stop_after_two.phase == [WARMUP] * 2 + [FINAL] * 2 + [SKIPPED] * 4
+    stop_after_one = replay_problem(confidences, [0, 1, 0, 1, 0, 0, 0, 0], OnlineSettings(2, 2, 50, 0.65, 2))
+    assert stop_after_one.phase == [WARMUP] * 2 + [FINAL] + [SKIPPED] * 5
+    # How many traces are in flight (`wave`) never changes which traces vote.
+    for labels in ([0] * 8, [0, 1, 0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]):
+        replays = [replay_problem(confidences, labels, OnlineSettings(2, 2, 50, 0.75, w)) for w in (1, 3, 8)]
+        assert len({tuple(r.phase) for r in replays}) == 1
 
 
 def test_wilson_interval_reference_values():

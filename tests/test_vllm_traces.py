@@ -1,5 +1,6 @@
-"""The vLLM backend's traces on a fake AsyncLLM that streams like the real one: confidences from both of vLLM's
-log-prob layouts, the cut at the online rule's token, the abort of a stopped request, refusals."""
+"""The vLLM backend's traces on a fake AsyncLLM that answers like the real one: confidences from both of vLLM's
+log-prob layouts, a final trace that the engine's `WindowStop` ended at the online rule's token (its stop token
+in place of a sampled one), refusals."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ K = 4
 CONFIG = RunConfig(deepconf_top_k=K, deepconf_window=3, max_tokens=30, temperature=0.7, engine_confidence=True)
 
 
+STOP_TOKEN = 2
+
+
 class StreamingEngine:
     """AsyncLLM.generate's contract for one n = 1 request: outputs of one or more new tokens (DELTA; a slow
-    consumer gets merged deltas) or one final output (FINAL_ONLY); closing the stream early aborts it."""
+    consumer gets merged deltas) or one final output (FINAL_ONLY); closing the stream early aborts it. A request
+    whose extra_args carry the online stop ends where `WindowStop` ends it (tests/test_confidence_stop.py checks
+    the processor itself): at the rule's stop point, with the stop token there."""
 
     def __init__(self, seed: int, flat: bool, refuse: set[int] = frozenset()):
         self.rng = random.Random(seed)
@@ -81,6 +87,13 @@ class StreamingEngine:
         if trace_index in self.refuse:
             raise ValueError(f"trace {trace_index} refused")
         t = self.trace(request_id.rsplit("-", 1)[0], params.max_tokens)
+        stop_args = (params.extra_args or {}).get("deepconf_stop")
+        if stop_args is not None:
+            assert (stop_args["window"], stop_args["top_k"]) == (CONFIG.deepconf_window, K)
+            assert stop_args["token"] == STOP_TOKEN
+            stop = first_stop(token_confidences(t.top), stop_args["window"], stop_args["threshold"])
+            if stop is not None:
+                t = SimpleNamespace(tokens=t.tokens[: stop - 1] + [STOP_TOKEN], top=t.top[:stop], ranks=t.ranks[:stop])
         n = len(t.tokens)
         finished = False
         try:
@@ -108,7 +121,7 @@ def backend(engine: StreamingEngine, cpu: bool = False):
     from actors.vllm_backend import VLLMGenerator
 
     b = VLLMGenerator.__new__(VLLMGenerator)
-    b.config, b.cpu, b.engine, b.ids = CONFIG, cpu, engine, itertools.count()
+    b.config, b.cpu, b.engine, b.ids, b.stop_token = CONFIG, cpu, engine, itertools.count(), STOP_TOKEN
     return b
 
 
@@ -118,27 +131,43 @@ def test_traces_carry_top_k_confidences_and_stop_where_the_rule_says(seed, flat)
     engine = StreamingEngine(seed, flat)
     threshold = 0.9
     samples = asyncio.run(backend(engine).generate_traces([1, 2, 3], "p", list(range(8)), threshold))
-    cut = set()
     for k, sample in enumerate(samples):
         t = engine.requests[f"p-t{k}"]
         full = token_confidences(t.top)
         stop = first_stop(full, CONFIG.deepconf_window, threshold)
         kept = stop or len(t.tokens)
-        assert sample.token_ids == t.tokens[:kept] and sample.confidences == full[:kept].tolist()
-        assert sample.stopped_at == stop and len(sample.token_ids) <= sample.engine_tokens <= len(t.tokens)
+        tokens = t.tokens[: kept - 1] + [STOP_TOKEN] if stop else t.tokens
+        assert sample.token_ids == tokens and sample.confidences == full[:kept].tolist()
+        # Nothing is generated past the stop point: the engine's tokens are the trace's.
+        assert sample.stopped_at == stop and sample.engine_tokens in (None, kept)
         assert sample.finish_reason == (LOW_CONFIDENCE if stop else "stop")
-        if stop is not None and stop < len(t.tokens):
-            cut.add(f"p-t{k}-{k}")
-    # Only stopped requests are aborted: those whose stopping token did not come with their last output.
-    assert set(engine.aborted) <= cut and engine.aborted
-    assert any(s.stopped_at is None for s in samples)
+    assert not engine.aborted
+    assert any(s.stopped_at is None for s in samples) and any(s.stopped_at for s in samples)
 
 
-def test_without_a_threshold_a_trace_comes_whole_and_nothing_is_aborted():
+def test_the_returned_confidences_decide_where_a_trace_stops():
+    """Should the engine's stop and the returned confidences ever part, the vote's confidences decide: the trace is
+    cut where the rule stops on them, and what the engine generated after counts as spent."""
+    from actors.vllm_backend import stopped_trace
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        length, window = int(rng.integers(1, 30)), int(rng.integers(1, 6))
+        conf = (np.rint(rng.uniform(0.5, 3.0, length) * 65536) / 65536).tolist()
+        threshold = float(rng.uniform(0.5, 3.0))
+        tokens = list(range(length))
+        sample = stopped_trace(tokens, conf, "stop", window, threshold)
+        stop = first_stop(conf, window, threshold)
+        assert sample.stopped_at == stop
+        assert sample.token_ids == tokens[: stop or length] and sample.confidences == conf[: stop or length]
+        assert (sample.engine_tokens, sample.finish_reason) == ((length, LOW_CONFIDENCE) if stop else (None, "stop"))
+
+
+def test_without_a_threshold_a_trace_comes_whole():
     engine = StreamingEngine(0, flat=True)
     samples = asyncio.run(backend(engine).generate_traces([1], "p", [0, 1, 2], None))
     assert all(s.stopped_at is None and s.finish_reason == "stop" for s in samples) and not engine.aborted
-    assert [len(s.token_ids) for s in samples] == [s.engine_tokens for s in samples]
+    assert all(s.engine_tokens is None for s in samples)  # None: the engine's tokens are the trace's
 
 
 def test_a_refused_trace_refuses_the_problem():
@@ -154,9 +183,9 @@ def test_trace_sampling_params(cpu):
     from actors.vllm_backend import trace_sampling_params
 
     seed = trace_seed(0, "p", 5)
-    streamed = trace_sampling_params(CONFIG, seed, cpu=cpu, stream=True)
-    assert (streamed.n, streamed.logprobs, streamed.max_tokens, streamed.temperature) == (1, K, 30, 0.7)
-    assert streamed.seed == (None if cpu else seed) and streamed.output_kind == RequestOutputKind.DELTA
-    assert trace_sampling_params(CONFIG, seed, cpu=cpu, stream=False).output_kind == RequestOutputKind.FINAL_ONLY
-    if "flat_logprobs" in type(streamed).__struct_fields__:
-        assert streamed.flat_logprobs is True
+    params = trace_sampling_params(CONFIG, seed, cpu=cpu)
+    assert (params.n, params.logprobs, params.max_tokens, params.temperature) == (1, K, 30, 0.7)
+    # Delivered once, at the trace's end: no token is handled in Python while the engine generates.
+    assert params.seed == (None if cpu else seed) and params.output_kind == RequestOutputKind.FINAL_ONLY
+    if "flat_logprobs" in type(params).__struct_fields__:
+        assert params.flat_logprobs is True
