@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,36 @@ def test_each_run_has_its_own_best_file():
     assert len(names) == 4
     assert best_file_name("d.jsonl", "M", "d_candidates_M_0123456789") == "d_best_M_0123456789.jsonl"
     assert best_file_name("HuggingFaceH4/MATH-500", "M", "run") == "math500_best_M_run.jsonl"
+
+
+def readme_best_file(ds: str, model: str, run_id: str, default_hash: str | None) -> str:
+    """The best-answer file name as README's "What a run writes" states it (transcribed, not imported)."""
+    if default_hash is not None:
+        return f"{ds}_best_{model}_{default_hash}.jsonl"
+    if "_" in run_id or re.fullmatch(r"[0-9a-f]{10}", run_id) or run_id.startswith("run-"):
+        return f"{ds}_best_{model}_run-{run_id.replace('%', '%25').replace('_', '%5F')}.jsonl"
+    return f"{ds}_best_{model}_{run_id}.jsonl"
+
+
+def test_the_readme_describes_every_best_file_name():
+    """Run ids of every kind (with `_`, `%`, 10 hex digits, a `run-` prefix, plain, default): the name is the one
+    README's rule gives, splits back at its last `_`, and README names the escapes."""
+    readme = (ROOT / "README.md").read_text()
+    assert "`%5F`" in readme and "`%25`" in readme and "run-{R'}" in readme
+    rng = random.Random(0)
+    alphabet = "ab_%-9f0"
+    ids = ["my_run", "0123456789", "run-x", "plain", "50%", "a_b%5Fc", "run-_", "abcdef0123"]
+    ids += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    seen = {}
+    for run_id in ids:
+        name = best_file_name("d.jsonl", "M_x", run_id)
+        assert name == readme_best_file("d", "M_x", run_id, None), run_id
+        tail = name.removesuffix(".jsonl").rsplit("_", 1)[1]
+        back = tail.removeprefix("run-").replace("%5F", "_").replace("%25", "%") if tail.startswith("run-") else tail
+        assert back == run_id, (run_id, name)  # the part after the last `_` gives the run id back
+        assert seen.setdefault(name, run_id) == run_id  # never one file for two run ids
+    default = "d_candidates_M_x_0123456789"
+    assert best_file_name("d.jsonl", "M_x", default) == readme_best_file("d", "M_x", default, "0123456789")
 
 
 def test_sampling_settings_the_backends_refuse_are_refused_before_the_run():
