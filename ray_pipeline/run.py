@@ -339,12 +339,12 @@ def online_tokens_line(shards_dir: StoragePath, generate_and_score_s: float | No
     seconds = ""
     if generate_and_score_s and engine and estimate > engine:
         full_s = generate_and_score_s * estimate / engine
-        seconds = f"; about {full_s - generate_and_score_s:.0f} s of {full_s:.0f} s saved"
+        seconds = f" and about {full_s - generate_and_score_s:.0f} s of {full_s:.0f} s"
     return (
         f"  deepconf-online: {generated:,} tokens generated{spent}; {sum(stopped)} of {final} final traces stopped "
         f"early, {sum(p == SKIPPED for p in phase)} skipped; about {max(0, estimate - engine):,} tokens ({saved:.0%})"
-        f"{seconds} against running every trace to its end (estimate: a cut trace counted at its problem's mean "
-        f"complete length, time in proportion to tokens)"
+        f"{seconds} saved against running every trace to its end (estimate: a cut trace counted at its problem's "
+        f"mean complete length, time in proportion to tokens)"
     )
 
 
