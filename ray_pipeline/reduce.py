@@ -131,6 +131,8 @@ def candidate_values(
     self_eval = chunk.column("step_self_eval").to_pylist()
     coe = [chunk.column(c).to_pylist() for c in ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")]
     confidence = _per_row_floats(chunk.column("token_confidence"))
+    engine = chunk.column("engine_confidence").to_pylist()
+    engine_used = 0
     values = {name: np.full(n, np.nan) for name in CANDIDATE_VALUES if name not in ("label", "correct")}
     values["self_eval_missing"] = np.zeros(n, dtype=bool)
     lam, window = params.lambda_weight, params.deepconf_window
@@ -151,8 +153,14 @@ def candidate_values(
             values["self_eval_missing"][i] = True
         else:
             values["self_eval_min"][i] = min(self_eval[i])
-        values["lowest_group"][i] = lowest_group_confidence(confidence[i], window)
-        values["tail"][i] = tail_confidence(confidence[i], window)
+        # DeepConf's confidences are the sampling engine's where the run stored them (one per token), else the
+        # scorer's teacher-forced ones (bf16, up to 0.43 nat per token away from the engine's).
+        if engine[i] is not None and len(engine[i]) == token_count[i]:
+            own, engine_used = np.asarray(engine[i], dtype=np.float64), engine_used + 1
+        else:
+            own = confidence[i]
+        values["lowest_group"][i] = lowest_group_confidence(own, window)
+        values["tail"][i] = tail_confidence(own, window)
     values |= {
         "label": label,
         "correct": correct,
@@ -160,7 +168,6 @@ def candidate_values(
         "mean_entropy": mean_entropy,
         "mean_self_certainty": mean_self_certainty,
     }
-    engine = chunk.column("engine_confidence").to_pylist()
     values["engine_lowest_group"] = np.array(
         [math.nan if c is None or not len(c) else deepconf.lowest_group_confidence(c, window) for c in engine]
     )
@@ -175,6 +182,7 @@ def candidate_values(
         "distinct": distinct,
         "symbolic": symbolic,
         "timeouts": timeouts() - started_timeouts,
+        "confidences": (engine_used, int(np.count_nonzero(token_count))),
         "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
         "engine_strategies": engine_strategies(engine, phase, label, token_count, starts, ends, online, window),
     }
@@ -280,12 +288,24 @@ class GradedRun:
     # settings, what DeepConf would have done (`engine_strategies`: name -> tokens [P], pick [P]).
     generated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     engine_strategies: dict | None = None
+    # (candidates whose DeepConf confidences came from the engine, candidates with tokens): `confidence_source`.
+    confidences: tuple[int, int] = (0, 0)
     _rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def graded(self) -> int:
         """Problems with a gold answer: what accuracy, its interval, pass@N and AUROC count."""
         return int(np.sum(self.has_gold))
+
+    @property
+    def confidence_source(self) -> str:
+        """Which confidences the confidence methods (lowest-group, tail, deepconf-*) read: `engine` (the sampling
+        engine's raw top-k log-probs, stored by online runs and --engine_confidence), `scorer` (its
+        teacher-forced pass), or `engine where stored, else scorer` for a mix."""
+        used, scored = self.confidences
+        if used == scored and scored:
+            return "engine"
+        return "scorer" if not used else f"engine where stored ({used} of {scored} candidates), else scorer"
 
     def share(self, hits: float) -> float | None:
         """`hits` correct picks as a share of the graded problems; None (JSON's null) when none is graded."""
@@ -502,6 +522,7 @@ def grade_table(
         params=params,
         generated=np.array([g for r in results for g in r["generated"]], dtype=np.int64),
         engine_strategies=_merged_strategies([r["engine_strategies"] for r in results]),
+        confidences=tuple(sum(r["confidences"][k] for r in results) for k in (0, 1)),
     )
 
 

@@ -122,6 +122,7 @@ def compare_run(
         "math_verify_timeouts": run.timeouts,
         "tokens_vs_accuracy": tokens_vs_accuracy(run, results),
         "online_run": bool(run.values["online"].all()) if len(run.preds) else False,
+        "confidences": run.confidence_source,
     }
     clock = time.perf_counter()
     records = debug_records(run, results, params)
@@ -160,6 +161,15 @@ def _ungraded_note(comparison: dict) -> list[str]:
     ]
 
 
+def _confidence_note(comparison: dict) -> str:
+    source = comparison.get("confidences", "scorer")
+    if source == "engine":
+        return "sampling engine's confidences (its raw top-k log-probs, stored with the run)"
+    if source == "scorer":
+        return "scorer's confidences (a teacher-forced pass over each candidate)"
+    return f"confidences of the {source}"
+
+
 def report_markdown(run_id: str, comparison: dict) -> str:
     """The report: one table per view (overall, by level, by subject, by N', by alpha) and the plots."""
     methods = comparison["methods"]
@@ -173,6 +183,7 @@ def report_markdown(run_id: str, comparison: dict) -> str:
         "the candidate's correctness; answerless-last changed: on how many questions ranking candidates "
         "without an extracted answer last changed the pick (— when the rule is off).",
         *_ungraded_note(comparison),
+        f"The confidence methods (lowest-group, tail, deepconf-*) read the {_confidence_note(comparison)}.",
         "",
         "| method | accuracy | 95 % CI | AUROC | answerless-last changed |",
         "|---|---:|---:|---:|---:|",

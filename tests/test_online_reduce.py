@@ -123,3 +123,40 @@ def test_a_run_without_engine_confidences_has_no_table(tmp_path):
     comparison = compare_run(run, SelectionParams(), online=OnlineSettings(8, 2, 90.0))
     assert comparison["tokens_vs_accuracy"] is None
     assert "Tokens vs accuracy" not in (run / "report.md").read_text()
+
+
+def test_the_confidence_methods_read_the_engines_confidences_where_the_run_stored_them(tmp_path):
+    """lowest-group, tail and deepconf-* read each candidate's engine confidences when it has one per token (online
+    runs, --engine_confidence), else the scorer's teacher-forced ones; the report says which. Generated runs: none,
+    some and all candidates with stored engine confidences."""
+    import pyarrow as pa
+
+    from ray_pipeline.aggregates import lowest_group_confidence, tail_confidence
+    from ray_pipeline.reduce import grade_run
+
+    params = SelectionParams(deepconf_window=4)
+    for share, expected in ((0.0, "scorer"), (0.5, "engine where stored"), (1.0, "engine")):
+        run = synthesize_run(tmp_path / f"run-{share}", 6, 8, tokens=20, shard_size=6, seed=3)
+        path = shard_path(run / "shards", 0)
+        table = pq.read_table(path)
+        rng = np.random.default_rng(int(share * 10))
+        counts = table["token_count"].to_pylist()
+        stored = [bool(n) and rng.random() < share if share < 1 else True for n in counts]
+        engine = [np.rint(rng.normal(2, 0.5, n) * 2**16) / 2**16 if s else None for n, s in zip(counts, stored)]
+        kind = table.schema.field("engine_confidence").type
+        column = pa.array([None if e is None else e.tolist() for e in engine], kind)
+        at = table.schema.get_field_index("engine_confidence")
+        pq.write_table(table.set_column(at, "engine_confidence", column), path)
+        graded = grade_run(run / "shards", params, workers=1)
+        scorer = pq.read_table(path, columns=["token_confidence"])["token_confidence"].to_pylist()
+        for i, n in enumerate(counts):
+            if not n:
+                continue
+            own = engine[i] if engine[i] is not None else np.asarray(scorer[i], dtype=np.float64)
+            assert graded.values["lowest_group"][i] == lowest_group_confidence(own, 4)
+            assert graded.values["tail"][i] == tail_confidence(own, 4)
+        assert graded.confidence_source.startswith(expected), (share, graded.confidence_source)
+        compare_run(run, params, graded=graded)
+        report = (run / "report.md").read_text()
+        word = {"scorer": "scorer's confidences", "engine": "sampling engine's"}.get(expected, "engine where stored")
+        assert "The confidence methods (lowest-group, tail, deepconf-*) read the" in report and word in report
