@@ -40,15 +40,16 @@ run-online: setup
 	$(BIN)/python -m jobs.main --dataset $(ONLINE_DATASET) --method all $(ONLINE_ARGS) $(ARGS)
 
 # CI's command: lint and the whole suite (real Ray, real model weights), ending with the 25 slowest tests and the
-# total; tests/README.md says what the end-to-end tests check and where.
+# total; tests/README.md says what the end-to-end tests check and where. pytest-xdist runs the fast tier on every
+# core beside the jobs, which run one at a time in one worker (tests/conftest.py, JOBS_GROUP).
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 # The edit loop: unit tests only (no model, no Ray cluster), about 3 minutes on 2 cores.
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m fast -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m fast -q -n auto $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

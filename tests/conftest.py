@@ -57,11 +57,20 @@ SLOW_IN_FAST_MODULES = {
 NO_RAY_ADDRESS = "127.0.0.1:9"
 
 
+# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) every test that is not fast runs in this one
+# group, on one worker and in collection order: jobs share the session's Ray, module fixtures and the machine's
+# cores as they do without xdist, while the other workers run the fast tier beside them (a job leaves part of
+# two cores idle while it waits on process starts and I/O).
+JOBS_GROUP = "jobs"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in FAST_MODULES and item.originalname not in SLOW_IN_FAST_MODULES:
             item.add_marker(pytest.mark.fast)
+        if item.get_closest_marker("fast") is None:
+            item.add_marker(pytest.mark.xdist_group(JOBS_GROUP))
 
 
 @pytest.fixture(autouse=True)
