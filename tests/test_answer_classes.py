@@ -113,17 +113,21 @@ def test_the_rule_is_grade_both_ways():
     assert one_way >= 4
 
 
+def bridges(family: list[str]) -> list[tuple[str, str, str]]:
+    """(a, b, c) with a and b not equivalent and c equivalent to both."""
+    return [
+        (a, b, c)
+        for a, b in itertools.combinations(family, 2)
+        if not eq(a, b)
+        for c in family
+        if c not in (a, b) and eq(a, c) and eq(b, c)
+    ]
+
+
 def test_every_family_splits_where_equivalence_does_not_chain():
     # Each family has an answer equivalent to two that are not equivalent to each other (a bridge).
     for name, family in FAMILIES.items():
-        bridges = [
-            (a, b, c)
-            for a, b in itertools.combinations(family, 2)
-            if not eq(a, b)
-            for c in family
-            if c not in (a, b) and eq(a, c) and eq(b, c)
-        ]
-        assert bridges, name
+        assert bridges(family), name
 
 
 def test_a_bridge_never_merges_two_answers_that_are_not_equivalent():
@@ -131,13 +135,7 @@ def test_a_bridge_never_merges_two_answers_that_are_not_equivalent():
     random places, any number of times: the two never share a class, in any order."""
     rng = random.Random(8)
     for family in FAMILIES.values():
-        triples = [
-            (a, b, c)
-            for a, b in itertools.combinations(family, 2)
-            if not eq(a, b)
-            for c in family
-            if c not in (a, b) and eq(a, c) and eq(b, c)
-        ]
+        triples = bridges(family)
         for a, b, bridge in rng.sample(triples, min(2, len(triples))):
             base = [a] * rng.randint(1, 3) + [b] * rng.randint(1, 3)
             for copies in (1, 2, 4):
