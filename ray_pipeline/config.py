@@ -492,6 +492,14 @@ class RunConfig:
     max_task_retries: int = _opt(
         3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0, role="execution"
     )
+    resource_wait_s: float = _opt(
+        600.0,
+        "seconds the job waits while a pool has no actor running and the cluster lacks what one needs (its nodes "
+        "busy, or the node that had it lost) before it stops, saying what it waited for (committed shards are "
+        "kept); meanwhile it says so every 10 s; 0 waits for ever",
+        low=0.0,
+        role="execution",
+    )
     verbose: bool = _opt(False, "show Ray's own INFO lines and progress bars", role="execution")
     ray_address: str | None = _opt(
         None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)", role="execution"

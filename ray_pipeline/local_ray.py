@@ -136,7 +136,8 @@ class LocalCluster:
         self.token_path.chmod(0o600)
         self.temp_dir = root / "ray"
         self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
-        gcs, dashboard, *self.spare_ports = free_ports(11)
+        # The head's 5 further ports and 4 for each worker: room for three workers, one started again included.
+        gcs, dashboard, *self.spare_ports = free_ports(2 + 5 + 3 * 4)
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         self.dashboard_port = dashboard
@@ -197,6 +198,30 @@ class LocalCluster:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start ({name}) did not come up; its output:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+    def stop_node(self, name: str, timeout_s: float = 60) -> None:
+        """Stop one node (`head`, `worker`: the last started of that name) as a lost machine would go: SIGTERM its
+        `ray start --block` process, which stops that node's Ray processes, and wait until they have all ended."""
+        import psutil
+
+        index = max(i for i, (node, _, _) in enumerate(self.nodes) if node == name)
+        _, process, _ = self.nodes.pop(index)
+        try:
+            children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        _, alive = psutil.wait_procs(children, timeout=15)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def ray(self, *args: str, env: dict | None = None, timeout: int = 120, cwd: Path | None = None):
         """The `ray` CLI, with the cluster's token unless `env` replaces the environment."""

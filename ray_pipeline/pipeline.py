@@ -25,6 +25,7 @@ from ray_pipeline.cli import Stopped, install_stop_handlers, keep_stop_signals_f
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
+from ray_pipeline.placement import ResourceWatch, actor_demand, check_placement
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.stage_monitor import StageMonitor
 from ray_pipeline.storage import StoragePath
@@ -36,6 +37,8 @@ from ray_pipeline.timeline import mark
 STREAMING_BLOCK_BYTES = 1 << 20
 # Default GPU shares of a generator and a scorer actor (see actor_gpus).
 GENERATOR_GPU_SHARE, SCORER_GPU_SHARE = 0.6, 0.4
+# Whether this process started the Ray it runs on (init_ray without an address), rather than joining a cluster.
+_started_local_ray = False
 
 
 def init_ray(config: RunConfig) -> None:
@@ -74,6 +77,7 @@ def init_ray(config: RunConfig) -> None:
     # without it ray.init joins that cluster and refuses num_cpus.
     # Before ray.init: a job killed while Ray starts leaves nothing behind either.
     reap_local_ray_with_this_process()
+    global _started_local_ray
     try:
         with native_lines_hidden(config.verbose):
             ray.init(
@@ -82,6 +86,7 @@ def init_ray(config: RunConfig) -> None:
                 include_dashboard=False,
                 log_to_driver=config.verbose,
             )
+        _started_local_ray = True
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         fix = "pass --ray_address to use a running cluster"
         raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
@@ -233,7 +238,9 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
     """The config with 'auto' settings made concrete for this cluster: backend, batch size, batches in
     flight, and the scorer's passes and logit tiles (`DEVICE_RESOLVED_FIELDS` among them).
 
-    `has_gpu` says whether the actors get GPUs; None asks the Ray cluster.
+    `has_gpu` says whether the actors get GPUs; None asks the Ray cluster, and then a pool that no node of the
+    cluster can hold one actor of, and no autoscaler can add a node for, is refused here, before any actor starts
+    (`placement.check_placement`).
     """
     gpu = cluster_has_gpu() if has_gpu is None else has_gpu
     backend = resolve_backend(config.backend, gpu)
@@ -254,7 +261,25 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
         share = math.ceil(num_problems / config.pool_bounds("generators")[1])
         in_flight = math.ceil(share / batch) if backend == "vllm" else 1
     config = dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
-    return resolve_scoring(config, on_gpu=actor_gpus(config, gpu)[1] > 0)
+    config = resolve_scoring(config, on_gpu=actor_gpus(config, gpu)[1] > 0)
+    if has_gpu is None and _ray_joined():
+        check_placement(pool_demands(config, gpu), local=_started_local_ray)
+    return config
+
+
+def _ray_joined() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def pool_demands(config: RunConfig, has_gpu: bool | None = None) -> dict[str, dict[str, float]]:
+    """What one actor of each pool reserves on a node ('generator', 'scorer'): CPU, GPU and custom resources, as
+    map_batches asks for them (`actor_resources`). `has_gpu` as in `resolve_execution`."""
+    gen, score = actor_gpus(config, has_gpu)
+    return {
+        "generator": actor_demand(actor_resources(config.cpus_per_actor, gen, config.generator_resource)),
+        "scorer": actor_demand(actor_resources(config.cpus_per_actor, score, config.scorer_resource)),
+    }
 
 
 def actor_gpus(config: RunConfig, has_gpu: bool | None = None) -> tuple[float, float]:
@@ -380,22 +405,34 @@ def run_stages(
         **actor_resources(config.cpus_per_actor, actor_gpus(config)[1], config.scorer_resource),
     )
     writer = ShardWriter(shards_dir, expected_rows(problems, config.num_return_sequences), on_commit, fingerprint)
+    if not config.verbose:
+        hide_hang_warning()
+    # What the job waits for while a pool has no actor running (a lost node, busy nodes), and for how long.
+    names = {"generator": generator_cls.__name__, "scorer": scorer_cls.__name__}
+    watch = ResourceWatch(pool_demands(config), names, config.resource_wait_s)
     try:
-        # No prefetching: with Ray Data's default of one batch, the driver got a scored block only once the next
-        # one existed, so a shard whose last rows were scored waited uncommitted while the generators worked on
-        # (and was lost to a stop or a kill meanwhile). The driver's own work per block is a few milliseconds.
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            if on_generating is not None:
-                on_generating(first_generated(monitor))
-                on_generating = None
-            fresh = writer.add(batch)
-            if on_batch and fresh.num_rows:
-                on_batch(fresh)
+        with watch.run() as waiting:
+            # No prefetching: with Ray Data's default of one batch, the driver got a scored block only once the next
+            # one existed, so a shard whose last rows were scored waited uncommitted while the generators worked on
+            # (and was lost to a stop or a kill meanwhile). The driver's own work per block is a few milliseconds.
+            batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+            while True:
+                with waiting():
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                if on_generating is not None:
+                    on_generating(first_generated(monitor))
+                    on_generating = None
+                fresh = writer.add(batch)
+                if on_batch and fresh.num_rows:
+                    on_batch(fresh)
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stopped Ray Data, committed shards stay and the rest is redone
         raise PipelineError(
-            f"the pipeline stopped ({stop_reason(exc)[:300]}); shards {writer.missing()} are not done"
+            f"the pipeline stopped ({stop_reason(exc)[:300]}{watch.lost_text()}); shards {writer.missing()} are not "
+            "done"
         ) from None
     if writer.missing():
         raise PipelineError(f"shards {writer.missing()} did not receive all their rows")
@@ -422,9 +459,29 @@ def stop_reason(exc: BaseException) -> str:
 
 def start_monitor():
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # No CPU: it must fit beside the pools on any node, the head included.
-    return ray.remote(num_cpus=0)(StageMonitor).remote()
+    # No CPU: it must fit beside the pools on any node, the head included. On the driver's node, where it can: a
+    # worker node lost mid-run must not take the run's attempt counts with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(StageMonitor).remote()
+
+
+# Ray Data's warning when the cluster lacks what its first operator needs: the job says what it waits for itself.
+_HANG_WARNING = "may hang forever"
+
+
+def _not_the_hang_warning(record) -> bool:
+    return _HANG_WARNING not in record.getMessage()
+
+
+def hide_hang_warning() -> None:
+    """Leave Ray Data's "The job may hang forever unless the cluster scales up" out (the waiting line says it)."""
+    import logging
+
+    logger = logging.getLogger("ray.data._internal.execution.resource_manager")
+    if _not_the_hang_warning not in logger.filters:
+        logger.addFilter(_not_the_hang_warning)
 
 
 def first_generated(monitor) -> float:

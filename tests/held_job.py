@@ -46,20 +46,20 @@ def holding(release: str | os.PathLike) -> str:
 
 
 class HeldJob:
-    """`python -m MODULE ARGS` as a user runs it (its own local Ray), except that its generator holds every batch of
-    shard `hold_from` and later until `release` exists (for good when it never does). Its own session, so a test
-    can signal the driver alone and still SIGKILL the whole group; its output goes to files in `folder` (a pipe
-    nobody reads while it waits could fill)."""
+    """`python -m MODULE ARGS` as a user runs it (its own local Ray, or the cluster `env` names), except that its
+    generator holds every batch of shard `hold_from` and later until `release` exists (for good when it never does).
+    Its own session, so a test can signal the driver alone and still SIGKILL the whole group; its output goes to
+    files in `folder` (a pipe nobody reads while it waits could fill)."""
 
     def __init__(self, folder: Path, args: list[str], hold_from: int = 1, release: Path | None = None,
-                 module: str = "jobs.infer"):  # fmt: skip
+                 module: str = "jobs.infer", env: dict | None = None):  # fmt: skip
         self.release = release or folder / "never"
         self.stdout_path, self.stderr_path = folder / "job.stdout", folder / "job.stderr"
+        held = {"HELD_FROM_SHARD": str(hold_from), "HELD_RELEASE": str(self.release)}
         with self.stdout_path.open("w") as stdout, self.stderr_path.open("w") as stderr:
             self.driver = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), module, *args], cwd=ROOT,
-                env={**os.environ, "HELD_FROM_SHARD": str(hold_from), "HELD_RELEASE": str(self.release)},
-                stdout=stdout, stderr=stderr, start_new_session=True,
+                env={**os.environ, **(env or {}), **held}, stdout=stdout, stderr=stderr, start_new_session=True,
             )  # fmt: skip
 
     def output(self) -> tuple[str, str]:

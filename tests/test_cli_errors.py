@@ -55,3 +55,34 @@ def test_model_folder_without_tokenizer(tmp_path):
         str(tmp_path / "out"),
     )
     assert "has no tokenizer" in one_line_error(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--gpus_per_generator", "0.6"],
+            "error: no node can hold a generator actor, which needs {CPU: 1, GPU: 0.6}: no node has a GPU (the alive "
+            "nodes have {CPU: 4, GPU: 0}) and no autoscaler can add a node; pass --gpus_per_generator 0 to run "
+            "generators on CPUs",
+        ),
+        (
+            ["--scorer_resource", "nonexist_node"],
+            "error: no node can hold a scorer actor, which needs {CPU: 1, nonexist_node: 1}: no node has nonexist_node "
+            "(the alive nodes have {CPU: 4, nonexist_node: 0}) and no autoscaler can add a node; declare nonexist_node "
+            "on a node (ray start --resources '{\"nonexist_node\": 1}') or change --scorer_resource",
+        ),
+    ],
+    ids=["gpu_share_without_gpu", "unknown_custom_resource"],
+)
+def test_what_no_node_of_the_cluster_has_is_refused_before_any_actor_starts(ray_cluster, tmp_path, args, message):
+    """Issue 27, item 4, on the session's Ray (one node, 4 CPUs, no GPU, no custom resource, nothing to add nodes):
+    the job joins it, resolves its settings and refuses in one line, instead of waiting for ever with Ray Data's
+    "may hang forever" warning (the GPU share) or silently (the custom resource). tests/test_placement.py generates
+    every resource kind of both pools over node lists."""
+    out = tmp_path / "out"
+    proc = run_job("jobs.infer", "--dataset", "embedded:2", "--backend", "hf", "--output_dir", str(out), *args,
+                   cluster=ray_cluster)  # fmt: skip
+    assert one_line_error(proc) == message
+    # Refused before the manifest is written: nothing of a run folder but the folder.
+    assert not list(out.rglob("*.json")) and not list(out.rglob("*.parquet"))

@@ -9,7 +9,9 @@ test's or another checkout's local Ray.
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -18,9 +20,10 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from held_job import HeldJob
 from test_e2e import check_outputs
 
-from conftest import ROOT
+from conftest import ROOT, run_job
 from ray_pipeline import local_ray
 
 SUBMISSION_ID = "bestofn-cluster"
@@ -67,42 +70,23 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# The submitted job's flags, less --output_dir: the generator pool on the head, the scorer pool on the worker.
+JOB_ARGS = (
+    *("--dataset", "embedded:4", "--num_return_sequences", "2", "--max_tokens", "32", "--shard_size", "2"),
+    *("--backend", "hf", "--generator_resource", "generator_node", "--scorer_resource", "scorer_node"),
+    # check_outputs reads the run folder "run".
+    *("--run_id", "run"),
+)
+BEST_FILE = "embedded4_best_SmolLM2-135M-Instruct_run.jsonl"
+
+
 @pytest.fixture(scope="module")
 def cluster_job(cluster, tmp_path_factory):
     """jobs.infer submitted to the cluster once; its output folder and the driver's log."""
     out = tmp_path_factory.mktemp("cluster") / "results"
     submit = cluster.ray(
-        "job",
-        "submit",
-        "--address",
-        cluster.dashboard_url,
-        "--submission-id",
-        SUBMISSION_ID,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-m",
-        "jobs.infer",
-        "--dataset",
-        "embedded:4",
-        "--num_return_sequences",
-        "2",
-        "--max_tokens",
-        "32",
-        "--shard_size",
-        "2",
-        "--backend",
-        "hf",
-        "--generator_resource",
-        "generator_node",
-        "--scorer_resource",
-        "scorer_node",
-        "--output_dir",
-        str(out),
-        # check_outputs reads the run folder "run".
-        "--run_id",
-        "run",
+        *("job", "submit", "--address", cluster.dashboard_url, "--submission-id", SUBMISSION_ID),
+        *("--working-dir", ".", "--", "python", "-m", "jobs.infer", *JOB_ARGS, "--output_dir", str(out)),
         timeout=900,
     )
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard_url, SUBMISSION_ID)
@@ -164,6 +148,47 @@ def test_submission_without_the_clusters_token_is_refused(cluster, tmp_path, cli
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "AuthenticationError" in proc.stderr and refusal in proc.stderr, proc.stderr[-3000:]
     assert not [j for j in cluster.list_state("jobs") if REFUSED_MARKER in j["entrypoint"]]
+
+
+def test_a_lost_worker_stops_the_job_naming_it_and_a_resume_gives_the_same_answers(cluster, cluster_job, tmp_path):
+    """Issue 27, item 9. The worker node, the only one with `scorer_node`, stops (SIGTERM to its `ray start --block`)
+    while the job holds shard 1 and shard 0 is committed: the scorer pool has nowhere to run, so the job says what
+    it waits for, naming the lost node, and after --resource_wait_s stops in one line that names it and the resume
+    command. A worker added back, the resume writes the best-answer file of the uninterrupted submitted job, byte
+    for byte. Runs after the tests that read the cluster's first nodes and actors, before the one that stops it."""
+    worker = next(n for n in cluster.list_state("nodes") if n["state"] == "ALIVE" and not n["is_head_node"])
+    out = tmp_path / "results"
+    # The held job's own flags change no value: transformers runs one batch at a time (so every generator batch is
+    # in flight), and a scorer batch of at most one shard's candidates (tests/held_job.py).
+    args = [*JOB_ARGS, "--output_dir", str(out), "--resource_wait_s", "5"]
+    held = [*args, "--generate_in_flight", "2", "--score_batch_size", "4"]
+    job = HeldJob(tmp_path, held, hold_from=1, env=cluster.client_env())
+    try:
+        job.wait_until_held({0})
+        cluster.stop_node("worker")
+        job.driver.wait(timeout=300)
+    finally:
+        job.kill()
+    stdout, stderr = job.output()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert job.driver.returncode == 2 and len(lines) == 1, stderr[-3000:]
+    (error,) = lines
+    lost = f"node {worker['node_id'][:8]} at "
+    assert error.startswith("error: waited "), error
+    assert "(--resource_wait_s 5): 1 scorer needs {CPU: 1, scorer_node: 1}, which no alive node has" in error, error
+    assert lost in error and "(scorer_node 1)" in error and "resume with: " in error, error
+    waiting = [line for line in stdout.splitlines() if line.startswith("  waiting for resources: ")]
+    assert waiting and all(lost in line for line in waiting), stdout[-3000:]
+    assert job.committed() == {0} and (out / "run" / "shards" / "shard-00000.parquet").is_file()
+    assert not (out / "run" / "shards" / "shard-00001.parquet").exists()
+
+    cluster.add_worker("scorer_node")
+    resume = shlex.split(error.split("resume with: ", 1)[1].rstrip(")"))
+    assert resume[:3] == ["python", "-m", "jobs.infer"] and resume[3:] == held, resume
+    proc = run_job("jobs.infer", *resume[3:], env=cluster.client_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"shard (\d+) committed", proc.stdout) == ["1"], proc.stdout[-3000:]
+    assert (out / BEST_FILE).read_bytes() == (cluster_job.out / BEST_FILE).read_bytes()
 
 
 def test_stopping_the_cluster_leaves_no_ray_process_behind(cluster):

@@ -30,6 +30,7 @@ PROJECT_LINES = [
     r"  starting \d+ generators? and \d+ scorers?…",
     r"  started \d+ generators? and \d+ scorers? in \d.*",
     r"  shard \d+ committed -> .+\.parquet \(\d+ s(, \d+ error rows)?\)",
+    r"  waiting for resources: .+ (of --resource_wait_s [\d.]+|\(no limit\))",
     r"  progress: \d+/\d+ problems scored \(\d+%\), \d+/\d+ candidates, [\d.]+ tokens/s, "
     r"(elapsed .+, ETA .+|done in .+)",
     r"\[2/2\] Evaluating and selecting best answers -> .+\.jsonl",
