@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from ray_pipeline.backends import resolve_backend
 from ray_pipeline.cli import Stopped, install_stop_handlers, keep_stop_signals_from_ray
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
-from ray_pipeline.errors import PipelineError, first_line
+from ray_pipeline.errors import ConfigError, PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
 from ray_pipeline.placement import ResourceWatch, actor_demand, check_placement
 from ray_pipeline.shards import ShardWriter, expected_rows
@@ -262,9 +262,29 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
         in_flight = math.ceil(share / batch) if backend == "vllm" else 1
     config = dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
     config = resolve_scoring(config, on_gpu=actor_gpus(config, gpu)[1] > 0)
+    check_gpu_batches(config, actor_gpus(config, gpu)[0] > 0)
     if has_gpu is None and _ray_joined():
         check_placement(pool_demands(config, gpu), local=_started_local_ray)
     return config
+
+
+def generator_batch_size(config: RunConfig, gpus: float) -> int | None:
+    """map_batches' batch size for the generator pool: None (each block one batch) unless its actors ask for GPUs,
+    which Ray Data refuses without one; then the blocks' own size (`generate_stage`)."""
+    return config.generate_batch_size if gpus > 0 else None
+
+
+def check_gpu_batches(config: RunConfig, generator_on_gpu: bool) -> None:
+    """transformers seeds a batch from its problems, and Ray Data hands a GPU actor batches of a fixed size
+    (`generate_stage`): a batch size that does not divide the shard size would put two shards' problems in one
+    batch, and a redone shard would sample other candidates. Refused before anything starts."""
+    batch, shard = config.generate_batch_size, config.shard_size
+    if generator_on_gpu and config.backend == "hf" and batch and shard % batch:
+        raise ConfigError(
+            f"generate_batch_size must divide shard_size with transformers on a GPU (a batch must not hold two "
+            f"shards' problems), got generate_batch_size {batch} with shard_size {shard}; pass --generate_batch_size "
+            f"{default_generate_batch_size(shard)} or leave it out"
+        )
 
 
 def _ray_joined() -> bool:
@@ -362,16 +382,20 @@ def generate_stage(config: RunConfig, problems: pa.Table, generator_cls: type, m
     monitor = monitor or start_monitor()
     ray.data.DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
     ds = ray.data.from_arrow(problem_blocks(problems, config.generate_batch_size))
+    gpus = actor_gpus(config)[0]
     return ds.map_batches(
         monitored(generator_cls, "generator"),
         fn_constructor_kwargs={"config": config, "monitor": monitor},
         # One block, one batch: with a batch size Ray Data bundles blocks up to that many rows and cuts the
         # bundle into batches again, so a shard's short last block shared a batch with the next shard's first
-        # (seeded from both: that shard, redone alone, sampled other candidates).
-        batch_size=None,
+        # (seeded from both: that shard, redone alone, sampled other candidates). Ray Data refuses GPU actors
+        # without a batch size: there the batch size is the blocks' own, which every block but a shard's short
+        # last one has (vLLM seeds each problem, not its batch; transformers on a GPU is held to a batch size
+        # that divides the shard size, `check_gpu_batches`).
+        batch_size=generator_batch_size(config, gpus),
         batch_format="pyarrow",
         compute=pool_strategy(config, "generators"),
-        **actor_resources(config.cpus_per_actor, actor_gpus(config)[0], config.generator_resource),
+        **actor_resources(config.cpus_per_actor, gpus, config.generator_resource),
     )
 
 

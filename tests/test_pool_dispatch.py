@@ -210,3 +210,26 @@ def test_each_generator_batch_is_one_block_of_one_shard(joined_ray, problems, sh
     handed = sorted(row["batch"] for row in generate_stage(config, table, BatchRecorder).take_all())
     blocks = problem_blocks(table, batch_size)
     assert handed == sorted(",".join(block.column("problem_id").to_pylist()) for block in blocks)
+
+
+@pytest.mark.parametrize("problems,shard_size,batch_size", [(7, 4, 2), (9, 3, 3), (5, 2, 1), (6, 6, 3)])
+def test_gpu_generators_get_one_block_of_one_shard_per_batch(joined_ray, monkeypatch, problems, shard_size, batch_size):
+    """Ray Data refuses GPU actors without a batch size (it raised on every GPU run): there the generators get the
+    blocks' own size, and, with a batch size that divides the shard size (transformers on a GPU is held to one),
+    each batch is still one block of one shard. Run on this CPU with the GPU path's batch size."""
+    import ray
+
+    from ray_pipeline import pipeline
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ids = [f"p{i}" for i in range(problems)]
+    table = pa.table({"problem_id": ids, "shard_id": [i // shard_size for i in range(problems)]})
+    gpu = RunConfig(shard_size=shard_size, generate_batch_size=batch_size, gpus_per_generator=0.5)
+    # The GPU pool's plan is accepted by Ray Data (it is not run: no GPU here).
+    pipeline.generate_stage(gpu, table, BatchRecorder)
+    assert pipeline.generator_batch_size(gpu, 0.5) == batch_size
+    monkeypatch.setattr(pipeline, "generator_batch_size", lambda config, gpus: config.generate_batch_size)
+    config = RunConfig(shard_size=shard_size, generate_batch_size=batch_size)
+    handed = sorted(row["batch"] for row in pipeline.generate_stage(config, table, BatchRecorder).take_all())
+    blocks = pipeline.problem_blocks(table, batch_size)
+    assert handed == sorted(",".join(block.column("problem_id").to_pylist()) for block in blocks)

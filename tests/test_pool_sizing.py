@@ -136,3 +136,22 @@ def test_reproducible_vllm_without_a_gpu_is_refused_before_any_actor(monkeypatch
 def test_reproducible_transformers_runs_anywhere(monkeypatch):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
     assert pipeline.resolve_execution(RunConfig(backend="hf", reproducible=True), 10).backend == "hf"
+
+
+def test_transformers_on_a_gpu_is_held_to_batches_that_divide_the_shard():
+    """Generated sizes: with GPU generators on transformers a batch size that does not divide the shard size is
+    refused in one line naming both (Ray Data's fixed GPU batches would join two shards); vLLM (seeded per
+    problem) and CPU generators take any."""
+    import itertools
+
+    from ray_pipeline.errors import ConfigError
+    from ray_pipeline.pipeline import check_gpu_batches
+
+    for shard, batch in itertools.product(range(1, 9), range(1, 9)):
+        for backend, on_gpu in itertools.product(("hf", "vllm"), (True, False)):
+            config = RunConfig(backend=backend, shard_size=shard, generate_batch_size=batch)
+            if backend == "hf" and on_gpu and shard % batch:
+                with pytest.raises(ConfigError, match=f"got generate_batch_size {batch} with shard_size {shard}"):
+                    check_gpu_batches(config, on_gpu)
+            else:
+                check_gpu_batches(config, on_gpu)
