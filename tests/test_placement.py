@@ -219,7 +219,8 @@ def test_a_pipeline_failure_after_a_lost_node_names_it():
 @pytest.mark.parametrize(
     ("mapping", "types"),
     [
-        ({}, []),
+        # No status written yet (a cluster just started): nothing says no autoscaler can add a node.
+        ({}, None),
         ({"abc": "node_abc", "def": "node_def"}, []),
         ({"10.0.0.1": "ray.head.default", "10.0.0.2": "gpu_worker"}, None),
     ],
@@ -236,3 +237,14 @@ def test_only_ray_s_read_only_autoscaler_or_none_means_nothing_can_be_added(monk
     monkeypatch.setattr(utils, "is_autoscaler_v2", lambda **kwargs: False)
     monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key: status)
     assert placement.autoscaler_node_types() == types
+
+
+def test_a_ray_the_job_started_itself_has_no_autoscaler_whatever_its_status_says(monkeypatch):
+    """Right after ray.init the read-only autoscaler may not have written its status: a job's own local Ray is
+    still refused what no node has, at once."""
+    monkeypatch.setattr(placement, "cluster_nodes", lambda: CLUSTERS["one CPU node"])
+    monkeypatch.setattr(placement, "autoscaler_node_types", lambda: None)
+    demands = {"scorer": {"CPU": 1.0, "nonexist_node": 1.0}}
+    with pytest.raises(placement.ResourcesUnavailable, match="no node has nonexist_node"):
+        placement.check_placement(demands, local=True)
+    placement.check_placement(demands, local=False)  # a joined cluster's unknown autoscaler may add one
