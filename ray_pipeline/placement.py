@@ -239,9 +239,8 @@ def autoscaler_node_types() -> list[dict[str, float]] | None:
     except Exception:  # noqa: BLE001 - an unreadable status is no autoscaler the job can count on
         report = {}
     mapping = report.get("node_type_mapping") or {}
-    if not mapping:
-        # No status written yet (a cluster just started): nothing says that no autoscaler can add a node.
-        return None
+    # No status yet counts as no autoscaler: a `ray start` cluster joined right after its start has written none
+    # (its read-only monitor writes every few seconds), and a job that waited instead would wait --resource_wait_s.
     read_only = all(kind == f"node_{node}" for node, kind in mapping.items())
     return [] if read_only else None
 

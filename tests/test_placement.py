@@ -219,8 +219,8 @@ def test_a_pipeline_failure_after_a_lost_node_names_it():
 @pytest.mark.parametrize(
     ("mapping", "types"),
     [
-        # No status written yet (a cluster just started): nothing says no autoscaler can add a node.
-        ({}, None),
+        # No status written yet (a `ray start` cluster just started): counted as no autoscaler.
+        ({}, []),
         ({"abc": "node_abc", "def": "node_def"}, []),
         ({"10.0.0.1": "ray.head.default", "10.0.0.2": "gpu_worker"}, None),
     ],
