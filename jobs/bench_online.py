@@ -59,7 +59,8 @@ RUNS = {
     "online": ["--generation", "deepconf-online"],
 }
 # The flags this job handles itself: every other flag goes on to each jobs.bench run.
-OWN = ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "generation", "engine_confidence")
+OWN = ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "reuse", "generation")
+OWN += ("engine_confidence",)
 COLUMNS = ["problem_id", "problem_index", "candidate_index", "gold", "text", "token_count", "engine_confidence"]
 COLUMNS += ["engine_token_count", "phase", "stopped_at", "stop_threshold"]
 
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate_percentiles", default="90,10", help="DeepConf online percentiles to replay")
     parser.add_argument(
         "--raw", action="store_true", help="the full run also times plain raw vLLM LLM.generate first (jobs.bench)"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read a run whose folder under --bench_dir already holds its bench.json instead of running it again "
+        "(e.g. the full runs, when only the online run's settings change)",
     )
     parser.add_argument("--record", help="also write the result with device, date and commit to this JSON file")
     parser.set_defaults(backend="vllm")
@@ -101,9 +108,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         out = root / name
         raw = [] if args.raw and name == "full" else ["--skip_raw"]
         command = [sys.executable, "-m", "jobs.bench", *raw, "--bench_dir", str(out), *passed, *RUNS[name]]
-        print(f"== {name}: {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise PipelineError(f"the {name} run failed (its output is above)")
+        if args.reuse and (out / "bench.json").exists():
+            print(f"== {name}: reused {out / 'bench.json'}", flush=True)
+        else:
+            print(f"== {name}: {' '.join(command[1:])}", flush=True)
+            if subprocess.run(command).returncode != 0:
+                raise PipelineError(f"the {name} run failed (its output is above)")
         bench = json.loads((out / "bench.json").read_text())
         timings[name] = bench | {"generate_score_s": bench["pipeline_work_s"] - bench["reduce_s"]}
     shards = {name: _read(root / name / "run" / "shards") for name in runs}
@@ -213,6 +223,8 @@ def _compare(config: RunConfig, online: RunConfig, percentiles, shards, graded, 
                 "stopped": int(sum((r.stopped_at >= 0).sum() for r in replays)),
                 "skipped": int(sum((~r.launched).sum() for r in replays)),
             }
+        full_sc = strategies["full self-consistency"]
+        grid = simulator_grid(confidences, grades, OnlineSettings.from_config(online), full_sc)
     if "online" in shards:
         problems, grades = shards["online"], graded["online"]
         right, tokens = [], []
@@ -249,6 +261,8 @@ def _compare(config: RunConfig, online: RunConfig, percentiles, shards, graded, 
         "rows": rows,
         "timings": {name: _timing(t) for name, t in timings.items()},
     }
+    if "full-confidence" in shards:
+        result["simulator_grid"] = grid
     base = timings.get("full") or timings.get("full-confidence")
     if "online" in timings and base:
         online_row = next(r for r in rows if r.get("run") == "online")
@@ -274,20 +288,46 @@ def _compare(config: RunConfig, online: RunConfig, percentiles, shards, graded, 
     return result
 
 
+GRID_WARMUPS = (4, 8, 16)
+GRID_CONSENSUS = (None, 0.9, 0.95)
+GRID_PERCENTILES = (90.0, 10.0)
+
+
+def simulator_grid(confidences, grades, base: OnlineSettings, full_sc: tuple[list[int], list[bool]]) -> list[dict]:
+    """DeepConf online replayed on a full run for every warm-up count x consensus x percentile (issue 26's table
+    for choosing the defaults): per setting the tokens' share of the full run's, the accuracy, and the paired
+    difference against full self-consistency with its interval. Settings whose warm-up leaves no final trace
+    are left out."""
+    n = min(len(conf) for conf in confidences) if confidences else 0
+    strategies = {"full self-consistency": full_sc}
+    settings = {}
+    for warmup in GRID_WARMUPS:
+        if warmup >= n:
+            continue
+        for consensus in GRID_CONSENSUS:
+            for percentile in GRID_PERCENTILES:
+                chosen = dataclasses.replace(base, warmup=warmup, consensus=consensus, percentile=percentile)
+                replays = [replay_problem(conf, k, chosen) for conf, (k, _) in zip(confidences, grades)]
+                name = f"warm-up {warmup}, consensus {consensus or 'off'}, percentile {percentile:g}"
+                right = [_is_right(r.vote.winner, ok) for r, (_, ok) in zip(replays, grades)]
+                strategies[name] = ([r.tokens for r in replays], right)
+                settings[name] = {"warmup": warmup, "consensus": consensus, "percentile": percentile}
+    rows = tokens_vs_accuracy(strategies, "full self-consistency")
+    return [row | settings.get(row["name"], {}) for row in rows]
+
+
 def _timing(bench: dict) -> dict:
     keys = ("pipeline_startup_s", "generate_score_s", "generator_s", "generated_tokens", "generate_tokens_per_s")
     keys += ("scorer_busy_s", "scored_tokens", "score_tail_s", "pipeline_gpu_peak_mib", "model")
     return {k: bench.get(k) for k in keys}
 
 
-def _print(result: dict) -> None:
-    print(f"\n{result['device']} | {result['problems']} problems x n={result['n']} x {result['max_tokens']} tokens, "
-          f"window {result['window']}, {result['warmup_traces']} warm-up traces")
+def _print_rows(rows: list[dict]) -> None:
     widths = (52, 11, 6, 8, 26, 6)
     names = ("strategy", "tokens", "share", "accuracy", "vs full SC (95 % CI)", "work s")
     print("| " + " | ".join(f"{n:{w}}" for n, w in zip(names, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in result["rows"]:
+    for row in rows:
         diff, (low, high) = row["paired_difference"], row["paired_difference_ci95"]
         paired = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
         work = row.get("generate_score_s")
@@ -295,6 +335,15 @@ def _print(result: dict) -> None:
             f"| {row['name']:52} | {row['tokens']:>11,} | {row['tokens_vs_reference']:6.3f} | {row['accuracy']:8.3f} "
             f"| {paired:>26} | {'' if work is None else f'{work:6.1f}':>6} |"
         )
+
+
+def _print(result: dict) -> None:
+    print(f"\n{result['device']} | {result['problems']} problems x n={result['n']} x {result['max_tokens']} tokens, "
+          f"window {result['window']}, {result['warmup_traces']} warm-up traces")
+    _print_rows(result["rows"])
+    if result.get("simulator_grid"):
+        print("\nsimulator on the full-confidence run (DeepConf online replayed per setting):")
+        _print_rows(result["simulator_grid"])
     for name, t in result["timings"].items():
         print(f"{name}: actor start {t['pipeline_startup_s']:.1f} s, generate+score {t['generate_score_s']:.1f} s, "
               f"generator {t['generator_s']:.1f} s ({t['generated_tokens']:,} tokens), scorer busy "

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.bench_online import _compare, _passed_flags, grade_problem
+from jobs.bench_online import _compare, _passed_flags, grade_problem, simulator_grid
 from ray_pipeline.config import RunConfig
-from ray_pipeline.deepconf import FINAL, SKIPPED, WARMUP
+from ray_pipeline.deepconf import FINAL, SKIPPED, WARMUP, OnlineSettings
 
 pytestmark = pytest.mark.fast
 
 
 def test_each_run_gets_the_users_flags_without_this_jobs_own_or_a_mode():
-    argv = ["--dataset", "embedded:4", "--runs", "full,online", "--raw", "--generation", "full"]
+    argv = ["--dataset", "embedded:4", "--runs", "full,online", "--raw", "--reuse", "--generation", "full"]
     argv += ["--record=r.json", "--engine_confidence", "--max_tokens", "5", "--deepconf_window", "2"]
     assert _passed_flags(argv) == ["--dataset", "embedded:4", "--max_tokens", "5", "--deepconf_window", "2"]
 
@@ -70,3 +70,27 @@ def test_the_comparison_replays_the_full_run_and_scores_the_online_one():
     slower = _compare(config, online_config, [90.0], runs, grades, timings | {"online": {"generate_score_s": 7.0}}, 0.6)
     assert not slower["targets"][follows]
     assert not slower["targets"]["work_target_met (<= 0.6)"]
+
+
+def test_the_simulator_grid_replays_every_setting_and_leaves_out_warm_ups_that_leave_no_final_trace():
+    rng = np.random.default_rng(7)
+    n, problems = 20, 6
+    lengths = rng.integers(40, 80, size=(problems, n))
+    confidences = [[rng.uniform(0.5, 3.0, size=int(length)).tolist() for length in row] for row in lengths]
+    grades = [(rng.integers(0, 3, size=n), np.array([True, False, False])) for _ in range(problems)]
+    full = ([sum(len(c) for c in conf) for conf in confidences], [bool(k[0] == 0) for k, _ in grades])
+    base = OnlineSettings(window=8, warmup=16, percentile=90.0)
+    rows = {r["name"]: r for r in simulator_grid(confidences, grades, base, full)}
+    assert len(rows) == 1 + 3 * 3 * 2 and rows["full self-consistency"]["tokens_vs_reference"] == 1.0
+    for warmup in (4, 8, 16):
+        for percentile in (90, 10):
+            off = rows[f"warm-up {warmup}, consensus off, percentile {percentile}"]
+            assert (off["warmup"], off["consensus"], off["percentile"]) == (warmup, None, percentile)
+            # A consensus stop only ever launches fewer final traces; DeepConf-high (10th percentile) stops fewer.
+            for consensus in (0.9, 0.95):
+                stopped = rows[f"warm-up {warmup}, consensus {consensus}, percentile {percentile}"]
+                assert stopped["tokens"] <= off["tokens"]
+        low, high = (rows[f"warm-up {warmup}, consensus off, percentile {p}"]["tokens"] for p in (90, 10))
+        assert low <= high < sum(full[0])
+    short = simulator_grid([conf[:6] for conf in confidences], [(k[:6], ok) for k, ok in grades], base, full)
+    assert {r.get("warmup") for r in short} == {None, 4}
