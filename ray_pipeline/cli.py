@@ -8,6 +8,7 @@ closed terminal) ends it with one `interrupted...` line naming the command that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -127,14 +128,54 @@ def _unmute_ray_notes() -> None:
 
 
 def install_stop_handlers() -> None:
-    """Route every stop signal to the job's handler; call it again after anything that replaces it (ray.init).
+    """Route every stop signal to the job's handler; call it again after anything that replaces it.
 
-    ray.init sets its own SIGTERM handler (a bare sys.exit), and Ray's C++ core one that prints a
-    native stack dump: neither says how to resume. Outside run_entry (a library call, a test) it does nothing.
+    Ray would set its own around ray.init (see stop_signals_held_over_ray_init), and neither says how to resume.
+    Outside run_entry (a library call, a test) it does nothing.
     """
     if _job_running and threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _stop_job)
+
+
+@contextlib.contextmanager
+def stop_signals_held_over_ray_init():
+    """Around ray.init in a job: a stop signal that lands while Ray starts is noted, and acted on (Stopped) once
+    ray.init has returned and the job's handlers are back; Ray installs none of its own meanwhile.
+
+    ray.init sets a SIGTERM handler (a bare sys.exit) and the head node it starts another (drain, kill its
+    processes, sys.exit(1)); each replaced the job's for part of the start, and an exception raised inside
+    ray.init can be swallowed by its own clean-up. A SIGTERM landing there ended a job with exit 1 and no line,
+    or was lost and the job ran on (tests/test_signals.py's sweep, on a loaded machine). Ray has no setting to
+    keep its handlers out, so its setter is replaced for the call. Outside run_entry (a library call, a test) it
+    changes nothing.
+    """
+    if not (_job_running and threading.current_thread() is threading.main_thread()):
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    noted: list[int] = []
+
+    def note(signum: int, frame) -> None:
+        global _stop_signum
+        if _quiet_job:
+            _mute_ray_notes()
+        if _stop_signum is None:
+            _stop_signum = signum
+        noted.append(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, note)
+    setter = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = setter
+        install_stop_handlers()
+    if noted:
+        raise Stopped(noted[0])
 
 
 def _ignore_stop_signals() -> None:

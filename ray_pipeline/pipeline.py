@@ -8,7 +8,6 @@ import inspect
 import math
 import os
 import re
-import signal
 import socket
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
-from ray_pipeline.cli import Stopped, install_stop_handlers, keep_stop_signals_from_ray
+from ray_pipeline.cli import keep_stop_signals_from_ray, stop_signals_held_over_ray_init
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import ConfigError, PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
@@ -56,18 +55,13 @@ def init_ray(config: RunConfig) -> None:
         _check_reachable(address)
         _check_token(address)
         try:
-            with native_lines_hidden(config.verbose):
+            # A stop signal while ray.init runs is acted on once it has returned (cli.py says why).
+            with stop_signals_held_over_ray_init(), native_lines_hidden(config.verbose):
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}") from None
         except AuthenticationError as exc:
             raise token_missing(address, exc) from None
-        except SystemExit:
-            # For as long as ray.init runs, a SIGTERM meets Ray's own handler, which calls sys.exit.
-            raise Stopped(signal.SIGTERM) from None
-        finally:
-            # ray.init installs its own SIGTERM handler (sys.exit): the job's says how to resume.
-            install_stop_handlers()
         return
     # Actors reserve logical CPUs; a small machine still runs both pools (their torch threads
     # are capped at cpus_per_actor), so declare at least what the pools ask for.
@@ -79,23 +73,19 @@ def init_ray(config: RunConfig) -> None:
     reap_local_ray_with_this_process()
     global _started_local_ray
     try:
-        with native_lines_hidden(config.verbose):
-            ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
-                include_dashboard=False,
-                log_to_driver=config.verbose,
-            )
-        _started_local_ray = True
+        with stop_signals_held_over_ray_init():
+            with native_lines_hidden(config.verbose):
+                ray.init(
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+                    include_dashboard=False,
+                    log_to_driver=config.verbose,
+                )
+            # Set before a held stop signal is acted on: the Ray this process started is then shut down.
+            _started_local_ray = True
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         fix = "pass --ray_address to use a running cluster"
         raise PipelineError(f"cannot start a local Ray ({first_line(exc)}); {fix}") from None
-    except SystemExit:
-        # Ray's SIGTERM handler (see above) has stopped the processes it started; the job ends as for any signal.
-        raise Stopped(signal.SIGTERM) from None
-    finally:
-        # A SIGTERM during ray.init meets Ray's handler; from here on it meets the job's.
-        install_stop_handlers()
 
 
 # The one line the C++ core writes when RAY_BACKEND_LOG_LEVEL is set (cli.quiet_ray sets it): it

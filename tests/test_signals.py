@@ -88,12 +88,64 @@ def test_every_stop_signal_ends_a_job_with_one_line_and_its_status(signum, stage
     assert stderr.splitlines() == [expected_line(signum, detail)]
 
 
+# A job whose ray.init is under way when the signal lands: Ray's head node sets its own SIGTERM handler (it exits
+# with 1) and Ray's clean-up swallows what is raised inside it (a bare except); both once made a stop signal end
+# the job with exit 1 and no line, or be lost while the job ran on.
+RAY_INIT_JOB = textwrap.dedent(
+    """
+    import sys, time
+    import ray._private.utils as ray_utils
+    from ray_pipeline.cli import Interrupted, run_entry, stop_signals_held_over_ray_init
+
+    def job():
+        try:
+            with stop_signals_held_over_ray_init():
+                ray_utils.set_sigterm_handler(lambda *_: sys.exit(1))
+                print("ready", flush=True)
+                for _ in range(20):
+                    try:
+                        time.sleep(0.1)
+                    except BaseException:
+                        pass
+            print("ray.init returned and the job went on", flush=True)
+            time.sleep(120)
+        except KeyboardInterrupt:
+            raise Interrupted("committed shards are kept in RUN; resume with: CMD") from None
+
+    sys.exit(run_entry(job))
+    """
+)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_during_ray_init_ends_the_job_once_ray_init_returns(signum):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RAY_INIT_JOB], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.splitlines() == [expected_line(signum, "committed shards are kept in RUN; resume with: CMD")]
+    assert "went on" not in stdout
+
+
 @pytest.mark.fast
 def test_outside_a_job_the_signal_handlers_are_left_alone():
-    from ray_pipeline.cli import install_stop_handlers, run_entry
+    import ray._private.utils as ray_utils
+
+    from ray_pipeline.cli import install_stop_handlers, run_entry, stop_signals_held_over_ray_init
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     install_stop_handlers()
+    setter = ray_utils.set_sigterm_handler
+    with stop_signals_held_over_ray_init():
+        assert ray_utils.set_sigterm_handler is setter
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
     assert run_entry(lambda: None) == 0
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
