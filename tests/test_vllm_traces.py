@@ -87,7 +87,9 @@ class StreamingEngine:
         if trace_index in self.refuse:
             raise ValueError(f"trace {trace_index} refused")
         t = self.trace(request_id.rsplit("-", 1)[0], params.max_tokens)
-        stop_args = (params.extra_args or {}).get("deepconf_stop")
+        args = (params.extra_args or {}).get("deepconf_trace")
+        assert args["seed"] == trace_seed(CONFIG.seed, request_id.rsplit("-", 2)[0], trace_index)
+        stop_args = args if "threshold" in args else None
         if stop_args is not None:
             assert (stop_args["window"], stop_args["top_k"]) == (CONFIG.deepconf_window, K)
             assert stop_args["token"] == STOP_TOKEN
@@ -176,16 +178,22 @@ def test_a_refused_trace_refuses_the_problem():
         asyncio.run(backend(engine).generate_traces([1], "p", [0, 1, 2, 3], 1.0))
 
 
-@pytest.mark.parametrize("cpu", [True, False])
-def test_trace_sampling_params(cpu):
+@pytest.mark.parametrize("threshold", [None, 1.5])
+def test_trace_sampling_params(threshold):
     from vllm.sampling_params import RequestOutputKind
 
+    from actors.confidence_stop import TRACE_ARGS
     from actors.vllm_backend import trace_sampling_params
 
     seed = trace_seed(0, "p", 5)
-    params = trace_sampling_params(CONFIG, seed, cpu=cpu)
+    params = trace_sampling_params(CONFIG, seed, threshold, STOP_TOKEN)
     assert (params.n, params.logprobs, params.max_tokens, params.temperature) == (1, K, 30, 0.7)
     # Delivered once, at the trace's end: no token is handled in Python while the engine generates.
-    assert params.seed == (None if cpu else seed) and params.output_kind == RequestOutputKind.FINAL_ONLY
+    assert params.output_kind == RequestOutputKind.FINAL_ONLY
+    # The engine's processor samples it from its seed: vLLM gets none (its V1 sampler loops over seeded requests).
+    args = params.extra_args[TRACE_ARGS]
+    assert params.seed is None and (args["seed"], args["temperature"], args["top_p"]) == (seed, 0.7, CONFIG.top_p)
+    stop = {"threshold": 1.5, "window": CONFIG.deepconf_window, "top_k": K, "token": STOP_TOKEN}
+    assert {key: args[key] for key in stop if key in args} == (stop if threshold else {})
     if "flat_logprobs" in type(params).__struct_fields__:
         assert params.flat_logprobs is True
