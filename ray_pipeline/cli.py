@@ -55,12 +55,17 @@ _quiet_job = False
 _ray_printer = None
 
 
-def _stop_job(signum: int, frame) -> None:
+def _note_stop(signum: int) -> None:
+    """A stop signal arrived: remember the first, and mute Ray's notes of the stop in a quiet job."""
     global _stop_signum
     if _quiet_job:
         _mute_ray_notes()
     if _stop_signum is None:
         _stop_signum = signum
+
+
+def _stop_job(signum: int, frame) -> None:
+    _note_stop(signum)
     raise Stopped(signum)
 
 
@@ -158,11 +163,7 @@ def stop_signals_held_over_ray_init():
     noted: list[int] = []
 
     def note(signum: int, frame) -> None:
-        global _stop_signum
-        if _quiet_job:
-            _mute_ray_notes()
-        if _stop_signum is None:
-            _stop_signum = signum
+        _note_stop(signum)
         noted.append(signum)
 
     for signum in STOP_SIGNALS:

@@ -60,6 +60,21 @@ FAKE_JOB = textwrap.dedent(
 )
 
 
+def signalled_when_ready(signum: int, script: str, *args: str) -> tuple[subprocess.Popen, str, str]:
+    """Run `script` (python -c) until it prints "ready", send it `signum`; the process, its stdout and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, stdout, stderr
+
+
 def expected_line(signum: int, detail: str) -> str:
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     return f"interrupted{by}: {detail}"
@@ -69,16 +84,7 @@ def expected_line(signum: int, detail: str) -> str:
 @pytest.mark.parametrize("stage", ["planned", "starting"])
 @pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_every_stop_signal_ends_a_job_with_one_line_and_its_status(signum, stage):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FAKE_JOB, stage], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, _, stderr = signalled_when_ready(signum, FAKE_JOB, stage)
     detail = (
         "committed shards are kept in RUN; resume with: CMD"
         if stage == "planned"
@@ -120,16 +126,7 @@ RAY_INIT_JOB = textwrap.dedent(
 @pytest.mark.fast
 @pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_during_ray_init_ends_the_job_once_ray_init_returns(signum):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RAY_INIT_JOB], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, stdout, stderr = signalled_when_ready(signum, RAY_INIT_JOB)
     assert proc.returncode == 128 + signum, stderr
     assert stderr.splitlines() == [expected_line(signum, "committed shards are kept in RUN; resume with: CMD")]
     assert "went on" not in stdout
