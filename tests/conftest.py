@@ -57,10 +57,11 @@ SLOW_IN_FAST_MODULES = {
 NO_RAY_ADDRESS = "127.0.0.1:9"
 
 
-# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) every test that is not fast runs in this one
-# group, on one worker and in collection order: jobs share the session's Ray, module fixtures and the machine's
-# cores as they do without xdist, while the other workers run the fast tier beside them (a job leaves part of
-# two cores idle while it waits on process starts and I/O).
+# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) every test that is not fast is meant to run in
+# this one group, on one worker and in collection order: jobs share the session's Ray, module fixtures and the
+# machine's cores as they do without xdist, while the other workers run the fast tier beside them (a job leaves
+# part of two cores idle while it waits on process starts and I/O). With pytest 9.2 and pytest-xdist 3.8 the group
+# is not applied (xdist sets `item._nodeid`, which pytest 9.2 no longer reads), so the jobs run two at a time.
 JOBS_GROUP = "jobs"
 
 
