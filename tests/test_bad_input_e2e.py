@@ -244,13 +244,20 @@ def test_auto_with_no_ray_running_names_what_to_do(tiny_model, tmp_path, given):
 
 
 def test_auto_finds_the_running_ray_and_checks_its_token(ray_cluster, tiny_model, tmp_path):
-    """`auto` finds the session's running Ray (Ray's own search: its GCS process); without that cluster's token the
-    job is refused at once naming the token (ray.init retried a refused token for 20 s)."""
+    """`auto` finds a running Ray (Ray's own search: a GCS process on this machine, here the session's cluster and
+    whatever local Ray a job beside this test runs); without that cluster's token the job is refused at once naming
+    the token (ray.init retried a refused token for 20 s)."""
+    from ray._private.services import find_gcs_addresses
+
     root = Path(tempfile.mkdtemp(prefix="bestofn-auto-"))
     try:
         env = {"RAY_TMPDIR": str(root), "RAY_ADDRESS": "auto", "RAY_AUTH_MODE": "token"}
         env["RAY_AUTH_TOKEN_PATH"] = str(root / "no-token")
+        running = set(find_gcs_addresses())
         line = refused(run_job("jobs.infer", *auto_args(tiny_model, tmp_path), env=env))
-        assert ray_cluster.gcs_address.rsplit(":", 1)[1] in line and "token" in line, line
+        running |= set(find_gcs_addresses())
+        assert ray_cluster.gcs_address.rsplit(":", 1)[1] in {address.rsplit(":", 1)[1] for address in running}
+        found = [address for address in running if f"at {address} " in line]
+        assert found and "token" in line, (line, running)
     finally:
         shutil.rmtree(root, ignore_errors=True)
