@@ -254,10 +254,6 @@ class VLLMGenerator:
 
         cfg = self.config
         params = trace_sampling_params(cfg, trace_seed(cfg.seed, key, trace), threshold, self.stop_token)
-        if threshold is not None:
-            if cfg.ignore_eos:
-                # ignore_eos keeps vLLM from ending a request at its end-of-sequence token; a stop token still ends it.
-                params.stop_token_ids = [self.stop_token]
         final = None
         try:
             async for out in self.engine.generate(
@@ -348,6 +344,9 @@ def trace_sampling_params(
         output_kind=RequestOutputKind.FINAL_ONLY,
         extra_args=trace_args(seed, config.temperature, config.top_p, threshold, window, top_k, stop_token or 0),
     )
+    if threshold is not None and config.ignore_eos:
+        # ignore_eos keeps vLLM from ending a request at its end-of-sequence token; a stop token still ends it.
+        params.stop_token_ids = [stop_token]
     if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
         # Log-probs as flat lists (vLLM >= 0.11): no Logprob object per entry for the frontend to build and collect.
         params.flat_logprobs = True

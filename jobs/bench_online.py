@@ -59,8 +59,10 @@ RUNS = {
     "online": ["--generation", "deepconf-online"],
 }
 # The flags this job handles itself: every other flag goes on to each jobs.bench run.
-OWN = ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "reuse", "generation")
-OWN += ("engine_confidence",)
+OWN = (
+    *("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "reuse"),
+    *("generation", "engine_confidence"),
+)
 COLUMNS = ["problem_id", "problem_index", "candidate_index", "gold", "text", "token_count", "engine_confidence"]
 COLUMNS += ["engine_token_count", "phase", "stopped_at", "stop_threshold"]
 

@@ -89,19 +89,6 @@ def _stopped_before_the_job(signum: int, frame) -> None:
     os._exit(128 + signum)
 
 
-def keep_stop_signals_from_ray() -> None:
-    """Before ray.init in a job: the driver's Ray core installs no crash handler of its own.
-
-    That handler (abseil's) also takes SIGTERM, printing a native stack dump and aborting (exit 134) when the
-    signal lands while ray.init connects, before the job's handler is back. Ray reads the setting when it
-    creates the driver's core worker; Ray's own processes keep theirs.
-    """
-    if _job_running:
-        from ray._private import ray_constants
-
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-
-
 def _mute_ray_notes() -> None:
     """Print none of the notes Ray's processes push to this driver from now on.
 
@@ -152,10 +139,18 @@ def stop_signals_held_over_ray_init():
     processes, sys.exit(1)); each replaced the job's for part of the start, and an exception raised inside
     ray.init can be swallowed by its own clean-up. A SIGTERM landing there ended a job with exit 1 and no line,
     or was lost and the job ran on (tests/test_signals.py's sweep, on a loaded machine). Ray has no setting to
-    keep its handlers out, so its setter is replaced for the call. Outside run_entry (a library call, a test) it
-    changes nothing.
+    keep its handlers out, so its setter is replaced for the call. Nor does the driver's Ray core install its crash
+    handler (abseil's), which also takes SIGTERM, printing a native stack dump and aborting (exit 134) when the
+    signal lands while ray.init connects; Ray reads that setting when it creates the driver's core worker, and
+    Ray's own processes keep theirs. Outside run_entry (a library call, a test) it changes nothing.
     """
-    if not (_job_running and threading.current_thread() is threading.main_thread()):
+    if not _job_running:
+        yield
+        return
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     import ray._private.utils as ray_utils

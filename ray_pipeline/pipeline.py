@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.backends import resolve_backend
-from ray_pipeline.cli import keep_stop_signals_from_ray, stop_signals_held_over_ray_init
+from ray_pipeline.cli import stop_signals_held_over_ray_init
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import ConfigError, PipelineError, first_line
 from ray_pipeline.local_ray import reap_local_ray_with_this_process
@@ -47,7 +47,6 @@ def init_ray(config: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    keep_stop_signals_from_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address.strip().lower() == "auto":
         address = _resolve_auto("--ray_address" if config.ray_address else "$RAY_ADDRESS")
