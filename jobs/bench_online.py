@@ -63,6 +63,8 @@ OWN = (
     *("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "reuse"),
     *("generation", "engine_confidence"),
 )
+# deepconf-online's own flags: only the online run gets them (a full run's config refuses a consensus).
+ONLINE_ONLY = ("consensus", "consensus_wave")
 COLUMNS = ["problem_id", "problem_index", "candidate_index", "gold", "text", "token_count", "engine_confidence"]
 COLUMNS += ["engine_token_count", "phase", "stopped_at", "stop_threshold"]
 
@@ -93,8 +95,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     runs = [r for r in args.runs.split(",") if r]
     if not runs or set(runs) - set(RUNS):
         raise PipelineError(f"--runs must be comma-separated names of {', '.join(RUNS)}, got {args.runs!r}")
-    config = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in OWN}))
-    online = dataclasses.replace(config, generation="deepconf-online").validate()
+    given = {k: v for k, v in vars(args).items() if k not in OWN}
+    online = config_from_args(argparse.Namespace(**(given | {"generation": "deepconf-online"})))
+    config = dataclasses.replace(online, generation="full", consensus=None).validate()
     percentiles = [float(p) for p in args.simulate_percentiles.split(",") if p]
     root = Path(args.bench_dir)
     passed = _passed_flags(argv)
@@ -109,7 +112,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     for name in runs:
         out = root / name
         raw = [] if args.raw and name == "full" else ["--skip_raw"]
-        command = [sys.executable, "-m", "jobs.bench", *raw, "--bench_dir", str(out), *passed, *RUNS[name]]
+        flags = passed if name == "online" else _passed_flags(passed, ONLINE_ONLY)
+        command = [sys.executable, "-m", "jobs.bench", *raw, "--bench_dir", str(out), *flags, *RUNS[name]]
         if args.reuse and (out / "bench.json").exists():
             print(f"== {name}: reused {out / 'bench.json'}", flush=True)
         else:
@@ -136,11 +140,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _passed_flags(argv: list[str]) -> list[str]:
-    """The command line without this job's own flags (each with its value)."""
-    own = {f"--{name}" for name in OWN} | {f"--no-{name}" for name in OWN}
+def _passed_flags(argv: list[str], left_out: tuple[str, ...] = OWN) -> list[str]:
+    """The command line without the flags named in `left_out` (each with its value)."""
+    own = {f"--{name}" for name in left_out} | {f"--no-{name}" for name in left_out}
     takes_value = {f"--{name}" for name in ("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles")}
-    takes_value.add("--generation")
+    takes_value |= {"--generation", *(f"--{name}" for name in ONLINE_ONLY)}
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -340,20 +344,26 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def _print(result: dict) -> None:
-    print(f"\n{result['device']} | {result['problems']} problems x n={result['n']} x {result['max_tokens']} tokens, "
-          f"window {result['window']}, {result['warmup_traces']} warm-up traces")
+    print(
+        f"\n{result['device']} | {result['problems']} problems x n={result['n']} x {result['max_tokens']} tokens, "
+        f"window {result['window']}, {result['warmup_traces']} warm-up traces"
+    )
     _print_rows(result["rows"])
     if result.get("simulator_grid"):
         print("\nsimulator on the full-confidence run (DeepConf online replayed per setting):")
         _print_rows(result["simulator_grid"])
     for name, t in result["timings"].items():
-        print(f"{name}: actor start {t['pipeline_startup_s']:.1f} s, generate+score {t['generate_score_s']:.1f} s, "
-              f"generator {t['generator_s']:.1f} s ({t['generated_tokens']:,} tokens), scorer busy "
-              f"{t['scorer_busy_s']:.1f} s, GPU peak {t['pipeline_gpu_peak_mib']} MiB")
+        print(
+            f"{name}: actor start {t['pipeline_startup_s']:.1f} s, generate+score {t['generate_score_s']:.1f} s, "
+            f"generator {t['generator_s']:.1f} s ({t['generated_tokens']:,} tokens), scorer busy "
+            f"{t['scorer_busy_s']:.1f} s, GPU peak {t['pipeline_gpu_peak_mib']} MiB"
+        )
     raw = result.get("plain_raw_generate")
     if raw:
-        print(f"plain raw LLM.generate: {raw['generate_s']:.1f} s ({raw['tokens']:,} tokens); full pipeline work "
-              f"{raw['pipeline_work_s']:.1f} s; ratio {raw['ratio_work_to_raw_generate']:.3f}")
+        print(
+            f"plain raw LLM.generate: {raw['generate_s']:.1f} s ({raw['tokens']:,} tokens); full pipeline work "
+            f"{raw['pipeline_work_s']:.1f} s; ratio {raw['ratio_work_to_raw_generate']:.3f}"
+        )
     for key, value in result.get("targets", {}).items():
         print(f"  {key}: {value if not isinstance(value, float) or math.isnan(value) else round(value, 3)}")
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import jobs.bench_online
 from jobs.bench_online import _compare, _passed_flags, grade_problem, simulator_grid
 from ray_pipeline.config import RunConfig
 from ray_pipeline.deepconf import FINAL, SKIPPED, WARMUP, OnlineSettings
@@ -16,6 +20,33 @@ def test_each_run_gets_the_users_flags_without_this_jobs_own_or_a_mode():
     argv = ["--dataset", "embedded:4", "--runs", "full,online", "--raw", "--reuse", "--generation", "full"]
     argv += ["--record=r.json", "--engine_confidence", "--max_tokens", "5", "--deepconf_window", "2"]
     assert _passed_flags(argv) == ["--dataset", "embedded:4", "--max_tokens", "5", "--deepconf_window", "2"]
+
+
+def test_a_consensus_goes_to_the_online_run_only(monkeypatch, tmp_path):
+    """A full run's config refuses --consensus, so bench_online hands it (and its wave) to the online run alone."""
+    commands = []
+
+    class Ran(Exception):
+        pass
+
+    def run(command):
+        commands.append(command)
+        if len(commands) == 2:
+            raise Ran
+        (Path(command[command.index("--bench_dir") + 1])).mkdir(parents=True)
+        (Path(command[command.index("--bench_dir") + 1]) / "bench.json").write_text(
+            '{"pipeline_work_s": 1, "reduce_s": 0}'
+        )
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(jobs.bench_online.subprocess, "run", run)
+    argv = ["--dataset", "embedded:4", "--num_return_sequences", "4", "--warmup_traces", "2", "--max_tokens", "8"]
+    argv += ["--deepconf_window", "2", "--consensus", "0.9", "--consensus_wave=2", "--runs", "full,online"]
+    with pytest.raises(Ran):
+        jobs.bench_online.main([*argv, "--bench_dir", str(tmp_path)])
+    full, online = (command[command.index("--bench_dir") + 2 :] for command in commands)
+    assert "--consensus" not in full and "--consensus_wave=2" not in full and full[-2:] == ["--generation", "full"]
+    assert online[online.index("--consensus") + 1] == "0.9" and "--consensus_wave=2" in online
 
 
 def test_grading_groups_equivalent_answers_once_and_grades_each_group():
