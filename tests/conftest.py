@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "guard"))
 from reads_guard_plugin import (  # noqa: E402, F401 - pytest finds the hooks in this module
     pytest_collection_finish,
-    pytest_configure,
     pytest_runtest_makereport,
     pytest_sessionfinish,
     pytest_unconfigure,
 )
+from reads_guard_plugin import pytest_configure as reads_guard_configure  # noqa: E402
 
 # The fast tier (`make test-fast`, `pytest -m fast`): unit tests with no model and no Ray cluster. A module
 # joins it here or with `pytestmark = pytest.mark.fast`; a slow test inside a listed module is named in
@@ -57,14 +57,16 @@ SLOW_IN_FAST_MODULES = {
 NO_RAY_ADDRESS = "127.0.0.1:9"
 
 
-# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) every test that is not fast is meant to run in
-# this one group, on one worker and in collection order: jobs share the session's Ray, module fixtures and the
-# machine's cores as they do without xdist, while the other workers run the fast tier beside them (a job leaves
-# part of two cores idle while it waits on process starts and I/O). With pytest 9.2 and pytest-xdist 3.8 the group
-# is not applied (xdist sets `item._nodeid`, which pytest 9.2 no longer reads), so the jobs run two at a time.
+# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) every test that is not fast runs in this one
+# group, on one worker and in collection order: jobs share the session's Ray, module fixtures and the machine's
+# cores as they do without xdist, while the other workers run the fast tier beside them (a job leaves part of two
+# cores idle while it waits on process starts and I/O). Two jobs at once would each start a local Ray and load
+# models on the same two cores: their walls double and a test of `auto` finds the other job's Ray.
 JOBS_GROUP = "jobs"
 
 
+# First: pytest-xdist reads the group marks in its own pytest_collection_modifyitems.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
@@ -72,6 +74,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if item.get_closest_marker("fast") is None:
             item.add_marker(pytest.mark.xdist_group(JOBS_GROUP))
+
+
+class JobsGroupCheck:
+    """Refuses an xdist worker's session whose jobs lost their group: pytest-xdist applies `xdist_group` by
+    rewriting each node id (`<id>@jobs`), and a pytest it cannot do that in would run the jobs two at a time."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+            return
+        lost = [item.nodeid for item in items if item.get_closest_marker("fast") is None and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(
+                f"--dist loadgroup did not group {len(lost)} job tests (e.g. {lost[0]}): this pytest-xdist cannot "
+                "rewrite this pytest's node ids; install the pytest pyproject.toml's dev extra pins"
+            )
+
+
+def pytest_configure(config):
+    reads_guard_configure(config)
+    config.pluginmanager.register(JobsGroupCheck(), "jobs-group-check")
 
 
 @pytest.fixture(autouse=True)
