@@ -63,7 +63,7 @@ OWN = (
     *("runs", "bench_dir", "dummy_shape", "record", "simulate_percentiles", "raw", "reuse"),
     *("generation", "engine_confidence"),
 )
-# deepconf-online's own flags: only the online run gets them (a full run's config refuses a consensus).
+# deepconf-online's own flags: only the online run gets them (a full run has no use for them).
 ONLINE_ONLY = ("consensus", "consensus_wave")
 COLUMNS = ["problem_id", "problem_index", "candidate_index", "gold", "text", "token_count", "engine_confidence"]
 COLUMNS += ["engine_token_count", "phase", "stopped_at", "stop_threshold"]

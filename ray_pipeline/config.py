@@ -85,6 +85,17 @@ def _reads_reproducible(config: RunConfig) -> bool | None:
     return None if backend is None else backend == "vllm" or config.trace_requests
 
 
+def _online(config: RunConfig) -> bool:
+    return config.generation == "deepconf-online"
+
+
+def _online_consensus(config: RunConfig) -> bool:
+    return _online(config) and config.consensus is not None
+
+
+_ONLY_ONLINE = "only deepconf-online generates by it (a full run's traces all run to their end)"
+
+
 def _problem_passes(config: RunConfig) -> bool | None:
     return None if config.score_pass == "auto" else config.score_pass == "problem"
 
@@ -117,17 +128,19 @@ def _opt(
     low_open=False,
     choices=None,
     aliases=(),
+    off=False,
     **kw,
 ):
     """A config field with its flag help, what it changes (`role`, one of ROLES), allowed range and other flag names.
 
-    `low_open` excludes `low` itself from the range. For a samples or scores field: `matters` (a Matters) where it
+    `low_open` excludes `low` itself from the range; `off` lets the flag take `off` for None (a field whose default
+    is a value). For a samples or scores field: `matters` (a Matters) where it
     changes values, if not everywhere; `default_is(config)` what an unset (None) value resolves to, so a value given
     equal to it is the default; `compared_as` the fingerprint entry that holds all it changes (the data set's
     content), which a resume compares instead of it.
     """
     meta = {"help": help, "role": role, "low": low, "high": high, "low_open": low_open, "choices": choices}
-    meta |= {"aliases": aliases, "matters": matters, "default_is": default_is, "compared_as": compared_as}
+    meta |= {"aliases": aliases, "matters": matters, "default_is": default_is, "compared_as": compared_as, "off": off}
     return field(default=default, metadata=meta, **kw)
 
 
@@ -202,12 +215,15 @@ class RunConfig:
         "offline; each candidate is then its own request with its own seed (deepconf-online always stores them)",
         role="samples",
     )
+    # The online defaults (8 warm-up traces, consensus 0.95, DeepConf-low) are the cheapest setting of the
+    # simulator's grid that kept accuracy within 2 points of full self-consistency (README, "DeepConf online").
     warmup_traces: int = _opt(
-        16,
+        8,
         "deepconf-online: traces per problem that run to their end and set its threshold (must be below "
         "--num_return_sequences: the rest may stop early)",
         low=1,
         role="samples",
+        matters=Matters(_online, ("generation",), _ONLY_ONLINE),
     )
     deepconf_percentile: float = _opt(
         90.0,
@@ -216,16 +232,19 @@ class RunConfig:
         low=0.0,
         high=100.0,
         role="samples",
+        matters=Matters(_online, ("generation",), _ONLY_ONLINE),
     )
     consensus: float | None = _opt(
-        None,
+        0.95,
         "deepconf-online: after each final trace (in trace order) stop a problem once its confidence-weighted "
-        "leading answer holds this share of the vote (DeepConf's adaptive sampling, e.g. 0.95; answers read with "
-        "--answer_extraction); default: no consensus stop",
+        "leading answer holds this share of the vote (DeepConf's adaptive sampling; answers read with "
+        "--answer_extraction); off: no consensus stop, every final trace runs",
         low=0.0,
         low_open=True,
         high=1.0,
         role="samples",
+        matters=Matters(_online, ("generation",), _ONLY_ONLINE),
+        off=True,
     )
     consensus_wave: int = _opt(
         8,
@@ -233,6 +252,9 @@ class RunConfig:
         "depend on it; traces that finish after the consensus are spent work)",
         low=1,
         role="samples",
+        matters=Matters(
+            _online_consensus, ("generation", "consensus"), "only a consensus stop runs final traces in waves"
+        ),
     )
     # Selection: every field but `method` is a parameter of the methods (selection.SelectionParams), in the
     # order summary.json and report.md name them.
@@ -562,11 +584,6 @@ class RunConfig:
     def _check_generation(self) -> None:
         """Online settings under which nothing could stop, or that have nothing to stop, are refused."""
         if self.generation != "deepconf-online":
-            if self.consensus is not None:
-                raise ConfigError(
-                    f"consensus needs generation deepconf-online (a consensus stop skips online traces), got "
-                    f"consensus {self.consensus} with generation {self.generation}"
-                )
             return
         n, warmup = self.num_return_sequences, self.warmup_traces
         if self.temperature == 0:
@@ -710,6 +727,16 @@ def _base_type(hint):
     return hint
 
 
+def _or_off(kind):
+    """A flag type that reads `off` as None and anything else as `kind`."""
+
+    def parse(text: str):
+        return None if text == "off" else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or off"
+    return parse
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse whose refusal of a flag is one `error:` line and exit 2, like every other bad input.
 
@@ -743,7 +770,7 @@ def build_parser(
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _or_off(kind) if f.metadata["off"] else kind
             if f.metadata["choices"]:
                 kwargs["choices"] = f.metadata["choices"]
         flags = [f"--{name}" for name in (f.name, *f.metadata["aliases"])]

@@ -90,7 +90,9 @@ def fingerprint_value(config: RunConfig, name: str):
     unresolved), else its default; a value given equal to what the default resolves to is the default."""
     f = FIELDS[name]
     if role_in(config, name) == "execution":
-        return f.default
+        # Any value computes the same here: it hashes as the value runs made before the field had (or changed) its
+        # default held, so a later default keeps those folders' names.
+        return LATER_FIELDS.get(name, f.default)
     value = getattr(config, name)
     default_is = f.metadata["default_is"]
     if default_is is not None and value is not None and value == default_is(config):

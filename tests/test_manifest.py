@@ -67,16 +67,25 @@ def test_fingerprint_changes_with_every_output_setting(problems, tmp_path):
     assert fingerprint(same, problems, "some/hub-id") == fp
 
 
+# The online settings, each with a value other than its earlier one.
+ONLINE_OTHER = {"warmup_traces": 4, "deepconf_percentile": 10.0, "consensus": 0.9, "consensus_wave": 4}
+
+
 @pytest.mark.parametrize("name", sorted(LATER_FIELDS))
 def test_a_later_field_at_its_earlier_value_keeps_earlier_fingerprints(problems, name):
     """Runs made before the field existed resume: their fingerprint, and default folder, stay the same."""
-    # vLLM with --reproducible, where every later field changes values, holding the earlier value of this one.
-    base = dataclasses.replace(RunConfig(backend="vllm", reproducible=True), **{name: LATER_FIELDS[name]})
+    # vLLM with --reproducible, where every later field changes values (the online ones in an online run), holding
+    # the earlier value of this one.
+    base = RunConfig(backend="vllm", reproducible=True)
+    if name in ONLINE_OTHER:
+        base = dataclasses.replace(base, generation="deepconf-online", temperature=0.7, num_return_sequences=32)
+    base = dataclasses.replace(base, **{name: LATER_FIELDS[name]})
     fp = fingerprint(base, problems, "x/y")
     assert name not in fp
     earlier = dict(fp)  # what such a run stored
     assert not differences(earlier, fingerprint(base, problems, "x/y"))
-    changed = fingerprint(dataclasses.replace(base, **{name: not LATER_FIELDS[name]}), problems, "x/y")
+    other = ONLINE_OTHER.get(name, not LATER_FIELDS[name])
+    changed = fingerprint(dataclasses.replace(base, **{name: other}), problems, "x/y")
     assert differences(earlier, changed) and fingerprint_hash(changed) != fingerprint_hash(fp)
 
 

@@ -39,6 +39,7 @@ ONLINE = RunConfig(
     max_tokens=40,
     temperature=0.7,
     answer_extraction="boxed",
+    consensus=None,
 )
 
 
