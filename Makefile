@@ -10,11 +10,12 @@ DATASET ?= embedded:100
 DEMO_ARGS ?= $(if $(filter embedded%,$(DATASET)),--prompt chat --answer_extraction math-verify \
 	--num_return_sequences 4 --max_tokens 128)
 # `make run-online`: DeepConf online early stopping on the embedded set, sized like `make run` (25 problems x 16
-# traces = 400 candidates): per problem 4 warm-up traces set a threshold and the other 12 stop once the engine
-# confidence of their last 32 tokens falls below it. The job ends with the tokens it saved.
+# traces = 400 candidates), with the online defaults: per problem 8 warm-up traces set a threshold, the other 8
+# stop once the engine confidence of their last 32 tokens falls below it, and a problem stops once 0.95 of its
+# vote agrees. The job ends with the tokens it saved.
 ONLINE_DATASET ?= embedded:25
 ONLINE_ARGS ?= --prompt chat --answer_extraction math-verify --max_tokens 128 --temperature 0.7 \
-	--num_return_sequences 16 --generation deepconf-online --warmup_traces 4 --deepconf_window 32
+	--num_return_sequences 16 --generation deepconf-online --deepconf_window 32
 ARGS ?=
 PYTEST_ARGS ?=
 
