@@ -69,9 +69,6 @@ def variant_engine_args(path: str, config: RunConfig, variant: str, cpu: bool, l
 
 def variant_requests(config: RunConfig, variant: str, keys: list[str], cpu: bool) -> list[tuple[int, object]]:
     """(problem index, SamplingParams) per request of the variant, in submission order."""
-    from vllm import SamplingParams
-
-    from actors.confidence_stop import trace_args
     from actors.traces import trace_seed
     from actors.vllm_backend import plain_sampling_params, trace_sampling_params
 
@@ -81,23 +78,14 @@ def variant_requests(config: RunConfig, variant: str, keys: list[str], cpu: bool
     for i, key in enumerate(keys):
         for k in range(config.num_return_sequences):
             seed = trace_seed(config.seed, key, k)
-            if variant == "trace-path":
-                params = trace_sampling_params(config, seed)
-            else:
-                params = SamplingParams(
-                    n=1,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    max_tokens=config.max_tokens,
-                    ignore_eos=config.ignore_eos,
-                    detokenize=False,
-                    seed=None if cpu or variant in V1 else seed,
-                )
-                if variant == "traces-v1-logprobs":
-                    params = trace_sampling_params(config, seed)
-                    params.extra_args = None
-                elif variant == "traces-v1-sampler":
-                    params.extra_args = trace_args(seed, config.temperature, config.top_p)
+            # The whole path, then without what the variant leaves out.
+            params = trace_sampling_params(config, seed)
+            if variant in ("traces", "traces-v1", "traces-v1-sampler"):
+                params.logprobs = None
+            if variant in ("traces", "traces-v1", "traces-v1-logprobs"):
+                params.extra_args = None
+            if variant == "traces" and not cpu:
+                params.seed = seed
             requests.append((i, params))
     return requests
 
