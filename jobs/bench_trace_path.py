@@ -47,6 +47,8 @@ VARIANTS = ("plain", "traces", "traces-v1", "traces-v1-logprobs", "traces-v1-sam
 # The variants that run on the V1 model runner, and those that load the WindowStop processor.
 V1 = {"traces-v1", "traces-v1-logprobs", "traces-v1-sampler", "trace-path"}
 PROCESSOR = {"traces-v1-sampler", "trace-path"}
+# The variants whose requests ask for the top-k log-probs.
+LOGPROBS = {"traces-v1-logprobs", "trace-path"}
 
 
 def variant_env(variant: str, env: dict[str, str]) -> dict[str, str]:
@@ -80,9 +82,9 @@ def variant_requests(config: RunConfig, variant: str, keys: list[str], cpu: bool
             seed = trace_seed(config.seed, key, k)
             # The whole path, then without what the variant leaves out.
             params = trace_sampling_params(config, seed)
-            if variant in ("traces", "traces-v1", "traces-v1-sampler"):
+            if variant not in LOGPROBS:
                 params.logprobs = None
-            if variant in ("traces", "traces-v1", "traces-v1-logprobs"):
+            if variant not in PROCESSOR:
                 params.extra_args = None
             if variant == "traces" and not cpu:
                 params.seed = seed
@@ -115,6 +117,7 @@ def run_variant(
         "engine_start_s": ready - started,
         "generate_s": generate_s,
         "tokens": tokens,
+        "problems": len(keys),
         "requests": len(requests),
         "tokens_per_s": tokens / generate_s,
         "max_num_seqs": scheduler.max_num_seqs,
@@ -167,7 +170,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     record = {
         "device": device_name(),
         "model": config.model_path,
-        "problems": len(_keys(config)),
+        "problems": next(iter(results.values()))["problems"],
         "n": config.num_return_sequences,
         "max_tokens": config.max_tokens,
         "variants": results,
@@ -187,14 +190,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.record:
         write_record(args.record, record)
     return 0
-
-
-def _keys(config: RunConfig) -> list[str]:
-    from ray_pipeline.data import load_problems
-
-    return (
-        load_problems(config.dataset, limit=config.limit, shard_size=config.shard_size).column("problem_id").to_pylist()
-    )
 
 
 def _prompts(config: RunConfig) -> tuple[str, list[list[int]], list[str]]:
