@@ -142,3 +142,27 @@ def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(joined
     assert died.exists()
     keys = sorted((r["problem_id"], c["candidate_index"]) for r in rows for c in r["candidates"])
     assert keys == sorted((p, k) for p in problems.column("problem_id").to_pylist() for k in range(2))
+
+
+@pytest.mark.fast
+def test_the_pipeline_engine_is_scheduled_as_llm_schedules_an_offline_batch(monkeypatch):
+    """The generator's AsyncLLM gets `LLM`'s scheduler defaults (an embedded engine's are an eighth of them on an
+    H100): its engine arguments are built for vLLM's LLM_CLASS usage context, as `LLM` builds its own."""
+    pytest.importorskip("vllm")
+    import inspect
+
+    from vllm import LLM
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from actors.vllm_backend import VLLMGenerator
+
+    asked = []
+    monkeypatch.setattr(
+        AsyncLLM, "from_engine_args", classmethod(lambda cls, args, **kw: asked.append((args, kw)) or "engine")
+    )
+    generator = VLLMGenerator("/nowhere", RunConfig(backend="vllm"))
+    assert generator.engine == "engine"
+    assert asked[0][1]["usage_context"] == UsageContext.LLM_CLASS
+    # What LLM passes for its own engine (so the two stay the same should vLLM rename it).
+    assert "usage_context=UsageContext.LLM_CLASS" in inspect.getsource(LLM.__init__)
