@@ -20,10 +20,9 @@ and runs in a process and engine of its own, on the same prompts, N and seeds:
 - `trace-path`: the whole path (`trace_sampling_params`): the processor's sampling and the log-probs.
 
 Every variant's engine gets the pipeline's engine arguments and `LLM`'s scheduler defaults (on an H100 1,024
-sequences and 16,384 batched tokens) unless --max_num_seqs / --max_num_batched_tokens say otherwise: the
-pipeline's `AsyncLLM` gets vLLM's engine-context defaults (128 and 2,048 on vLLM 0.26), so
-`--max_num_seqs 128 --max_num_batched_tokens 2048` runs the variants at the pipeline's limits. Prints tokens/s
-per variant and its share of `plain`'s; --record writes it as JSON with device, date and commit.
+sequences and 16,384 batched tokens), as the pipeline's `AsyncLLM` does since 29f23c8 (before, it got vLLM's
+embedded-engine defaults, 128 and 2,048 on vLLM 0.26); --max_num_seqs / --max_num_batched_tokens set others.
+Prints tokens/s per variant and its share of `plain`'s; --record writes it as JSON with device, date and commit.
 """
 
 from __future__ import annotations
