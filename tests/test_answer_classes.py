@@ -5,7 +5,7 @@ list, order free) and `(2,3)` are equivalent, but `(2,3)` and `(3,2)` are not; `
 The cases below are generated from families of such answers: random multisets of a family (and of two
 families mixed), every class checked pair by pair with the rule itself (`answers_equivalent`), the
 partition compared over random permutations of the candidates, and "bridge" answers inserted to try to
-chain two non-equivalent answers into one class. `deepconf.group_answers` gets the same checks on
+chain two non-equivalent answers into one class. `answer_classes.group_answers` gets the same checks on
 generated non-transitive relations.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from ray_pipeline import answers
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.answers import answers_equivalent, grade, grade_and_group
-from ray_pipeline.deepconf import group_answers
 
 pytestmark = pytest.mark.fast
 
@@ -175,7 +175,7 @@ def test_symbolic_counts_the_math_verify_comparisons_that_ran(monkeypatch):
         assert len(set(ran)) == len(ran), ran
 
 
-# --- deepconf.group_answers on generated relations ------------------------------------------------------------
+# --- answer_classes.group_answers on generated relations ------------------------------------------------------------
 
 
 def tolerance(a: str, b: str) -> bool:

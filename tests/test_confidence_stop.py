@@ -1,5 +1,5 @@
 """The engine-side DeepConf stop and seeded sampling (actors/confidence_stop.py) against the online rule
-(ray_pipeline/deepconf.py) and a sampler run on each position alone.
+(ray_pipeline/deepconf/) and a sampler run on each position alone.
 
 A simulated vLLM engine drives the processor as vLLM's persistent batch does, over generated schedules:
 requests join at free rows, leave when they end, move one way and swap (vLLM condenses its batch), some steps are

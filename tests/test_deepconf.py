@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.deepconf import (
     CONFIDENCE_SCALE,
     FINAL,
@@ -19,18 +20,16 @@ from ray_pipeline.deepconf import (
     estimated_savings,
     filtered_vote,
     first_stop,
-    group_answers,
     lowest_group_confidence,
     majority_class,
     online_vote,
-    paired_difference,
     replay_problem,
     stop_threshold,
     token_confidences,
-    tokens_vs_accuracy,
-    wilson_interval,
     window_means,
 )
+from ray_pipeline.deepconf.tables import tokens_vs_accuracy
+from ray_pipeline.metrics import paired_difference, wilson_interval
 
 pytestmark = pytest.mark.fast
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_in_process, run_job
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.answers import answers_equivalent, extract_answer
 from ray_pipeline.deepconf import (
     FINAL,
@@ -34,7 +35,6 @@ from ray_pipeline.deepconf import (
     WARMUP,
     OnlineSettings,
     first_stop,
-    group_answers,
     lowest_group_confidence,
     online_vote,
     replay_problem,

@@ -14,6 +14,7 @@ import pytest
 
 from jobs.bench_reduce import synthesize_run
 from ray_pipeline import deepconf
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.answers import grade_and_group
 from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.reduce import select_questions
@@ -55,7 +56,7 @@ def test_the_online_method_picks_what_the_online_rule_picks():
         cands = online_problem(rng, rng.randint(4, 12))
         (choice,) = select_questions([cands], "deepconf-online", params)
         # The reference: the module's rule on the same classes (1/2 and 0.5 are one class).
-        classes = deepconf.group_answers([c["pred"] for c in cands], same_answer)
+        classes = group_answers([c["pred"] for c in cands], same_answer)
         lowest = np.array(
             [deepconf.lowest_group_confidence(c["engine_confidence"], 3) if c["token_count"] else np.nan for c in cands]
         )
@@ -131,7 +132,7 @@ def test_the_confidence_methods_read_the_engines_confidences_where_the_run_store
     some and all candidates with stored engine confidences."""
     import pyarrow as pa
 
-    from ray_pipeline.aggregates import lowest_group_confidence, tail_confidence
+    from ray_pipeline.deepconf import lowest_group_confidence, tail_confidence
     from ray_pipeline.reduce import grade_run
 
     params = SelectionParams(deepconf_window=4)

@@ -1,4 +1,4 @@
-"""The trace controller (actors/traces.py) against the replay (ray_pipeline/deepconf.py), on a fake engine.
+"""The trace controller (actors/traces.py) against the replay (ray_pipeline/deepconf/), on a fake engine.
 
 The fake engine holds a complete trace per (problem, trace index) and, asked for a trace with a threshold,
 cuts it where the online rule says, as both real backends do. Whatever the controller then decides (the
@@ -16,6 +16,7 @@ import pytest
 
 from actors.samples import LOW_CONFIDENCE, NOT_LAUNCHED, RequestRefused, Sample
 from actors.traces import problem_traces, trace_seed, traced_problems
+from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.config import RunConfig
 from ray_pipeline.deepconf import (
     CONFIDENCE_SCALE,
@@ -25,7 +26,6 @@ from ray_pipeline.deepconf import (
     OnlineSettings,
     WindowMonitor,
     first_stop,
-    group_answers,
     replay_problem,
 )
 
