@@ -158,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
     import ray.data
     from transformers import AutoTokenizer
 
-    from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
+    from ray_pipeline.cluster import init_ray
+    from ray_pipeline.pipeline import resolve_execution, run_stages
 
     bench_dir = Path(args.bench_dir)
     config = config_from_args(args)

@@ -207,7 +207,8 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
     `in_process` runs the stages in this process without Ray (`ray_pipeline.inprocess`: tests of what is not
     Ray's or an engine's behaviour).
     """
-    from ray_pipeline.pipeline import init_ray, resolve_execution, run_stages
+    from ray_pipeline.cluster import init_ray
+    from ray_pipeline.pipeline import resolve_execution, run_stages
 
     mark("planned")
     if in_process:

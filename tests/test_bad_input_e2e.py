@@ -126,7 +126,7 @@ def test_local_run_beside_a_ray_start_cluster(ray_cluster):
         probe = (
             "import sys, ray\n"
             "from ray_pipeline.config import RunConfig\n"
-            "from ray_pipeline.pipeline import init_ray\n"
+            "from ray_pipeline.cluster import init_ray\n"
             "if sys.argv[1] == 'bare':\n"
             "    ray.init(num_cpus=2)\n"
             "else:\n"

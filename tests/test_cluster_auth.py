@@ -18,8 +18,8 @@ import pytest
 from test_cluster_mode import LocalCluster
 
 from conftest import ROOT
+from ray_pipeline.cluster import token_fix
 from ray_pipeline.model import cache_root
-from ray_pipeline.pipeline import token_fix
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_a_gpu_actor_that_wants_one_cpu_counts_the_cpu_ray_data_reserves_for_it(
 
 def test_the_start_check_runs_once_ray_is_joined_and_refuses_before_anything_starts(monkeypatch):
     monkeypatch.setattr(pipeline, "cluster_has_gpu", lambda: False)
-    monkeypatch.setattr(pipeline, "_ray_joined", lambda: True)
+    monkeypatch.setattr(pipeline, "ray_joined", lambda: True)
     monkeypatch.setattr(placement, "cluster_nodes", lambda: CLUSTERS["two nodes, custom resources"])
     monkeypatch.setattr(placement, "autoscaler_node_types", lambda: [])
     ok = pipeline.resolve_execution(RunConfig(backend="hf", scorer_resource="scorer_node"), 10)
