@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -72,30 +72,10 @@ class Picks:
 
 # The per-candidate values of a block, each [B, n]. `label` is the answer class (-1: no answer), `correct` the
 # candidate's grade (False without a gold answer); the float values are NaN where a candidate has none.
-CANDIDATE_VALUES = (
-    "label",
-    "correct",
-    "token_count",
-    "mean_entropy",
-    "mean_self_certainty",
-    "token_certainty",
-    "step_certainty_min",
-    "coe_r",
-    "coe_c",
-    "self_eval_min",
-    "self_eval_missing",
-    "lowest_group",
-    "tail",
-    "engine_lowest_group",
-    "online",
-    "launched",
-    "stop_threshold",
-)
-
-
 @dataclass
 class Candidates:
-    """B questions x n candidates, every value a method reads as a [B, n] array (see CANDIDATE_VALUES)."""
+    """B questions x n candidates, every value a method reads as a [B, n] array, one field per value (their names
+    are CANDIDATE_VALUES, in this order)."""
 
     label: np.ndarray
     correct: np.ndarray
@@ -133,6 +113,10 @@ class Candidates:
     def combined(self, alpha: float) -> np.ndarray:
         """The combined token/step certainty at this alpha (NaN for empty responses)."""
         return combined_self_certainty(self.token_certainty, self.step_certainty_min, alpha)
+
+
+# The per-candidate values a method reads: the fields of Candidates (the reducer fills one array of each).
+CANDIDATE_VALUES = tuple(f.name for f in fields(Candidates))
 
 
 class MethodUnavailable(PipelineError):
