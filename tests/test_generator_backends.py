@@ -145,9 +145,17 @@ def test_ray_restarts_a_generator_whose_engine_died_and_retries_its_batch(joined
 
 
 @pytest.mark.fast
-def test_the_pipeline_engine_is_scheduled_as_llm_schedules_an_offline_batch(monkeypatch):
-    """The generator's AsyncLLM gets `LLM`'s scheduler defaults (an embedded engine's are an eighth of them on an
-    H100): its engine arguments are built for vLLM's LLM_CLASS usage context, as `LLM` builds its own."""
+@pytest.mark.parametrize(
+    ("flags", "context"),
+    [
+        ({}, "ENGINE_CONTEXT"),
+        ({"generation": "deepconf-online"}, "LLM_CLASS"),
+        ({"engine_confidence": True}, "LLM_CLASS"),
+    ],
+)
+def test_trace_runs_are_scheduled_as_llm_schedules_an_offline_batch(monkeypatch, flags, context):
+    """A run of traces gets `LLM`'s scheduler defaults (an embedded engine's are an eighth of them on an H100); a
+    full run keeps the embedded engine's (BENCHMARKS.md, 2026-12-06, commit 5257ab7, says why)."""
     pytest.importorskip("vllm")
     import inspect
 
@@ -157,12 +165,16 @@ def test_the_pipeline_engine_is_scheduled_as_llm_schedules_an_offline_batch(monk
 
     from actors.vllm_backend import VLLMGenerator
 
+    # The generator sets vLLM's variables for its engine processes: here they go back after the test.
+    for name in ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_AOT_COMPILE", "VLLM_BATCH_INVARIANT"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     asked = []
     monkeypatch.setattr(
         AsyncLLM, "from_engine_args", classmethod(lambda cls, args, **kw: asked.append((args, kw)) or "engine")
     )
-    generator = VLLMGenerator("/nowhere", RunConfig(backend="vllm"))
+    generator = VLLMGenerator("/nowhere", RunConfig(backend="vllm", **flags))
     assert generator.engine == "engine"
-    assert asked[0][1]["usage_context"] == UsageContext.LLM_CLASS
+    assert asked[0][1]["usage_context"] == getattr(UsageContext, context)
     # What LLM passes for its own engine (so the two stay the same should vLLM rename it).
     assert "usage_context=UsageContext.LLM_CLASS" in inspect.getsource(LLM.__init__)
