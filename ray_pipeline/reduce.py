@@ -14,7 +14,6 @@ stages that every method, curve and sweep then share:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,17 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline import deepconf
 from ray_pipeline.aggregates import coe_scores, mixed_certainty
 from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.deepconf import OnlineSettings, lowest_group_confidence, tail_confidence
+from ray_pipeline.deepconf import SKIPPED, OnlineSettings, lowest_group_confidence, tail_confidence
+from ray_pipeline.deepconf.strategies import engine_strategies
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import (
     BLOCK_PARAMS,
     CANDIDATE_VALUES,
-    DEEPCONF_KEEP_PERCENTS,
     Candidates,
     Choice,
     Picks,
@@ -169,11 +167,11 @@ def candidate_values(
         "mean_self_certainty": mean_self_certainty,
     }
     values["engine_lowest_group"] = np.array(
-        [math.nan if c is None or not len(c) else deepconf.lowest_group_confidence(c, window) for c in engine]
+        [math.nan if c is None or not len(c) else lowest_group_confidence(c, window) for c in engine]
     )
     phase = chunk.column("phase").to_pylist()
     values["online"] = np.array([p is not None for p in phase], dtype=bool)
-    values["launched"] = np.array([p != deepconf.SKIPPED for p in phase], dtype=bool)
+    values["launched"] = np.array([p != SKIPPED for p in phase], dtype=bool)
     values["stop_threshold"] = _float_values(chunk, "stop_threshold")
     generated = pc.fill_null(pc.coalesce(chunk.column("engine_token_count"), chunk.column("token_count")), 0)
     return {
@@ -186,48 +184,6 @@ def candidate_values(
         "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
         "engine_strategies": engine_strategies(engine, phase, label, token_count, starts, ends, online, window),
     }
-
-
-# DeepConf online's percentiles in the tokens-vs-accuracy table: 90 (DeepConf-low) and 10 (DeepConf-high).
-SIMULATED_PERCENTILES = {"low": 90.0, "high": 10.0}
-
-
-def engine_strategies(engine, phase, label, token_count, starts, ends, online, window: int) -> dict | None:
-    """Per problem of a full run whose traces carry engine confidences: the tokens and the pick (-1: none) of
-    DeepConf online simulated at each SIMULATED_PERCENTILES (`deepconf.replay_problem`) and of DeepConf offline
-    on those confidences (`deepconf.filtered_vote`, 10 % and 90 %). None for an online run or without them."""
-    if online is None or not len(starts) or any(p is not None for p in phase):
-        return None
-    if any(c is None or (not len(c) and n) for c, n in zip(engine, token_count)):
-        return None
-    strategies: dict[str, tuple[list[int], list[int]]] = {}
-    for start, end in zip(starts, ends):
-        confidences = [np.asarray(c, dtype=np.float64) for c in engine[start:end]]
-        classes = label[start:end]
-        lowest = np.array([deepconf.lowest_group_confidence(c, window) if len(c) else math.nan for c in confidences])
-        full = int(sum(len(c) for c in confidences))
-        for keep in DEEPCONF_KEEP_PERCENTS:
-            vote = deepconf.filtered_vote(lowest, classes, keep)
-            _add(strategies, f"deepconf-offline-{keep}", full, _heaviest(vote, classes))
-        for name, percentile in SIMULATED_PERCENTILES.items():
-            settings = dataclasses.replace(online, window=window, percentile=percentile)
-            replay = deepconf.replay_problem(confidences, classes, settings)
-            _add(strategies, f"deepconf-{name}-online-simulated", replay.tokens, _heaviest(replay.vote, classes))
-    return strategies
-
-
-def _heaviest(vote: deepconf.OnlineVote, classes: np.ndarray) -> int:
-    """The pick of a DeepConf vote: the winning answer's heaviest voter (the first on ties); -1 without a vote."""
-    if vote.winner < 0:
-        return -1
-    weights = np.where((classes == vote.winner) & (vote.weights > 0), vote.weights, -np.inf)
-    return int(np.argmax(weights))
-
-
-def _add(strategies: dict, name: str, tokens: int, pick: int) -> None:
-    tokens_list, picks = strategies.setdefault(name, ([], []))
-    tokens_list.append(tokens)
-    picks.append(pick)
 
 
 def _grade_chunk(args: tuple) -> dict:

@@ -36,7 +36,8 @@ problem's answers are not transitively equivalent (50\\% ~ 0.5 and 50\\% ~ 50, 0
 subset need not be those of the whole restricted to it, so the two can weigh a vote differently there.
 
 The package: `confidence` (engine confidences, their windows, the stop rule), `online` (the threshold, the vote,
-the replay), `tables` (tokens against accuracy, for the report and the benchmarks). Answer classes are
+the replay), `strategies` (what DeepConf would have done on a full run's traces), `tables` (tokens against accuracy,
+for the report and the benchmarks). Answer classes are
 `ray_pipeline.answer_classes`, the interval statistics `ray_pipeline.metrics`.
 """
 
