@@ -3,8 +3,8 @@
 The scorer (`scores.py`, torch) stores per-token confidences, per-step means and Chain-of-Embedding
 layer transitions in the shards; the functions here turn those columns into the numbers the
 selection methods rank by: the certainty mix of a span, the combined token/step certainty,
-and CoE-R/CoE-C (DeepConf's window confidences are `deepconf.confidence`'s). Nothing here needs torch or a model, so the
-reducer re-selects from shards with numpy and pyarrow alone.
+and CoE-R/CoE-C (DeepConf's window confidences are `deepconf.confidence`'s). Nothing here needs
+torch or a model, so the reducer re-selects from shards with numpy and pyarrow alone.
 """
 
 from __future__ import annotations

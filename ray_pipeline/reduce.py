@@ -182,7 +182,9 @@ def candidate_values(
         "timeouts": timeouts() - started_timeouts,
         "confidences": (engine_used, int(np.count_nonzero(token_count))),
         "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
-        "engine_strategies": engine_strategies(engine, phase, label, token_count, starts, ends, online, window),
+        "engine_strategies": engine_strategies(
+            engine, values["engine_lowest_group"], phase, label, token_count, starts, ends, online, window
+        ),
     }
 
 

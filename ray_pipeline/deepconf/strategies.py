@@ -4,11 +4,9 @@ the pick of DeepConf offline and of DeepConf online simulated (the rows of the t
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
-from ray_pipeline.deepconf.confidence import lowest_group_confidence
 from ray_pipeline.deepconf.online import OnlineVote, filtered_vote, replay_problem
 from ray_pipeline.selection import DEEPCONF_KEEP_PERCENTS
 
@@ -16,10 +14,13 @@ from ray_pipeline.selection import DEEPCONF_KEEP_PERCENTS
 SIMULATED_PERCENTILES = {"low": 90.0, "high": 10.0}
 
 
-def engine_strategies(engine, phase, label, token_count, starts, ends, online, window: int) -> dict | None:
+def engine_strategies(
+    engine, lowest_group, phase, label, token_count, starts, ends, online, window: int
+) -> dict | None:
     """Per problem of a full run whose traces carry engine confidences: the tokens and the pick (-1: none) of
     DeepConf online simulated at each SIMULATED_PERCENTILES (`online.replay_problem`) and of DeepConf offline
-    on those confidences (`online.filtered_vote`, 10 % and 90 %). None for an online run or without them."""
+    on those confidences (`online.filtered_vote`, 10 % and 90 %), from each trace's `lowest_group` confidence over
+    them (the reducer's `engine_lowest_group`). None for an online run or without them."""
     if online is None or not len(starts) or any(p is not None for p in phase):
         return None
     if any(c is None or (not len(c) and n) for c, n in zip(engine, token_count)):
@@ -28,7 +29,7 @@ def engine_strategies(engine, phase, label, token_count, starts, ends, online, w
     for start, end in zip(starts, ends):
         confidences = [np.asarray(c, dtype=np.float64) for c in engine[start:end]]
         classes = label[start:end]
-        lowest = np.array([lowest_group_confidence(c, window) if len(c) else math.nan for c in confidences])
+        lowest = lowest_group[start:end]
         full = int(sum(len(c) for c in confidences))
         for keep in DEEPCONF_KEEP_PERCENTS:
             vote = filtered_vote(lowest, classes, keep)
