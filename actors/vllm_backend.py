@@ -17,7 +17,8 @@ import numpy as np
 
 from actors.samples import LOW_CONFIDENCE, RequestRefused, Sample
 from actors.traces import trace_seed
-from ray_pipeline.backends import stable_seed, vllm_is_cpu_build
+from ray_pipeline.backends import stable_seed
+from ray_pipeline.backends.vllm import vllm_is_cpu_build
 from ray_pipeline.config import RunConfig
 from ray_pipeline.deepconf import first_stop, token_confidences
 
@@ -183,7 +184,7 @@ class VLLMGenerator:
     # Every request joins the one engine's batch: traces are submitted one request each, side by side.
     concurrent_traces = True
 
-    def __init__(self, path: str, config: RunConfig, stop_token: int | None = None):
+    def __init__(self, path: str, config: RunConfig, tokenizer=None):
         use_batch_invariance(config)
         use_v1_model_runner(config)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -193,7 +194,7 @@ class VLLMGenerator:
 
         self.config = config
         # The token a final trace ends with where DeepConf online stops it (the tokenizer's end of sequence).
-        self.stop_token = stop_token
+        self.stop_token = None if tokenizer is None else tokenizer.eos_token_id
         self.cpu = vllm_is_cpu_build()
         use_loadable_compile_cache(self.cpu)
         arguments = AsyncEngineArgs(**engine_args(path, config, self.cpu))

@@ -127,7 +127,7 @@ def raw_generate(model_path: str, config, prompts: list[list[int]], keys: list[s
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from ray_pipeline.backends import vllm_is_cpu_build
+    from ray_pipeline.backends.vllm import vllm_is_cpu_build
 
     cpu = vllm_is_cpu_build()
     started = time.time()

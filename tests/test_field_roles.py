@@ -20,6 +20,7 @@ from ray_pipeline.config import (
     Matters,
     RunConfig,
     _base_type,
+    field_choices,
     role_in,
 )
 from ray_pipeline.data import load_problems
@@ -67,7 +68,7 @@ def another_value(config: RunConfig, name: str) -> tuple[RunConfig, object] | No
     if name == "dataset":
         candidates = ["embedded:5"]
     elif meta["choices"]:
-        candidates = sorted(meta["choices"], key=lambda choice: choice == "auto")
+        candidates = sorted(field_choices(f), key=lambda choice: choice == "auto")
     elif kind is bool:
         candidates = [not value]
     elif kind is int:
