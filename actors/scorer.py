@@ -63,7 +63,7 @@ class ScorerActor:
         self.config = config = resolve_scoring(config, on_gpu=self.device == "cuda")
         # Host work here is many small ops on short tensors, where thread pools only add overhead: the
         # actor's CPUs bound torch's threads and the tokenizer's (on a 64-core GPU machine, unbounded,
-        # jobs.bench_scorer's host stage took 63 ms a candidate against 1.3 ms on 2 cores).
+        # jobs.bench.scorer's host stage took 63 ms a candidate against 1.3 ms on 2 cores).
         torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = resolve_model(config.model_path)
@@ -92,7 +92,7 @@ class ScorerActor:
         pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
         self.newlines = newline_table(pieces + [""] * (size - len(pieces)))
         mark("scorer ready")
-        # Seconds per stage (jobs.bench_scorer reads it); with `synchronize`, device work is waited
+        # Seconds per stage (jobs.bench.scorer reads it); with `synchronize`, device work is waited
         # for at each stage's end so it is attributed to that stage, at the cost of the overlap.
         self.profile: dict[str, float] = defaultdict(float)
         self.synchronize = False

@@ -27,7 +27,8 @@ class Column:
     type: pa.DataType
     stage: str
     doc: str
-    # Whether the reducer reads it (the per-token lists, but for DeepConf's confidence, are already aggregated).
+    # Whether the reducer reads it for its records, votes and tables (the per-token lists, but for DeepConf's
+    # confidence, are already aggregated); it also reads every column a per-candidate value reads (values.py).
     selection: bool = True
     # Its value for a candidate with no response tokens (an empty response or an error row).
     empty: object = None
@@ -114,9 +115,10 @@ def empty_scores(vocab_size: int) -> dict:
     return values | {"vocab_size": vocab_size}
 
 
-def selection_columns(problem_columns: list[str]) -> list[str]:
-    """What the reducer reads from the shards: the problem's columns and each selection column."""
-    return [*problem_columns, *(c.name for c in COLUMNS if c.selection)]
+def selection_columns(problem_columns: list[str], value_reads: list[str]) -> list[str]:
+    """What the reducer reads from the shards: the problem's columns, each selection column and each column a
+    per-candidate value reads (`values.VALUES`), in the shard's order."""
+    return [*problem_columns, *(c.name for c in COLUMNS if c.selection or c.name in value_reads)]
 
 
 def candidate_rows(batch: pa.Table) -> list[dict]:

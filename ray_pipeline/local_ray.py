@@ -1,5 +1,5 @@
 """Local Rays: the one a job starts goes with the job's process, even when that process is killed with SIGKILL;
-and `LocalCluster`, Ray nodes started with `ray start` on this machine (tests, `jobs.bench_start`).
+and `LocalCluster`, Ray nodes started with `ray start` on this machine (tests, `jobs.bench.start`).
 
 ray.init ties the GCS and the raylet to the process that started them, and Ray's dashboard and
 runtime-env agents follow the raylet, but only after trying to report its death to the GCS, which

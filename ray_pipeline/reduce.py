@@ -4,7 +4,7 @@ Every input of every method is a shard column, so the reducer re-selects with an
 or number of candidates N' <= N (each question's first N') without a model. It works in three
 stages that every method, curve and sweep then share:
 
-1. read: only the columns the reducer uses (`SELECTION_COLUMNS`), per-token values kept as Arrow/numpy;
+1. read: only the columns the reducer uses (`reducer_columns`), per-token values kept as Arrow/numpy;
 2. grade and group: per problem, extract each candidate's answer, grade each distinct answer once
    and give every candidate its answer class; with it, each candidate's scores (`candidate_values`).
    Problems are independent, so chunks of them run on every core (a process pool) or, inside a
@@ -24,16 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline.aggregates import coe_scores, mixed_certainty
 from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.deepconf import SKIPPED, OnlineSettings, lowest_group_confidence, tail_confidence
+from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.deepconf.strategies import engine_strategies
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.selection import (
     BLOCK_PARAMS,
-    CANDIDATE_VALUES,
     Candidates,
     Choice,
     Picks,
@@ -43,10 +41,18 @@ from ray_pipeline.selection import (
 )
 from ray_pipeline.shards import PlannedShard, check_shard, read_shards, shard_path
 from ray_pipeline.storage import Location, StoragePath
+from ray_pipeline.values import VALUES, Chunk
 
-# What the methods, the records and the report read (columns.py marks them): every column but the
-# token ids and the per-token lists that are already aggregated.
-SELECTION_COLUMNS = selection_columns([n for n in PROBLEM_SCHEMA.names if n != "shard_id"])
+
+def reducer_columns() -> list[str]:
+    """What the methods, the records and the report read: the problem's columns, those columns.py marks and those
+    the per-candidate values declared now read (`values.VALUES`); not the token ids nor the per-token lists that are
+    already aggregated."""
+    return selection_columns(
+        [n for n in PROBLEM_SCHEMA.names if n != "shard_id"], [c for value in VALUES.values() for c in value.reads]
+    )
+
+
 # What a best-answer or debug record reads of its candidate: no per-token values.
 RECORD_COLUMNS = [
     "problem_id", "problem", "gold", "candidate_index", "text", "error", "token_count", "vocab_size",
@@ -75,19 +81,6 @@ class Summary:
     ungraded: int = 0
 
 
-def _float_values(table: pa.Table, name: str) -> np.ndarray:
-    """A float column as float64 numpy, nulls as NaN."""
-    return pc.fill_null(table.column(name).cast(pa.float64()), math.nan).to_numpy()
-
-
-def _per_row_floats(column: pa.ChunkedArray) -> list[np.ndarray]:
-    """A list<float> column as one float32 array per row (empty for a null), without Python floats."""
-    column = column.combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
-    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
-
-
 def candidate_values(
     chunk: pa.Table,
     params: SelectionParams,
@@ -96,7 +89,7 @@ def candidate_values(
 ) -> dict:
     """Grade and group one chunk of whole problems, and compute every per-candidate value a method reads.
 
-    Returns the flat [candidates] arrays of `selection.CANDIDATE_VALUES` (in the chunk's row order),
+    Returns the flat [candidates] arrays of `values.VALUES` (in the chunk's row order),
     each candidate's extracted answer (`preds`; given, they are taken as they are), and per problem
     its distinct answers, the math-verify comparisons that ran and the timeouts. With `online`
     settings, per problem of a full run with engine confidences what DeepConf would have done
@@ -120,59 +113,8 @@ def candidate_values(
         distinct.append(graded.distinct)
         symbolic += graded.symbolic
 
-    token_count = pc.fill_null(chunk.column("token_count"), 0).to_numpy()
-    vocab = pc.fill_null(chunk.column("vocab_size"), 0).to_numpy()
-    mean_entropy = _float_values(chunk, "mean_entropy")
-    mean_self_certainty = _float_values(chunk, "mean_self_certainty")
-    step_sc = chunk.column("step_self_certainty").to_pylist()
-    step_h = chunk.column("step_entropy").to_pylist()
-    self_eval = chunk.column("step_self_eval").to_pylist()
-    coe = [chunk.column(c).to_pylist() for c in ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")]
-    confidence = _per_row_floats(chunk.column("token_confidence"))
-    engine = chunk.column("engine_confidence").to_pylist()
-    engine_used = 0
-    values = {name: np.full(n, np.nan) for name in CANDIDATE_VALUES if name not in ("label", "correct")}
-    values["self_eval_missing"] = np.zeros(n, dtype=bool)
-    lam, window = params.lambda_weight, params.deepconf_window
-    for i in range(n):
-        if not token_count[i]:
-            continue
-        # Plain floats through the scalar functions: a candidate's value must not depend on its batch.
-        v = int(vocab[i])
-        # Rows without a vocabulary (no scorer columns) have no certainty to mix.
-        if v > 1:
-            sc, h = float(mean_self_certainty[i]), float(mean_entropy[i])
-            values["token_certainty"][i] = mixed_certainty(sc, h, lam, v)
-            steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i] or [], step_h[i] or [])]
-            values["step_certainty_min"][i] = min(steps) if steps else math.nan
-        if coe[0][i] is not None:
-            values["coe_r"][i], values["coe_c"][i] = coe_scores(coe[0][i], coe[1][i], coe[2][i], coe[3][i])
-        if self_eval[i] is None:
-            values["self_eval_missing"][i] = True
-        else:
-            values["self_eval_min"][i] = min(self_eval[i])
-        # DeepConf's confidences are the sampling engine's where the run stored them (one per token), else the
-        # scorer's teacher-forced ones (bf16, up to 0.43 nat per token away from the engine's).
-        if engine[i] is not None and len(engine[i]) == token_count[i]:
-            own, engine_used = np.asarray(engine[i], dtype=np.float64), engine_used + 1
-        else:
-            own = confidence[i]
-        values["lowest_group"][i] = lowest_group_confidence(own, window)
-        values["tail"][i] = tail_confidence(own, window)
-    values |= {
-        "label": label,
-        "correct": correct,
-        "token_count": token_count.astype(np.int64),
-        "mean_entropy": mean_entropy,
-        "mean_self_certainty": mean_self_certainty,
-    }
-    values["engine_lowest_group"] = np.array(
-        [math.nan if c is None or not len(c) else lowest_group_confidence(c, window) for c in engine]
-    )
-    phase = chunk.column("phase").to_pylist()
-    values["online"] = np.array([p is not None for p in phase], dtype=bool)
-    values["launched"] = np.array([p != SKIPPED for p in phase], dtype=bool)
-    values["stop_threshold"] = _float_values(chunk, "stop_threshold")
+    view = Chunk(chunk, params, label, correct)
+    values = {name: value.compute(view) for name, value in VALUES.items()}
     generated = pc.fill_null(pc.coalesce(chunk.column("engine_token_count"), chunk.column("token_count")), 0)
     return {
         "values": values,
@@ -180,10 +122,18 @@ def candidate_values(
         "distinct": distinct,
         "symbolic": symbolic,
         "timeouts": timeouts() - started_timeouts,
-        "confidences": (engine_used, int(np.count_nonzero(token_count))),
+        "confidences": (view.engine_used, len(view.answered)),
         "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
         "engine_strategies": engine_strategies(
-            engine, values["engine_lowest_group"], phase, label, token_count, starts, ends, online, window
+            view.pylist("engine_confidence"),
+            values["engine_lowest_group"],
+            view.pylist("phase"),
+            label,
+            view.token_count,
+            starts,
+            ends,
+            online,
+            params.deepconf_window,
         ),
     }
 
@@ -227,8 +177,8 @@ def map_chunks(fn: Callable, chunks: list, *, workers: int | None = None) -> lis
 class GradedRun:
     """A run's candidates after the grade-and-group stage: what every method, curve and record reads.
 
-    `table` holds the shard rows (SELECTION_COLUMNS, problem then candidate order), `offsets [P + 1]`
-    each problem's rows, `values` the flat per-candidate arrays of CANDIDATE_VALUES, `preds` each
+    `table` holds the shard rows (`reducer_columns`, problem then candidate order), `offsets [P + 1]`
+    each problem's rows, `values` the flat per-candidate arrays of `values.VALUES`, `preds` each
     candidate's answer; `has_gold [P]` whether a problem has a gold answer.
     """
 
@@ -289,7 +239,7 @@ class GradedRun:
         for n in sorted(set(sizes.tolist())):
             problems = np.flatnonzero(sizes == n)
             rows = self.offsets[problems][:, None] + np.arange(n)[None, :]
-            out.append((problems, Candidates(**{k: self.values[k][rows] for k in CANDIDATE_VALUES})))
+            out.append((problems, Candidates(**{k: self.values[k][rows] for k in VALUES})))
         return out
 
     def row(self, problem: int, candidate: int) -> dict:
@@ -410,7 +360,7 @@ def grade_run(
     started = time.perf_counter()
     shards_dir = StoragePath.parse(shards_dir)
     missing = check_planned_shards(shards_dir, plan, allow_partial) if plan is not None else []
-    table = read_shards(shards_dir, SELECTION_COLUMNS)
+    table = read_shards(shards_dir, reducer_columns())
     offsets = problem_offsets(table)
     if num_candidates is not None:
         fewest = int(np.diff(offsets).min())
@@ -466,7 +416,7 @@ def grade_table(
         for a, b in zip(bounds, bounds[1:])
     ]
     results = map_chunks(_grade_chunk, chunks, workers=workers)
-    values = {name: np.concatenate([r["values"][name] for r in results]) for name in CANDIDATE_VALUES}
+    values = {name: np.concatenate([r["values"][name] for r in results]) for name in VALUES}
     golds = table.column("gold").take(pa.array(offsets[:-1])).to_pylist()
     return GradedRun(
         table=table,
@@ -510,7 +460,7 @@ def question_rows_table(questions: list[list[dict]]) -> pa.Table:
             row["problem_id"] = candidate.get("problem_id", f"q{p}")
             row["token_count"] = candidate.get("token_count", 0)
             rows.append(row)
-    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA).select(SELECTION_COLUMNS)
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA).select(reducer_columns())
 
 
 def select_questions(questions: list[list[dict]], name: str, params: SelectionParams) -> list[Choice]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from ray_pipeline.aggregates import combined_self_certainty, mixed_certainty
 from ray_pipeline.config import RunConfig, config_fields
 from ray_pipeline.errors import ConfigError, PipelineError
+from ray_pipeline.values import VALUES
 
 # A selection parameter is declared once, as a RunConfig field of role "selection" (its default, flag, help and
 # range); every such field but `method`, which names the method they parameterize, is a SelectionParams field.
@@ -44,9 +45,10 @@ SelectionParams = dataclasses.make_dataclass(
     },
 )
 
-# The parameters a `Candidates` block is built for: they shape its per-candidate values, so a block answers
-# only for them. The others (alpha, answerless_last, borda_*) are read by the methods and may vary freely.
-BLOCK_PARAMS = ("answer_extraction", "lambda_weight", "deepconf_window")
+# The parameters a `Candidates` block is built for: they shape its per-candidate values (each value declares
+# those it reads), so a block answers only for them. The others (alpha, answerless_last, borda_*) are read by the
+# methods and may vary freely.
+BLOCK_PARAMS = tuple(dict.fromkeys(p for value in VALUES.values() for p in value.params))
 
 
 @dataclass(frozen=True)
@@ -70,32 +72,15 @@ class Picks:
         return Choice(int(self.index[row]), float(self.score[row]), tuple(float(s) for s in self.scores[row]))
 
 
-# The per-candidate values of a block, each [B, n]. `label` is the answer class (-1: no answer), `correct` the
-# candidate's grade (False without a gold answer); the float values are NaN where a candidate has none.
-@dataclass
 class Candidates:
-    """B questions x n candidates, every value a method reads as a [B, n] array, one field per value (their names
-    are CANDIDATE_VALUES, in this order)."""
+    """B questions x n candidates: every value a method reads, as a [B, n] array, one attribute per declared value
+    (`values.VALUES`, e.g. `label`: the answer class, -1 without an answer; `correct`: the grade, False without a
+    gold answer; float values NaN where a candidate has none)."""
 
-    label: np.ndarray
-    correct: np.ndarray
-    token_count: np.ndarray
-    mean_entropy: np.ndarray
-    mean_self_certainty: np.ndarray
-    token_certainty: np.ndarray
-    step_certainty_min: np.ndarray
-    coe_r: np.ndarray
-    coe_c: np.ndarray
-    self_eval_min: np.ndarray
-    self_eval_missing: np.ndarray
-    lowest_group: np.ndarray
-    tail: np.ndarray
-    # DeepConf online: the lowest group confidence over the generator's own confidences (engine_confidence; NaN
-    # without them), whether the candidate is a trace of an online run, was launched, and its problem's threshold.
-    engine_lowest_group: np.ndarray
-    online: np.ndarray
-    launched: np.ndarray
-    stop_threshold: np.ndarray
+    def __init__(self, **arrays: np.ndarray):
+        if arrays.keys() != VALUES.keys():
+            raise TypeError(f"Candidates takes the declared values {list(VALUES)}, got {list(arrays)}")
+        self.__dict__.update(arrays)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,15 +93,11 @@ class Candidates:
     def take(self, columns: np.ndarray) -> Candidates:
         """The block of the candidates `columns [B', k]` names per question (B' a multiple of B: draws stacked)."""
         rows = np.arange(columns.shape[0])[:, None] % self.shape[0]
-        return Candidates(**{name: getattr(self, name)[rows, columns] for name in CANDIDATE_VALUES})
+        return Candidates(**{name: getattr(self, name)[rows, columns] for name in VALUES})
 
     def combined(self, alpha: float) -> np.ndarray:
         """The combined token/step certainty at this alpha (NaN for empty responses)."""
         return combined_self_certainty(self.token_certainty, self.step_certainty_min, alpha)
-
-
-# The per-candidate values a method reads: the fields of Candidates (the reducer fills one array of each).
-CANDIDATE_VALUES = tuple(f.name for f in fields(Candidates))
 
 
 class MethodUnavailable(PipelineError):

@@ -1,4 +1,4 @@
-"""When each step of a job's start and stop happened, for `jobs.bench_start`; off unless asked for.
+"""When each step of a job's start and stop happened, for `jobs.bench.start`; off unless asked for.
 
     RAY_PIPELINE_TIMELINE=/tmp/t.jsonl python -m jobs.infer ...
 

@@ -1,4 +1,4 @@
-"""jobs.bench_online's own parts, without a model: the flags it passes on, grading, and the comparison."""
+"""jobs.bench.online's own parts, without a model: the flags it passes on, grading, and the comparison."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jobs.bench_online
-from jobs.bench_online import _compare, _passed_flags, grade_problem, simulator_grid
+import jobs.bench.online
+from jobs.bench.online import _compare, _passed_flags, grade_problem, simulator_grid
 from ray_pipeline.config import RunConfig
 from ray_pipeline.deepconf import FINAL, SKIPPED, WARMUP, OnlineSettings
 
@@ -39,11 +39,11 @@ def test_a_consensus_goes_to_the_online_run_only(monkeypatch, tmp_path):
         )
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(jobs.bench_online.subprocess, "run", run)
+    monkeypatch.setattr(jobs.bench.online.subprocess, "run", run)
     argv = ["--dataset", "embedded:4", "--num_return_sequences", "4", "--warmup_traces", "2", "--max_tokens", "8"]
     argv += ["--deepconf_window", "2", "--consensus", "0.9", "--consensus_wave=2", "--runs", "full,online"]
     with pytest.raises(Ran):
-        jobs.bench_online.main([*argv, "--bench_dir", str(tmp_path)])
+        jobs.bench.online.main([*argv, "--bench_dir", str(tmp_path)])
     full, online = (command[command.index("--bench_dir") + 2 :] for command in commands)
     assert "--consensus" not in full and "--consensus_wave=2" not in full and full[-2:] == ["--generation", "full"]
     assert online[online.index("--consensus") + 1] == "0.9" and "--consensus_wave=2" in online

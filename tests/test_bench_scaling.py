@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.bench_scaling import print_table, scaling_record
+from jobs.bench.scaling import print_table, scaling_record
 
 pytestmark = pytest.mark.fast
 

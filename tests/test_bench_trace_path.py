@@ -1,11 +1,11 @@
-"""jobs.bench_trace_path's own parts, without an engine: each variant adds one part of the trace path."""
+"""jobs.bench.trace_path's own parts, without an engine: each variant adds one part of the trace path."""
 
 from __future__ import annotations
 
 import pytest
 
 from actors.confidence_stop import TRACE_ARGS
-from jobs.bench_trace_path import V1, VARIANTS, variant_engine_args, variant_env, variant_requests
+from jobs.bench.trace_path import V1, VARIANTS, variant_engine_args, variant_env, variant_requests
 from ray_pipeline.config import RunConfig
 
 pytestmark = pytest.mark.fast

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from ray_pipeline.columns import COLUMNS, GENERATOR, SCORER, empty_scores
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.reduce import SELECTION_COLUMNS, grade_run
+from ray_pipeline.reduce import grade_run, reducer_columns
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import CANDIDATE_SCHEMA, SHARD_SCHEMA, ShardWriter
 
@@ -15,7 +15,7 @@ def test_schemas_are_the_column_list():
     assert SHARD_SCHEMA.names == PROBLEM_SCHEMA.names + [c.name for c in COLUMNS]
     assert CANDIDATE_SCHEMA.names == PROBLEM_SCHEMA.names + [c.name for c in COLUMNS if c.stage == GENERATOR]
     assert all(c.stage in (GENERATOR, SCORER) for c in COLUMNS)
-    assert set(SELECTION_COLUMNS) <= set(SHARD_SCHEMA.names)
+    assert set(reducer_columns()) <= set(SHARD_SCHEMA.names)
     # Nothing that depends on selection settings or answer extraction is stored.
     assert not {"pred", "correct", "self_certainty_score", "lowest_step", "lowest_step_text"} & set(SHARD_SCHEMA.names)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.bench_reduce import synthesize_run
+from jobs.bench.reduce import synthesize_run
 from ray_pipeline import deepconf
 from ray_pipeline.answer_classes import group_answers
 from ray_pipeline.answers import grade_and_group

@@ -1,7 +1,7 @@
 """The reducer's picks and numbers against the previous reducer's, frozen on a synthetic run (tests/data).
 
 `reduce_golden_rows.jsonl` holds the reducer's columns of a 12-problem x 8-candidate run from
-`jobs.bench_reduce.synthesize_run` (equivalent forms, repeats, distinct wrong answers, answerless and
+`jobs.bench.reduce.synthesize_run` (equivalent forms, repeats, distinct wrong answers, answerless and
 empty candidates, prose answers); `reduce_golden.json` what `jobs.reduce --method all` wrote on it
 before the reducer was rebuilt on answer classes and arrays: every method's pick, score and summary
 numbers, the first-N' curves and the alpha sweep, for three sets of flags. They must stay equal.

@@ -1,6 +1,6 @@
 """One shard check for the resume and the reducer: every kind of untrustworthy shard, made by mutating a good one.
 
-A run folder from `jobs.bench_reduce.synthesize_run` (manifest, fingerprint, two shards of 3 problems x 4
+A run folder from `jobs.bench.reduce.synthesize_run` (manifest, fingerprint, two shards of 3 problems x 4
 candidates) gets one of its shards replaced by a mutated copy. The resume's plan (`shard_faults`) must
 distrust it, and `jobs.reduce` must refuse it in one line that names the shard and what is wrong,
 instead of merging it.
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.bench_reduce import synthesize_run
+from jobs.bench.reduce import synthesize_run
 from jobs.reduce import main as reduce_main
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import Manifest, choose_shards, shard_faults

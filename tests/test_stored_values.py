@@ -24,7 +24,7 @@ from jobs.reduce import main as reduce_main
 from ray_pipeline import run
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import SELECTION_COLUMNS
+from ray_pipeline.reduce import reducer_columns
 from ray_pipeline.shards import FLOAT_COLUMNS, shard_path
 
 pytest_plugins = ["shared_runs"]
@@ -84,7 +84,7 @@ def test_a_float_no_stage_writes_is_refused(main_run, tmp_path, capsys, column, 
     assert "shard 1 " in line and column in line and str(value) in line, line
     # With no manifest nothing proves the shards complete, but the values the methods read are checked before use.
     (run_dir / "manifest.json").unlink()
-    if column in SELECTION_COLUMNS:
+    if column in reducer_columns():
         line = reduce_error(run_dir, capsys, "--method", "all")
         assert "shard-00001.parquet" in line and column in line, line
     else:

@@ -1,5 +1,5 @@
 """DeepConf's "tokens vs accuracy" table: tokens generated against accuracy, each strategy paired with a reference
-on the same problems (the report's section and jobs.bench_online's)."""
+on the same problems (the report's section and jobs.bench.online's)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Benchmark: where a small job's wall time goes, from process start to exit (CPU, the embedded model).
 
-    python -m jobs.bench_start --runs 3 --record benchmarks/cpu-start-<commit>.json
+    python -m jobs.bench.start --runs 3 --record benchmarks/cpu-start-<commit>.json
 
 Runs the small job (by default `jobs.infer --backend hf --dataset embedded:4 --num_return_sequences 2
 --max_tokens 16 --shard_size 2`, a new output folder each run) `--runs` times in each mode:
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.records import write_record
+from jobs.bench.records import write_record
 from ray_pipeline import timeline
 from ray_pipeline.local_ray import LocalCluster
 

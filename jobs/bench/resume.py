@@ -1,6 +1,6 @@
 """Benchmark: the cost of resuming, i.e. scanning and validating every shard of a finished run.
 
-    python -m jobs.bench_resume --problems 500 --num_return_sequences 4 --tokens 1024
+    python -m jobs.bench.resume --problems 500 --num_return_sequences 4 --tokens 1024
 
 Writes a run's worth of shards of the real schema (synthetic contents, full-length per-token
 columns) with the real writer, then times the resume scan (`shards_to_run`) and a full read of
@@ -22,7 +22,7 @@ import pyarrow as pa
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.manifest import Manifest, fingerprint, fingerprint_hash, shards_to_run
-from ray_pipeline.reduce import SELECTION_COLUMNS
+from ray_pipeline.reduce import reducer_columns
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         todo, _ = shards_to_run(manifest, folder, [], False)
         scan = time.perf_counter() - started
         started = time.perf_counter()
-        table = read_shards(folder, SELECTION_COLUMNS)
+        table = read_shards(folder, reducer_columns())
         read = time.perf_counter() - started
         assert todo == [] and table.num_rows == args.problems * args.num_return_sequences
         print(f"{args.problems} problems x {args.num_return_sequences} candidates x {args.tokens} tokens, "

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from actors.generator import GeneratorActor
 from actors.scorer import ScorerActor
-from jobs.dummy_model import DUMMY_SHAPES, write_random_model
-from jobs.records import device_name, write_record
+from jobs.bench.dummy_model import DUMMY_SHAPES, write_random_model
+from jobs.bench.records import device_name, write_record
 from ray_pipeline.cli import quiet_ray
 from ray_pipeline.columns import candidate_rows
 from ray_pipeline.config import build_parser, config_from_args

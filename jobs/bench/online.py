@@ -1,9 +1,9 @@
 """Benchmark: DeepConf online against full generation on the same problems, N and seeds (one GPU).
 
-    python -m jobs.bench_online --dataset embedded:200 --num_return_sequences 64 --max_tokens 512 \\
+    python -m jobs.bench.online --dataset embedded:200 --num_return_sequences 64 --max_tokens 512 \\
         --deepconf_window 64 --temperature 0.7 --prompt chat --answer_extraction math-verify \\
         --record benchmarks/h200-deepconf-online-smollm2.json
-    python -m jobs.bench_online --dummy_shape qwen2.5-math-1.5b --runs full,online --dataset embedded:100 \\
+    python -m jobs.bench.online --dummy_shape qwen2.5-math-1.5b --runs full,online --dataset embedded:100 \\
         --num_return_sequences 16 --warmup_traces 4 --max_tokens 512 --deepconf_window 64 --temperature 0.7
 
 Each run is `jobs.bench --skip_raw` in its own process and Ray session (engine start timed apart), one of
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.records import device_name, write_record
+from jobs.bench.records import device_name, write_record
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.deepconf import (
     SKIPPED,
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--runs", default="full-confidence,online", help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--bench_dir", default="/tmp/bestofn-bench-online", help="one jobs.bench folder per run")
-    parser.add_argument("--dummy_shape", help="random-weight model of this shape (jobs.dummy_model), written once")
+    parser.add_argument("--dummy_shape", help="random-weight model of this shape (bench/dummy_model.py), written once")
     parser.add_argument("--simulate_percentiles", default="90,10", help="DeepConf online percentiles to replay")
     parser.add_argument(
         "--raw", action="store_true", help="the full run also times plain raw vLLM LLM.generate first (jobs.bench)"
@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     root = Path(args.bench_dir)
     passed = _passed_flags(argv)
     if args.dummy_shape:
-        from jobs.dummy_model import DUMMY_SHAPES, write_random_model
+        from jobs.bench.dummy_model import DUMMY_SHAPES, write_random_model
 
         if args.dummy_shape not in DUMMY_SHAPES:
             raise PipelineError(f"--dummy_shape must be one of {', '.join(DUMMY_SHAPES)}, got {args.dummy_shape!r}")

@@ -1,8 +1,8 @@
 """Benchmark: the comparison of every selection method (`jobs.reduce --method all`) on a synthetic run folder.
 
-    python -m jobs.bench_reduce --problems 100 --num_return_sequences 64 --tokens 256
-    python -m jobs.bench_reduce --problems 500 --num_return_sequences 256 --distinct 0.5 --record benchmarks/x.json
-    python -m jobs.bench_reduce --problems 100 --sweep 16,32,64,128,256
+    python -m jobs.bench.reduce --problems 100 --num_return_sequences 64 --tokens 256
+    python -m jobs.bench.reduce --problems 500 --num_return_sequences 256 --distinct 0.5 --record benchmarks/x.json
+    python -m jobs.bench.reduce --problems 100 --sweep 16,32,64,128,256
 
 It writes a run folder of P problems x N candidates in the real shard schema (every column filled,
 per-token columns at full length) whose answers are drawn from a mix: repeats of a few popular
@@ -188,7 +188,7 @@ def synthesize_run(
         shard = plan.filter(pc.equal(plan.column("shard_id"), shard_id))
         writer.add(_shard_rows(rng, shard, n, tokens, distinct, answerless, unboxed, empty))
         manifest.set_status(shard_id, COMMITTED)
-    manifest.command = f"python -m jobs.bench_reduce --problems {problems} --num_return_sequences {n}"
+    manifest.command = f"python -m jobs.bench.reduce --problems {problems} --num_return_sequences {n}"
     manifest.save(folder)
     config.save(folder / "config.json")
     return folder
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.folder:
             shutil.rmtree(base, ignore_errors=True)
     if args.record:
-        from jobs.records import write_record
+        from jobs.bench.records import write_record
 
         write_record(args.record, {"benchmark": "reduce", "rows": rows})
     return 0

@@ -1,8 +1,8 @@
 """Benchmark: what each part of the trace path costs plain vLLM `LLM.generate`, one part at a time (one GPU).
 
-    python -m jobs.bench_trace_path --dataset embedded:200 --num_return_sequences 64 --max_tokens 512 \\
+    python -m jobs.bench.trace_path --dataset embedded:200 --num_return_sequences 64 --max_tokens 512 \\
         --temperature 0.7 --prompt chat --record benchmarks/h100-trace-path-smollm2.json
-    python -m jobs.bench_trace_path --dummy_shape qwen2.5-math-1.5b --dataset embedded:100 \\
+    python -m jobs.bench.trace_path --dummy_shape qwen2.5-math-1.5b --dataset embedded:100 \\
         --num_return_sequences 16 --max_tokens 512 --temperature 0.7
 
 DeepConf online and `--engine_confidence` generate every candidate as a trace of its own (actors/traces.py):
@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.dummy_model import DUMMY_SHAPES, write_random_model
-from jobs.records import device_name, write_record
+from jobs.bench.dummy_model import DUMMY_SHAPES, write_random_model
+from jobs.bench.records import device_name, write_record
 from ray_pipeline.config import RunConfig, build_parser, config_from_args
 from ray_pipeline.errors import PipelineError, exit_status
 
@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     results = {}
     for variant in variants:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, "-m", "jobs.bench_trace_path", *argv, "--variant_child", variant, out.name]
+            command = [sys.executable, "-m", "jobs.bench.trace_path", *argv, "--variant_child", variant, out.name]
             print(f"== {variant}", flush=True)
             if subprocess.run(command, env=variant_env(variant, dict(os.environ))).returncode != 0:
                 raise PipelineError(f"the {variant} variant failed (its output is above)")

@@ -1,6 +1,6 @@
 """Multi-GPU scaling: the same pipeline work on 1, 2, 4 ... GPUs, one generator and one scorer actor per GPU.
 
-    python -m jobs.bench_scaling --gpus 1,2,4 --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b \\
+    python -m jobs.bench.scaling --gpus 1,2,4 --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b \\
         --score_batch_size 32 --record benchmarks/scaling-1.5b.json
 
 Each GPU count runs `jobs.bench --skip_raw` in its own process and Ray session, seeing only the
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.records import write_record
+from jobs.bench.records import write_record
 from ray_pipeline.errors import PipelineError, exit_status
 
 
@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace, bench_args: list[str]) -> int:
         raise PipelineError(f"--gpus must be comma-separated GPU counts, got {args.gpus!r}") from None
     root = Path(args.scaling_dir)
     if args.dummy_shape:
-        from jobs.dummy_model import DUMMY_SHAPES, write_random_model
+        from jobs.bench.dummy_model import DUMMY_SHAPES, write_random_model
 
         if args.dummy_shape not in DUMMY_SHAPES:
             raise PipelineError(f"--dummy_shape must be one of {', '.join(DUMMY_SHAPES)}, got {args.dummy_shape!r}")

@@ -1,7 +1,7 @@
 """Benchmark: the scorer actor's `__call__` against a bare forward pass of the same model over the same token batches.
 
-    python -m jobs.bench_scorer --dataset math500.jsonl --limit 16 --num_return_sequences 4 --max_tokens 128
-    python -m jobs.bench_scorer --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b --max_tokens 1024 \\
+    python -m jobs.bench.scorer --dataset math500.jsonl --limit 16 --num_return_sequences 4 --max_tokens 128
+    python -m jobs.bench.scorer --dataset math500.jsonl --dummy_shape qwen2.5-math-1.5b --max_tokens 1024 \\
         --record benchmarks/scorer-1.5b.json
 
 Responses are synthetic: `--max_tokens` random token ids per candidate (seeded), with a newline
@@ -25,8 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from actors.scorer import ScorerActor
-from jobs.dummy_model import DUMMY_SHAPES, write_random_model
-from jobs.records import write_record
+from jobs.bench.dummy_model import DUMMY_SHAPES, write_random_model
+from jobs.bench.records import write_record
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import exit_status
