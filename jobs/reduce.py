@@ -14,9 +14,9 @@ if __name__ == "__main__":
 
     stop_before_the_job()
 
-from ray_pipeline import run
 from ray_pipeline.cli import exit_process, run_entry
 from ray_pipeline.config import build_parser, config_fields
+from ray_pipeline.reselect import reselect
 
 # Every selection setting, how many candidates to take, and how the job reports.
 RESELECT_FIELDS = [f.name for f in config_fields("selection")] + [
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = overrides.pop("run_dir")
     # How the job reports, not what it selects: never part of the run's configuration.
     verbose = overrides.pop("verbose", False)
-    return run_entry(lambda: run.reselect(run_dir, overrides), verbose=verbose)
+    return run_entry(lambda: reselect(run_dir, overrides), verbose=verbose)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline.answers import extract_answer, grade_and_group, timeouts
+from ray_pipeline.answers import extract_answer, timeouts
 from ray_pipeline.columns import selection_columns
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.deepconf.strategies import engine_strategies
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.grading import grade_and_group
+from ray_pipeline.run_folder import ShardPlan, check_planned_shards
 from ray_pipeline.selection import (
     BLOCK_PARAMS,
     Candidates,
@@ -39,7 +41,7 @@ from ray_pipeline.selection import (
     get_method,
     key_step,
 )
-from ray_pipeline.shards import PlannedShard, check_shard, read_shards, shard_path
+from ray_pipeline.shards import read_shards
 from ray_pipeline.storage import Location, StoragePath
 from ray_pipeline.values import VALUES, Chunk
 
@@ -292,50 +294,6 @@ def _check_block_params(run: GradedRun, params: SelectionParams) -> None:
     changed = [p for p in BLOCK_PARAMS if getattr(run.params, p) != getattr(params, p)]
     if changed:
         raise ValueError(f"the run was graded for other {', '.join(changed)}: grade it again with these parameters")
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """The shards a run folder's manifest plans, and the fingerprint they must carry: what the shard check needs."""
-
-    shards: dict[int, PlannedShard]
-    fingerprint: str
-
-    @classmethod
-    def of(cls, manifest) -> ShardPlan:
-        return cls(manifest.planned_shards(), manifest.fingerprint_hash)
-
-    @property
-    def shard_ids(self) -> list[int]:
-        return sorted(self.shards)
-
-
-class ShardFault(PipelineError):
-    """A planned shard that the reducer cannot trust (another configuration, another schema, wrong keys …)."""
-
-    def __init__(self, shard_id: int, fault: str, message: str):
-        super().__init__(message)
-        self.shard_id, self.fault = shard_id, fault
-
-
-def check_planned_shards(shards_dir: StoragePath, plan: ShardPlan, allow_partial: bool) -> list[int]:
-    """The shard check of the resume (`shards.check_shard`) on every planned shard; returns the missing ones.
-
-    A missing shard is refused unless `allow_partial`; any other fault is refused, naming the shard.
-    """
-    faults = {s: check_shard(shard_path(shards_dir, s), shard, plan.fingerprint) for s, shard in plan.shards.items()}
-    missing = sorted(s for s, fault in faults.items() if fault == "missing")
-    if missing and not allow_partial:
-        raise PipelineError(
-            f"shards {', '.join(map(str, missing))} are missing from {shards_dir}: "
-            "rerun the job to finish them, or pass --allow_partial"
-        )
-    broken = {s: fault for s, fault in sorted(faults.items()) if fault and fault != "missing"}
-    if broken:
-        shard_id, fault = next(iter(broken.items()))
-        more = f" (and {len(broken) - 1} more shards)" if len(broken) > 1 else ""
-        raise ShardFault(shard_id, fault, f"shard {shard_id} in {shards_dir} cannot be used: {fault}{more}")
-    return missing
 
 
 def grade_run(

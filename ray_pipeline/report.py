@@ -25,7 +25,8 @@ from ray_pipeline.metrics import (
     wilson_interval,
 )
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
-from ray_pipeline.reduce import GradedRun, ShardPlan, best_record, error_problems, grade_run, pass_at_n
+from ray_pipeline.reduce import GradedRun, best_record, error_problems, grade_run, pass_at_n
+from ray_pipeline.run_folder import ShardPlan
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.storage import Location, StoragePath
 

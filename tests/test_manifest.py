@@ -9,16 +9,8 @@ import pytest
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import (
-    COMMITTED,
-    FAILED,
-    LATER_FIELDS,
-    Manifest,
-    differences,
-    fingerprint,
-    fingerprint_hash,
-    shards_to_run,
-)
+from ray_pipeline.manifest import COMMITTED, FAILED, LATER_FIELDS, Manifest, differences, fingerprint, fingerprint_hash
+from ray_pipeline.run_folder import shards_to_run
 from ray_pipeline.shards import (
     SHARD_SCHEMA,
     PlannedShard,

@@ -16,7 +16,8 @@ import pytest
 from jobs.bench.reduce import synthesize_run
 from jobs.reduce import main as reduce_main
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import Manifest, choose_shards, shard_faults
+from ray_pipeline.manifest import Manifest
+from ray_pipeline.run_folder import choose_shards, shard_faults
 from ray_pipeline.shards import FINGERPRINT_KEY, SHARD_SCHEMA, shard_path
 
 pytestmark = pytest.mark.fast

@@ -11,8 +11,9 @@ from test_shards_reduce import fake_rows
 
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import Manifest, shards_to_run
-from ray_pipeline.reduce import ShardPlan, reduce_run
+from ray_pipeline.manifest import Manifest
+from ray_pipeline.reduce import reduce_run
+from ray_pipeline.run_folder import ShardPlan, shards_to_run
 from ray_pipeline.shards import (
     PlannedShard,
     ShardWriter,
