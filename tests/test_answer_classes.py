@@ -16,9 +16,10 @@ from functools import cache
 import numpy as np
 import pytest
 
-from ray_pipeline import answers
+from ray_pipeline import grading
 from ray_pipeline.answer_classes import group_answers
-from ray_pipeline.answers import answers_equivalent, grade, grade_and_group
+from ray_pipeline.answers import answers_equivalent, grade
+from ray_pipeline.grading import grade_and_group
 
 pytestmark = pytest.mark.fast
 
@@ -160,13 +161,13 @@ def test_the_math_classes_are_group_answers_under_answers_equivalent():
 
 def test_symbolic_counts_the_math_verify_comparisons_that_ran(monkeypatch):
     ran = []
-    real = answers._verify_parsed
+    real = grading._verify_parsed
 
     def counted(gold, pred):
         ran.append((gold.text, pred.text))
         return real(gold, pred)
 
-    monkeypatch.setattr(answers, "_verify_parsed", counted)
+    monkeypatch.setattr(grading, "_verify_parsed", counted)
     for preds, gold in ((FAMILIES["tuples"], "(3,2)"), (FAMILIES["intervals"], "[1,2]"), (["7", "7.0", "8"], "7")):
         ran.clear()
         graded = grade_and_group(list(preds), gold)

@@ -18,15 +18,9 @@ import math_verify.grader
 import numpy as np
 import pytest
 
-from ray_pipeline import answers
-from ray_pipeline.answers import (
-    answers_equivalent,
-    decide_equivalent,
-    grade,
-    grade_and_group,
-    parse_answer,
-    timeouts,
-)
+from ray_pipeline import answers, grading
+from ray_pipeline.answers import answers_equivalent, grade, timeouts
+from ray_pipeline.grading import decide_equivalent, grade_and_group, parse_answer
 
 
 def integer_forms(v: int) -> list[str]:
@@ -176,7 +170,7 @@ def test_plain_numbers_skip_the_parse_and_are_what_math_verify_parses():
     # math-verify reads as the fraction 1/2 (its string part is \frac{1}{2}), nor .5.
     assert parse_answer("1/0").value is None
     for text in ("0.5", ".5", "5."):
-        assert answers._plain_number(text) is None
+        assert grading._plain_number(text) is None
 
 
 def block(*args, **kwargs):

@@ -15,8 +15,8 @@ import pytest
 from jobs.bench.reduce import synthesize_run
 from ray_pipeline import deepconf
 from ray_pipeline.answer_classes import group_answers
-from ray_pipeline.answers import grade_and_group
 from ray_pipeline.deepconf import OnlineSettings
+from ray_pipeline.grading import grade_and_group
 from ray_pipeline.reduce import select_questions
 from ray_pipeline.report import compare_run
 from ray_pipeline.selection import MethodUnavailable, SelectionParams
