@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_pipeline.deepconf.methods import deepconf_kept
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.reduce import select_questions
 from ray_pipeline.selection import (
@@ -15,7 +16,6 @@ from ray_pipeline.selection import (
     MethodUnavailable,
     SelectionParams,
     alpha_methods,
-    deepconf_kept,
     get_method,
     key_step,
     self_certainty_score,
@@ -416,7 +416,7 @@ def test_deepconf_filtered_vote_keeps_the_most_confident_and_weights_by_confiden
 
 
 def test_row_percentiles_equal_numpy_percentile_row_by_row():
-    from ray_pipeline.selection import row_percentiles
+    from ray_pipeline.deepconf.methods import row_percentiles
 
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -7,8 +7,8 @@ import dataclasses
 
 import numpy as np
 
+from ray_pipeline.deepconf.methods import DEEPCONF_KEEP_PERCENTS
 from ray_pipeline.deepconf.online import OnlineVote, filtered_vote, replay_problem
-from ray_pipeline.selection import DEEPCONF_KEEP_PERCENTS
 
 # DeepConf online's percentiles in the tokens-vs-accuracy table: 90 (DeepConf-low) and 10 (DeepConf-high).
 SIMULATED_PERCENTILES = {"low": 90.0, "high": 10.0}
