@@ -18,7 +18,8 @@ from ray_pipeline.backends import Backend, backends, get_backend, resolve_backen
 from ray_pipeline.cluster import cluster_has_gpu, ray_joined, started_local_ray
 from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import ConfigError, PipelineError
-from ray_pipeline.placement import ResourceWatch, actor_demand, check_placement
+from ray_pipeline.placement import actor_demand, check_placement
+from ray_pipeline.resource_watch import ResourceWatch
 from ray_pipeline.shards import ShardWriter, expected_rows
 from ray_pipeline.stage_monitor import StageMonitor
 from ray_pipeline.storage import StoragePath

@@ -10,9 +10,10 @@ import itertools
 
 import pytest
 
-from ray_pipeline import pipeline, placement
+from ray_pipeline import pipeline, placement, resource_watch
 from ray_pipeline.config import RunConfig
-from ray_pipeline.placement import ActorRecord, Node, ResourceWatch, placement_refusal, pool_states, resources_text
+from ray_pipeline.placement import Node, placement_refusal, resources_text
+from ray_pipeline.resource_watch import ActorRecord, ResourceWatch, pool_states
 
 pytestmark = pytest.mark.fast
 
@@ -178,7 +179,8 @@ def test_a_lost_node_is_named_while_the_job_waits_and_in_its_last_line_after_the
         "  waiting for resources: 1 scorer needs {CPU: 1, scorer_node: 1}, which no alive node has (no node has "
         f"scorer_node); lost since the start: {lost}; {first} of --resource_wait_s {wait_s:g}"
     )
-    assert "\n" not in watch.reason and watch.reason.startswith(f"waited {placement.duration(wait_s)} for resources ")
+    waited = f"waited {resource_watch.duration(wait_s)} for resources "
+    assert "\n" not in watch.reason and watch.reason.startswith(waited)
     assert lost in watch.reason and "change --scorer_resource" in watch.reason and "--resource_wait_s" in watch.reason
 
 
