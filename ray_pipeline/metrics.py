@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ray_pipeline.reduce import GradedRun, RunPicks, run_method
+from ray_pipeline.graded_run import GradedRun
+from ray_pipeline.reduce import RunPicks, run_method
 from ray_pipeline.selection import METHODS, Candidates, MethodUnavailable, SelectionParams, alpha_methods
 
 # The alphas of the accuracy-vs-alpha sweep.

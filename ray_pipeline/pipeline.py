@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_pipeline.backends import Backend, backends, get_backend, resolve_backend
+from ray_pipeline.backends import get_backend, resolve_backend
 from ray_pipeline.cluster import cluster_has_gpu, ray_joined, started_local_ray
-from ray_pipeline.config import RunConfig, default_generate_batch_size, resolve_scoring
+from ray_pipeline.config import RunConfig, check_traces, default_generate_batch_size, resolve_scoring
 from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.placement import actor_demand, check_placement
 from ray_pipeline.resource_watch import ResourceWatch
@@ -64,18 +64,6 @@ def resolve_execution(config: RunConfig, num_problems: int, has_gpu: bool | None
     if has_gpu is None and ray_joined():
         check_placement(pool_demands(config, gpu), local=started_local_ray())
     return config
-
-
-def check_traces(config: RunConfig, backend: Backend) -> None:
-    """Traces (one request and seed per candidate, with engine confidences) are an optional capability of a backend:
-    a run that needs them on one without is refused before anything starts."""
-    if not config.trace_requests or backend.traces:
-        return
-    need = "generation deepconf-online" if config.generation == "deepconf-online" else "--engine_confidence"
-    able = " or ".join(b.name for b in backends() if b.traces)
-    raise ConfigError(
-        f"backend {backend.name} generates no DeepConf traces, which {need} needs; pass --backend {able}"
-    )
 
 
 def generator_batch_size(config: RunConfig, gpus: float) -> int | None:

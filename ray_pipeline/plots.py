@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
+from ray_pipeline.graded_run import GradedRun
 from ray_pipeline.metrics import ALPHA_GRID, MethodResult, curve_sizes
-from ray_pipeline.reduce import GradedRun
 from ray_pipeline.storage import StoragePath
 
 PLOTS = {

@@ -15,6 +15,7 @@ import time
 
 from ray_pipeline.deepconf import OnlineSettings
 from ray_pipeline.deepconf.tables import run_tokens_vs_accuracy
+from ray_pipeline.graded_run import GradedRun, grade_run
 from ray_pipeline.metrics import (
     ALPHA_GRID,
     CURVE_DRAWS,
@@ -25,7 +26,7 @@ from ray_pipeline.metrics import (
     wilson_interval,
 )
 from ray_pipeline.plots import PLOTS, shown_sizes, write_plots
-from ray_pipeline.reduce import GradedRun, best_record, error_problems, grade_run, pass_at_n
+from ray_pipeline.reduce import best_record, error_problems, pass_at_n
 from ray_pipeline.run_folder import ShardPlan
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.storage import Location, StoragePath

@@ -27,6 +27,7 @@ from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.deepconf import FINAL, SKIPPED, OnlineSettings, estimated_savings
 from ray_pipeline.errors import PipelineError
+from ray_pipeline.graded_run import GradedRun, grade_run
 from ray_pipeline.manifest import Manifest, best_file_name, default_run_id, fingerprint
 from ray_pipeline.model import (
     check_context,
@@ -38,7 +39,7 @@ from ray_pipeline.model import (
 )
 from ray_pipeline.plots import PLOTS
 from ray_pipeline.progress import Progress, pools_text
-from ray_pipeline.reduce import GradedRun, Summary, grade_run, summary_json, write_best
+from ray_pipeline.reduce import Summary, summary_json, write_best
 from ray_pipeline.report import COMPARISON_FILES, compare_run
 from ray_pipeline.run_folder import RunFolder
 from ray_pipeline.selection import SelectionParams, get_method

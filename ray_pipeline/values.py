@@ -1,9 +1,9 @@
 """Every per-candidate value a selection method reads, declared once: the shard columns it comes from, the
 selection settings it depends on, and the reducer's function that computes it.
 
-`selection.Candidates` holds one [B, n] array per declared value, the reducer (`reduce.candidate_values`) fills
+`selection.Candidates` holds one [B, n] array per declared value, the reducer (`graded_run.candidate_values`) fills
 one flat array of each for a chunk of whole problems, and it reads the columns the values name
-(`reduce.reducer_columns`): all three follow from `VALUES`. A value of a column the shards already store is
+(`graded_run.reducer_columns`): all three follow from `VALUES`. A value of a column the shards already store is
 one `@value` function here; a method then reads it as `candidates.<name>`.
 
 Each function takes a `Chunk` and returns a [candidates] array in the chunk's row order. What several values

@@ -97,13 +97,20 @@ def test_a_registered_backend_is_a_choice_of_the_flag_and_asked_for_its_capabili
         ({"engine_confidence": True}, "--engine_confidence"),
     ],
 )
-def test_traces_are_an_optional_capability(plain_backend, flags, need):
+def test_traces_are_an_optional_capability(plain_backend, monkeypatch, flags, need):
+    """Named, a backend without traces is refused with the config; chosen by 'auto', once the cluster resolves it."""
+    from ray_pipeline import pipeline
+
     online = {"num_return_sequences": 16, "temperature": 0.7, "deepconf_window": 64, **flags}
+    refusal = f"backend plain generates no DeepConf traces, which {need} needs; pass --backend vllm or hf"
     with pytest.raises(ConfigError) as refused:
-        resolve_execution(RunConfig(backend="plain", **online).validate(), 4, has_gpu=False)
-    assert str(refused.value) == (
-        f"backend plain generates no DeepConf traces, which {need} needs; pass --backend vllm or hf"
-    )
+        RunConfig(backend="plain", **online).validate()
+    assert str(refused.value) == refusal
+    monkeypatch.setattr(pipeline, "resolve_backend", lambda requested, has_gpu: "plain")
+    with pytest.raises(ConfigError) as refused:
+        resolve_execution(RunConfig(**online).validate(), 4, has_gpu=False)
+    assert str(refused.value) == refusal
+    monkeypatch.undo()
     assert resolve_execution(RunConfig(backend="hf", **online).validate(), 4, has_gpu=False).trace_requests
 
 

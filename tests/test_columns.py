@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from ray_pipeline.columns import COLUMNS, GENERATOR, SCORER, empty_scores
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.reduce import grade_run, reducer_columns
+from ray_pipeline.graded_run import grade_run, reducer_columns
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import CANDIDATE_SCHEMA, SHARD_SCHEMA, ShardWriter
 

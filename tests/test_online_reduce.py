@@ -133,7 +133,7 @@ def test_the_confidence_methods_read_the_engines_confidences_where_the_run_store
     import pyarrow as pa
 
     from ray_pipeline.deepconf import lowest_group_confidence, tail_confidence
-    from ray_pipeline.reduce import grade_run
+    from ray_pipeline.graded_run import grade_run
 
     params = SelectionParams(deepconf_window=4)
     for share, expected in ((0.0, "scorer"), (0.5, "engine where stored"), (1.0, "engine")):

@@ -11,9 +11,9 @@ import pytest
 from conftest import run_job
 from jobs.reduce import main as reduce_main
 from ray_pipeline.config import RunConfig, config_fields
+from ray_pipeline.graded_run import grade_table, question_rows_table
 from ray_pipeline.metrics import ALPHA_GRID, auroc, compare, wilson_interval
 from ray_pipeline.plots import PLOTS, shown_sizes
-from ray_pipeline.reduce import grade_table, question_rows_table
 from ray_pipeline.report import compare_run, report_markdown
 from ray_pipeline.selection import METHODS, SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import grade_run, reduce_run
+from ray_pipeline.graded_run import grade_run
+from ray_pipeline.reduce import reduce_run
 from ray_pipeline.run_folder import ShardPlan
 from ray_pipeline.selection import SelectionParams
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, planned_shards, read_shards, shard_path

@@ -24,7 +24,7 @@ from jobs.reduce import main as reduce_main
 from ray_pipeline import run
 from ray_pipeline.config import build_parser, config_from_args
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.reduce import reducer_columns
+from ray_pipeline.graded_run import reducer_columns
 from ray_pipeline.shards import FLOAT_COLUMNS, shard_path
 
 pytest_plugins = ["shared_runs"]

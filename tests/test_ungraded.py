@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 from test_shards_reduce import fake_rows
 
+from ray_pipeline.graded_run import grade_run
 from ray_pipeline.metrics import compare
-from ray_pipeline.reduce import grade_run, reduce_run
+from ray_pipeline.reduce import reduce_run
 from ray_pipeline.report import compare_run, report_markdown
 from ray_pipeline.run import print_comparison
 from ray_pipeline.selection import SelectionParams

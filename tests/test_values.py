@@ -9,7 +9,8 @@ import pytest
 
 from ray_pipeline import selection
 from ray_pipeline.columns import COLUMNS
-from ray_pipeline.reduce import grade_run, reduce_run, reducer_columns
+from ray_pipeline.graded_run import grade_run, reducer_columns
+from ray_pipeline.reduce import reduce_run
 from ray_pipeline.run_folder import ShardPlan
 from ray_pipeline.selection import BLOCK_PARAMS, SelectionParams, best_scored, method
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, planned_shards

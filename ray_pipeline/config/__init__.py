@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ray_pipeline.config.cluster import Cluster
 from ray_pipeline.config.data import DTYPES, HUB_DATASET, PROMPT_STYLES, ModelData
 from ray_pipeline.config.engine import Engine, check_engine_gpus
-from ray_pipeline.config.execution import Execution, default_generate_batch_size
+from ray_pipeline.config.execution import Execution, check_traces, default_generate_batch_size
 from ray_pipeline.config.online import GENERATIONS, Online, check_online
 from ray_pipeline.config.options import (
     DEVICE_RESOLVED_FIELDS,
@@ -55,6 +55,7 @@ class RunConfig(Output, Engine, Cluster, Execution, Scoring, Selection, Online, 
         check_ranges(self)
         ModelData.check(self)
         check_online(self)
+        check_traces(self)
         Sampling.check(self)
         # In the order the rules were written, so that of two faults the same one is named as before.
         Output.check_location(self)
@@ -177,6 +178,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 __all__ = [
     "DEVICE_RESOLVED_FIELDS", "DTYPES", "FIELDS", "GENERATIONS", "HUB_DATASET", "OUTPUT_ROLES", "PROMPT_STYLES",
     "ROLES", "SCORE_CHUNKS", "SCORE_PASSES", "SECTIONS", "ConfigError", "Matters", "RunConfig", "build_parser",
-    "config_fields", "config_from_args", "default_generate_batch_size", "field_choices", "is_plain_name",
-    "resolve_scoring", "role_in", "unresolved",
+    "check_traces", "config_fields", "config_from_args", "default_generate_batch_size", "field_choices",
+    "is_plain_name", "resolve_scoring", "role_in", "unresolved",
 ]  # fmt: skip

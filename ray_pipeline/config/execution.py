@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ray_pipeline.backends import backend_names
+from ray_pipeline.backends import AUTO, Backend, backend_names, backends, get_backend
 from ray_pipeline.config.options import Matters, Section, _opt, _seeds_batches
+from ray_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ray_pipeline.config import RunConfig
 
 
 def default_generate_batch_size(shard_size: int) -> int:
@@ -57,3 +62,17 @@ class Execution(Section):
     max_task_retries: int = _opt(
         3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0, role="execution"
     )
+
+
+def check_traces(config: RunConfig, backend: Backend | None = None) -> None:
+    """Traces (one request and seed per candidate, with engine confidences) are an optional capability of a backend:
+    a run that needs them on one without is refused before anything starts. `backend`: the run's, once 'auto' is
+    resolved (`pipeline.resolve_execution`); else the one named, if any."""
+    if backend is None and config.backend == AUTO:
+        return
+    backend = backend or get_backend(config.backend)
+    if not config.trace_requests or backend.traces:
+        return
+    need = "generation deepconf-online" if config.generation == "deepconf-online" else "--engine_confidence"
+    able = " or ".join(b.name for b in backends() if b.traces)
+    raise ConfigError(f"backend {backend.name} generates no DeepConf traces, which {need} needs; pass --backend {able}")

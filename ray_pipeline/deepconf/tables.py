@@ -12,8 +12,8 @@ import numpy as np
 from ray_pipeline.metrics import Z95, paired_difference, picked_correct, wilson_interval
 
 if TYPE_CHECKING:
+    from ray_pipeline.graded_run import GradedRun
     from ray_pipeline.metrics import MethodResult
-    from ray_pipeline.reduce import GradedRun
 
 # The table's rows for a full run with engine confidences (GradedRun.engine_strategies).
 ENGINE_STRATEGY_NAMES = {
