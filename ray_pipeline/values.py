@@ -100,6 +100,13 @@ class Chunk:
                 own[i] = scorer[i]
         return own
 
+    def of_confidences(self, measure: Callable[[np.ndarray, int], float]) -> np.ndarray:
+        """`measure(confidences, deepconf_window)` of each answered row's DeepConf confidences; NaN elsewhere."""
+        out = self.nans()
+        for i, own in self.confidences.items():
+            out[i] = measure(own, self.params.deepconf_window)
+        return out
+
     @cached_property
     def engine_used(self) -> int:
         """Answered rows whose DeepConf confidences came from the engine."""
@@ -220,19 +227,13 @@ def _self_eval_missing(chunk: Chunk) -> np.ndarray:
 @value("lowest_group", reads=("token_confidence", "engine_confidence"), params=("deepconf_window",))
 def _lowest_group(chunk: Chunk) -> np.ndarray:
     """DeepConf's lowest group confidence: the least mean over a window of token confidences."""
-    out = chunk.nans()
-    for i, own in chunk.confidences.items():
-        out[i] = lowest_group_confidence(own, chunk.params.deepconf_window)
-    return out
+    return chunk.of_confidences(lowest_group_confidence)
 
 
 @value("tail", reads=("token_confidence", "engine_confidence"), params=("deepconf_window",))
 def _tail(chunk: Chunk) -> np.ndarray:
     """DeepConf's tail confidence: the mean over the last window of token confidences."""
-    out = chunk.nans()
-    for i, own in chunk.confidences.items():
-        out[i] = tail_confidence(own, chunk.params.deepconf_window)
-    return out
+    return chunk.of_confidences(tail_confidence)
 
 
 @value("engine_lowest_group", reads=("engine_confidence",), params=("deepconf_window",))
