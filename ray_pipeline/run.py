@@ -28,7 +28,7 @@ from ray_pipeline.data import load_problems
 from ray_pipeline.deepconf import FINAL, SKIPPED, OnlineSettings, estimated_savings
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.graded_run import GradedRun, grade_run
-from ray_pipeline.manifest import Manifest, best_file_name, default_run_id, fingerprint
+from ray_pipeline.manifest import Manifest
 from ray_pipeline.model import (
     check_context,
     check_hub_model,
@@ -119,25 +119,16 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
     check_context(model, config.max_tokens, config.max_model_len)
     texts = problems.column("problem").to_pylist()
     check_prompts_fit(model, texts, config.prompt, config.max_tokens, config.max_model_len)
-    name = model_name(config.model_path)
-    output_dir = StoragePath.parse(config.output_dir)
-    # The backend as given ('auto' included): the same command names the same folder on any cluster.
-    fp = fingerprint(config, problems, model)
-    run_id = config.run_id or default_run_id(config.dataset, name, fp)
-    if run_id.lower().endswith(".jsonl"):
-        # Best-answer files live beside the run folders: a folder named like one could take another run's name.
-        raise PipelineError(f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another")
-    folder = RunFolder(output_dir / run_id)
-    resume = resume_command(command, argv if argv is not None else [], run_id)
+    folder = RunFolder.for_run(config, problems, model, model_name(config.model_path))
+    resume = resume_command(command, argv if argv is not None else [], folder.path.name)
     folder.make()
     with folder.lock() as locked:
         if not locked:
             note = "is on an object store, which has no lock: run one job per run folder"
             print(f"  note: {folder.path} {note}", flush=True)
         try:
-            todo, notes = folder.plan(config, problems, fp, name)
-            best = output_dir / best_file_name(config.dataset, folder.manifest.model_name, run_id)
-            yield RunPlan(config, problems, model, folder, resume, todo, notes, best)
+            todo, notes = folder.plan(config)
+            yield RunPlan(config, problems, model, folder, resume, todo, notes, folder.best)
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {folder.path}; resume with: {resume}") from None
 
@@ -165,9 +156,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
     config = resolve_execution(plan.config, plan.problems.num_rows, has_gpu=gpu)
     # Only these are taken resolved: other cluster-derived defaults do not change the shards.
     resolved = dataclasses.replace(plan.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
-    plan.folder.prepare(
-        config, fingerprint(resolved, plan.problems, plan.model), plan.todo, plan.resume, stale=COMPARISON_FILES
-    )
+    plan.folder.prepare(config, resolved, plan.todo, plan.resume, stale=COMPARISON_FILES)
     manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
 
     n = config.num_return_sequences

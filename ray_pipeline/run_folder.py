@@ -2,11 +2,11 @@
 it, the shards a (re)run redoes, and its lock. `run.plan` and `run.execute` ask it; nothing else reads or writes a
 run folder's manifest.
 
-    folder = RunFolder(output_dir / run_id)
+    folder = RunFolder.for_run(config, problems, model, model_name)
     folder.make()
     with folder.lock():
-        todo, notes = folder.plan(config, problems, fingerprint, model_name)
-        folder.prepare(config, todo, resume_command)      # once the cluster resolved the config
+        todo, notes = folder.plan(config)
+        folder.prepare(config, resolved, todo, resume, stale)  # once the cluster resolved the config
         ... folder.commit(shard_id, error_rows) as each shard is written
         folder.check_shards(allow_partial)                # what the reducer reads
 """
@@ -23,7 +23,15 @@ import pyarrow as pa
 
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import COMMITTED, FAILED, PENDING, Manifest
+from ray_pipeline.manifest import (
+    COMMITTED,
+    FAILED,
+    PENDING,
+    Manifest,
+    best_file_name,
+    default_run_id,
+    fingerprint,
+)
 from ray_pipeline.shards import (
     FOREIGN_SHARD,
     NOT_A_FILE,
@@ -144,6 +152,28 @@ class RunFolder:
     manifest: Manifest | None = None
     # True when this job plans the manifest (its fingerprint gets the resolved device fields); False when loaded.
     new: bool = False
+    # A run's folder (`for_run`): its problems, the model path the actors open and the model's short name, and the
+    # fingerprint of the configuration as given; `plan` adds the best-answer file beside the folder.
+    problems: pa.Table | None = None
+    model: str | None = None
+    model_name: str | None = None
+    fingerprint: dict | None = None
+    best: StoragePath | None = None
+
+    @classmethod
+    def for_run(cls, config: RunConfig, problems: pa.Table, model: str, model_name: str) -> RunFolder:
+        """The folder a run with this configuration writes: --run_id, else named after what the run computes (its
+        fingerprint, with the backend as given, 'auto' included: the same command names the same folder on any
+        cluster)."""
+        fp = fingerprint(config, problems, model)
+        run_id = config.run_id or default_run_id(config.dataset, model_name, fp)
+        if run_id.lower().endswith(".jsonl"):
+            # Best-answer files live beside the run folders: a folder named like one could take another run's name.
+            raise PipelineError(
+                f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another"
+            )
+        path = StoragePath.parse(config.output_dir) / run_id
+        return cls(path, problems=problems, model=model, model_name=model_name, fingerprint=fp)
 
     @property
     def shards_dir(self) -> StoragePath:
@@ -171,12 +201,12 @@ class RunFolder:
         with self.path.lock(**kwargs) as locked:
             yield locked
 
-    def plan(self, config: RunConfig, problems: pa.Table, fp: dict, model_name: str) -> tuple[list[int], list[str]]:
+    def plan(self, config: RunConfig) -> tuple[list[int], list[str]]:
         """Load the manifest, or plan a new one (`new`), and say which shards to do and why each committed one is
         redone. A folder made by another configuration, a hand-edited plan, shards without a manifest or --no-resume
         on an existing run are refused.
         """
-        run_dir, shards_dir = self.path, self.shards_dir
+        run_dir, shards_dir, problems, fp = self.path, self.shards_dir, self.problems, self.fingerprint
         # A corrupt manifest must not stop --overwrite from starting over.
         manifest = None if config.overwrite else Manifest.load(run_dir)
         if manifest is None and shards_dir.files() and not config.overwrite:
@@ -187,7 +217,8 @@ class RunFolder:
         if manifest is None:
             # Every shard is to do: the folder has none, or --overwrite removes them (`prepare`, once Ray is up).
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
-            manifest = Manifest.plan(run_dir.name, stamp, model_name, fp, problems, config.num_return_sequences)
+            n = config.num_return_sequences
+            manifest = Manifest.plan(run_dir.name, stamp, self.model_name, fp, problems, n)
             faults = dict.fromkeys(manifest.expected_rows(), "missing")
         else:
             # Everything but what the cluster resolves ('auto' backend, scorer passes; `prepare` checks those).
@@ -195,17 +226,23 @@ class RunFolder:
             manifest.check_plan(run_dir, problems, fix="restore it, or pass --overwrite to start the run folder over")
             faults = shard_faults(manifest, shards_dir)
         self.manifest = manifest
+        best = best_file_name(config.dataset, manifest.model_name, run_dir.name)
+        self.best = StoragePath.parse(config.output_dir) / best
         return choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
 
-    def prepare(self, config: RunConfig, fp: dict, todo: list[int], resume: str, stale: tuple[str, ...]) -> None:
-        """Before the shards to do are written: take the resolved fingerprint `fp` (a new run) or check it, clear the
-        folder on --overwrite (its shards and `stale` result files), drop temporaries, mark `todo` pending and save
-        the manifest and the configuration."""
+    def prepare(
+        self, config: RunConfig, resolved: RunConfig, todo: list[int], resume: str, stale: tuple[str, ...]
+    ) -> None:
+        """Before the shards to do are written: take the fingerprint of `resolved` (the configuration with what the
+        cluster decides resolved) for a new run, or check it against the folder's; clear the folder on --overwrite
+        (its shards and `stale` result files), drop temporaries, mark `todo` pending and save the manifest and
+        `config` (the configuration the job runs)."""
         manifest, run_dir, shards_dir = self.manifest, self.path, self.shards_dir
+        fp = fingerprint(resolved, self.problems, self.model)
         if self.new:
             manifest.fingerprint = fp
         else:
-            manifest.check_same_run(fp, run_dir, config)
+            manifest.check_same_run(fp, run_dir, resolved)
         if config.overwrite:
             shards_dir.delete_contents()
             # What the old shards produced goes with them: a report beside new shards would describe a run that is
