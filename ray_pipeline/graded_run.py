@@ -93,7 +93,7 @@ def candidate_values(
         "distinct": distinct,
         "symbolic": symbolic,
         "timeouts": timeouts() - started_timeouts,
-        "confidences": (view.engine_used, len(view.answered)),
+        "confidences": (len(view.engine_rows), len(view.answered)),
         "generated": [int(generated[a:b].to_numpy().sum()) for a, b in zip(starts, ends)],
         "engine_strategies": engine_strategies(
             view.pylist("engine_confidence"),

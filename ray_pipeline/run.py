@@ -54,19 +54,23 @@ class RunPlan:
 
     # As given: DEVICE_RESOLVED_FIELDS (the backend, the scorer's passes) may be unresolved until execute.
     config: RunConfig
-    problems: pa.Table
-    # The model path as the actors open it (a GGUF is materialized to a folder).
-    model: str
-    # The run folder, its manifest planned or loaded.
+    # The run folder, its manifest planned or loaded: it holds the problems, the model and the best-answer file.
     folder: RunFolder
     # The command that resumes this run, for every hint that names it.
     resume: str
     todo: list[int]
     # One line per committed shard that is redone or distrusted, and why.
     notes: list[str]
-    best: StoragePath
     # The shards checked, graded and grouped by `select`, which `compare` reuses.
     graded: GradedRun | None = None
+
+    @property
+    def problems(self) -> pa.Table:
+        return self.folder.problems
+
+    @property
+    def best(self) -> StoragePath:
+        return self.folder.best
 
     @property
     def run_dir(self) -> StoragePath:
@@ -128,7 +132,7 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
             print(f"  note: {folder.path} {note}", flush=True)
         try:
             todo, notes = folder.plan(config)
-            yield RunPlan(config, problems, model, folder, resume, todo, notes, folder.best)
+            yield RunPlan(config, folder, resume, todo, notes)
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {folder.path}; resume with: {resume}") from None
 

@@ -51,6 +51,10 @@ def value(name: str, *, reads: tuple[str, ...] = (), params: tuple[str, ...] = (
     return register
 
 
+# CoE's four columns, in `aggregates.coe_scores`'s order.
+_COE = ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")
+
+
 class Chunk:
     """A chunk of whole problems as the values read it: its shard rows, the selection settings and the grades
     (`label`: each candidate's answer class, -1 without an answer; `correct`: its grade)."""
@@ -59,10 +63,13 @@ class Chunk:
         self.table, self.params, self.label, self.correct = table, params, label, correct
         self.rows = table.num_rows
         self._lists: dict[str, list] = {}
+        self._floats: dict[str, np.ndarray] = {}
 
     def floats(self, name: str) -> np.ndarray:
-        """A float column as float64 numpy, nulls as NaN."""
-        return pc.fill_null(self.table.column(name).cast(pa.float64()), math.nan).to_numpy()
+        """A float column as float64 numpy, nulls as NaN (read once; values share it, none writes to it)."""
+        if name not in self._floats:
+            self._floats[name] = pc.fill_null(self.table.column(name).cast(pa.float64()), math.nan).to_numpy()
+        return self._floats[name]
 
     def pylist(self, name: str) -> list:
         if name not in self._lists:
@@ -86,19 +93,20 @@ class Chunk:
         return pc.fill_null(self.table.column("vocab_size"), 0).to_numpy()
 
     @cached_property
+    def engine_rows(self) -> set[int]:
+        """Answered rows whose run stored the sampling engine's confidence of every token."""
+        engine = self.pylist("engine_confidence")
+        return {i for i in self.answered if engine[i] is not None and len(engine[i]) == self.token_count[i]}
+
+    @cached_property
     def confidences(self) -> dict[int, np.ndarray]:
         """Per answered row, the token confidences DeepConf's methods read: the sampling engine's where the run
-        stored them (one per token), else the scorer's teacher-forced ones (bf16, up to 0.43 nat per token away
+        stored them (`engine_rows`), else the scorer's teacher-forced ones (bf16, up to 0.43 nat per token away
         from the engine's)."""
         scorer = _per_row_floats(self.table.column("token_confidence"))
         engine = self.pylist("engine_confidence")
-        own = {}
-        for i in self.answered:
-            if engine[i] is not None and len(engine[i]) == self.token_count[i]:
-                own[i] = np.asarray(engine[i], dtype=np.float64)
-            else:
-                own[i] = scorer[i]
-        return own
+        rows = self.engine_rows
+        return {i: np.asarray(engine[i], dtype=np.float64) if i in rows else scorer[i] for i in self.answered}
 
     def of_confidences(self, measure: Callable[[np.ndarray, int], float]) -> np.ndarray:
         """`measure(confidences, deepconf_window)` of each answered row's DeepConf confidences; NaN elsewhere."""
@@ -108,15 +116,9 @@ class Chunk:
         return out
 
     @cached_property
-    def engine_used(self) -> int:
-        """Answered rows whose DeepConf confidences came from the engine."""
-        engine = self.pylist("engine_confidence")
-        return sum(engine[i] is not None and len(engine[i]) == self.token_count[i] for i in self.answered)
-
-    @cached_property
     def coe(self) -> tuple[np.ndarray, np.ndarray]:
         """CoE-R and CoE-C per row, from one pass over the four CoE columns."""
-        columns = [self.pylist(c) for c in ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")]
+        columns = [self.pylist(c) for c in _COE]
         r, c = self.nans(), self.nans()
         for i in self.answered:
             if columns[0][i] is not None:
@@ -188,9 +190,6 @@ def _step_certainty_min(chunk: Chunk) -> np.ndarray:
             steps = [mixed_certainty(sc, h, lam, v) for sc, h in zip(step_sc[i] or [], step_h[i] or [])]
             out[i] = min(steps) if steps else math.nan
     return out
-
-
-_COE = ("coe_magnitude", "coe_angle", "coe_span_magnitude", "coe_span_angle")
 
 
 @value("coe_r", reads=_COE)

@@ -56,11 +56,17 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+_loaded = False
+
+
 def _load() -> dict[str, Backend]:
-    # Every module of this package is a backend's declaration: adding one is adding its module. (Importing a
-    # module that is imported already is a lookup.)
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    # Every module of this package is a backend's declaration: adding one is adding its module. Listed and imported
+    # once per process: the config asks the registry for every field's role.
+    global _loaded
+    if not _loaded:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _loaded = True
     return _REGISTRY
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ray_pipeline.config.options import Matters, Section, _backend_reads, _ignorers, _kernels, _opt
+from ray_pipeline.config.options import Matters, Section, _backend_reads, _kernels, _labels, _opt
 from ray_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class Engine(Section):
         False,
         "vLLM: always generate max_tokens (benchmarks with dummy weights)",
         role="samples",
-        matters=Matters(_backend_reads("ignore_eos"), ("backend",), f"{_ignorers('ignore_eos')} does not read it"),
+        matters=Matters(_backend_reads("ignore_eos"), ("backend",), f"{_labels('ignore_eos', False)} does not read it"),
     )
     reproducible: bool = _opt(
         False,

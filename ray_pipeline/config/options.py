@@ -65,17 +65,21 @@ def _seeds_batches(config: RunConfig) -> bool | None:
 
 
 def _kernel_knob(name: str) -> Callable[[RunConfig], bool | None]:
-    # Without --reproducible nothing promises that an engine repeats its samples bit for bit (they follow the batch).
-    reads = _backend_reads(name)
-    return lambda config: reads(config) if config.reproducible else False
+    """Whether flag `name` is one of the run's backend's `kernel_knobs` where --reproducible holds; without it
+    nothing promises that an engine repeats its samples bit for bit (they follow the batch)."""
+
+    def when(config: RunConfig) -> bool | None:
+        if not config.reproducible:
+            return False
+        backend = _backend(config)
+        return None if backend is None else name in backend.kernel_knobs
+
+    return when
 
 
-def _readers(name: str) -> str:
-    return " and ".join(b.label for b in backends() if name in b.reads | b.reads_for_traces)
-
-
-def _ignorers(name: str) -> str:
-    return " and ".join(b.label for b in backends() if name not in b.reads | b.reads_for_traces)
+def _labels(name: str, read: bool) -> str:
+    """The backends that read flag `name` (or, with `read` False, that do not), for `Matters.why`."""
+    return " and ".join(b.label for b in backends() if (name in b.reads | b.reads_for_traces) == read)
 
 
 def _kernels(name: str) -> Matters:
@@ -84,8 +88,8 @@ def _kernels(name: str) -> Matters:
     return Matters(
         _kernel_knob(name),
         ("backend", "reproducible"),
-        f"it changes {_readers(name)}'s kernels, and so the last bits of its numbers, which only --reproducible keeps "
-        f"({_ignorers(name)} does not read it)",
+        f"it changes {_labels(name, True)}'s kernels, and so the last bits of its numbers, which only --reproducible "
+        f"keeps ({_labels(name, False)} does not read it)",
     )
 
 
