@@ -1,17 +1,10 @@
-"""The run manifest: what a run folder was made with, its shard plan, and each shard's status.
+"""The run manifest: what a run folder was made with (its fingerprint: `run_folder.fingerprint`), its shard plan,
+and each shard's status; the names of run folders and best-answer files.
 
-A run folder is resumed only by the configuration that made it: the fingerprint holds every
-RunConfig field whose role (its metadata) is "samples" or "scores", with the data set's content in
-place of its path and the model files' identity beside the model's path, and a different one is refused
-with the fields that differ. A field that changes no value in this configuration (config.Matters:
-`score_batch_size` without --self_eval, `generate_batch_size` on vLLM, ...) holds its default there,
-so any value of it names the same folder, and a resume does not compare it.
-The default run folder name carries a hash of the same fingerprint, so the same command resumes.
-"""
+The default run folder name carries a hash of the fingerprint, so the same command resumes."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ray_pipeline.config import FIELDS, HUB_DATASET, OUTPUT_ROLES, RunConfig, role_in, unresolved
+from ray_pipeline.config import HUB_DATASET
 from ray_pipeline.errors import PipelineError, first_line
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
 from ray_pipeline.storage import Location, StoragePath
@@ -32,23 +25,6 @@ SHARD_FORMAT_VERSION = 2
 
 COMMITTED, PENDING, FAILED = "committed", "pending", "failed"
 STATUSES = (COMMITTED, PENDING, FAILED)
-
-
-# Samples/scores fields added after the shard format's first runs, with the value those runs had.
-# generator_logprobs: runs before it always stored the sampler's log-probs, but nothing selects by them (only a
-# cross-check test reads them), so such a run resumes at the default and its new shards store none.
-# enforce_eager joined where it changes values: vLLM with --reproducible.
-LATER_FIELDS: dict[str, object] = {
-    "reproducible": False,
-    "enforce_eager": False,
-    "generator_logprobs": False,
-    "generation": "full",
-    "engine_confidence": False,
-    "warmup_traces": 16,
-    "deepconf_percentile": 90.0,
-    "consensus": None,
-    "consensus_wave": 8,
-}
 
 
 def code_version() -> str:
@@ -80,51 +56,17 @@ def model_identity(resolved: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def output_fields() -> list[str]:
-    """The RunConfig fields that change the samples or their scores (their metadata says so)."""
-    return [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("role") in OUTPUT_ROLES]
-
-
-def fingerprint_value(config: RunConfig, name: str):
-    """A samples or scores field's fingerprint entry: its value where it changes values (or may: while 'auto' is
-    unresolved), else its default; a value given equal to what the default resolves to is the default."""
-    f = FIELDS[name]
-    if role_in(config, name) == "execution":
-        # Any value computes the same here: it hashes as the value runs made before the field had (or changed) its
-        # default held, so a later default keeps those folders' names.
-        return LATER_FIELDS.get(name, f.default)
-    value = getattr(config, name)
-    default_is = f.metadata["default_is"]
-    if default_is is not None and value is not None and value == default_is(config):
-        return f.default
-    return value
-
-
-def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> dict:
-    """Everything that changes a run's shards: every samples/scores field, the data and model contents.
-
-    Settings left to the cluster stay as given (generate_batch_size None); the caller resolves the
-    DEVICE_RESOLVED_FIELDS, since 'auto' means another backend or scorer pass on another cluster.
-    """
-    fp = {name: fingerprint_value(config, name) for name in output_fields()}
-    # Fields added after runs existed leave the fingerprint, and so the default run folder, of those runs
-    # as it was while they hold the value every earlier run had.
-    fp = {name: value for name, value in fp.items() if LATER_FIELDS.get(name, object()) != value}
-    if config.generation == "deepconf-online":
-        # Selection fields that decide what an online run generates: the window its traces stop by and, with a
-        # consensus stop, how answers are read. Fingerprinted in that mode alone, so full runs re-select with any.
-        fp["online_deepconf_window"] = config.deepconf_window
-        if config.consensus is not None:
-            fp["online_answer_extraction"] = config.answer_extraction
-    template = ORIGINAL_TEMPLATE if config.prompt == "original" else CHAT_INSTRUCTION
-    fp |= {
+def content_entries(problems: pa.Table, resolved_model: str, prompt: str) -> dict:
+    """The fingerprint entries of what a run reads besides its configuration: the model files' identity, the data
+    set's content, the prompt template and the code version."""
+    template = ORIGINAL_TEMPLATE if prompt == "original" else CHAT_INSTRUCTION
+    return {
         "model": model_identity(resolved_model),
         # The content, so a moved or renamed copy of the same file resumes.
         "dataset": dataset_hash(problems),
-        "prompt": f"{config.prompt}:{hashlib.sha256(template.encode()).hexdigest()[:12]}",
+        "prompt": f"{prompt}:{hashlib.sha256(template.encode()).hexdigest()[:12]}",
         "code_version": code_version(),
     }
-    return fp
 
 
 def fingerprint_hash(fp: dict) -> str:
@@ -175,37 +117,6 @@ def best_file_name(dataset: str, model_name: str, run_id: str) -> str:
 
 def differences(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def not_compared(config: RunConfig) -> set[str]:
-    """Fingerprint entries a resume with `config` does not compare: fields that change no value in this
-    configuration (a stored value may be any), fields that wait for the cluster (an 'auto' setting, and what
-    depends on one: the job compares them once resolved), and fields compared through the content they select."""
-    names = unresolved(config)
-    for name in output_fields():
-        if role_in(config, name) in (None, "execution") or FIELDS[name].metadata["compared_as"]:
-            names.add(name)
-    return names
-
-
-def resume_differences(old: dict, new: dict, config: RunConfig) -> list[str]:
-    """What keeps a run folder made with fingerprint `old` from resuming with `config` (fingerprint `new`)."""
-
-    def entry(fp: dict, key: str):
-        value = fp.get(key, LATER_FIELDS.get(key))
-        default_is = FIELDS[key].metadata["default_is"] if key in FIELDS else None
-        # An unset value and the value it resolves to compute the same (stored by earlier versions as given).
-        return default_is(config) if default_is is not None and value is None else value
-
-    skip = not_compared(config)
-    changed = [k for k in sorted(set(old) | set(new)) if k not in skip and entry(old, k) != entry(new, k)]
-    out = [f"{k} {entry(old, k)!r} -> {entry(new, k)!r}" for k in changed]
-    # The fields whose whole effect is a changed content entry name the likely cause beside it.
-    for name in output_fields():
-        content = FIELDS[name].metadata["compared_as"]
-        if content in changed and old.get(name) != new.get(name):
-            out.append(f"{name} {old.get(name)!r} -> {new.get(name)!r}")
-    return out
 
 
 @dataclass
@@ -346,15 +257,6 @@ class Manifest:
 
     def with_status(self, status: str) -> list[int]:
         return sorted(int(s) for s, info in self.shards.items() if info["status"] == status)
-
-    def check_same_run(self, fp: dict, run_dir: Location, config: RunConfig) -> None:
-        """Refuse another configuration (`config`, whose fingerprint is `fp`), naming what differs."""
-        changed = "; ".join(resume_differences(self.fingerprint, fp, config))
-        if changed:
-            raise PipelineError(
-                f"run folder {run_dir} was made with another configuration ({changed}): "
-                "rerun with the same settings, a new --run_id, or --overwrite"
-            )
 
 
 def plan_digest(shards: dict[str, dict]) -> str:

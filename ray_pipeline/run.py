@@ -11,7 +11,6 @@ shards to the best-answer file and summary.json. `compare` adds every method's r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_pipeline.cli import Interrupted, quiet_ray_warnings, resume_command
-from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
+from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.deepconf import FINAL, SKIPPED, OnlineSettings, estimated_savings
 from ray_pipeline.errors import PipelineError
@@ -52,9 +51,8 @@ from ray_pipeline.timeline import mark
 class RunPlan:
     """What a run will do: its problems, its run folder and manifest, the shards to do and where results go."""
 
-    # As given: DEVICE_RESOLVED_FIELDS (the backend, the scorer's passes) may be unresolved until execute.
-    config: RunConfig
-    # The run folder, its manifest planned or loaded: it holds the problems, the model and the best-answer file.
+    # The run folder, its manifest planned or loaded: it holds the configuration, the problems, the model and the
+    # best-answer file.
     folder: RunFolder
     # The command that resumes this run, for every hint that names it.
     resume: str
@@ -63,6 +61,11 @@ class RunPlan:
     notes: list[str]
     # The shards checked, graded and grouped by `select`, which `compare` reuses.
     graded: GradedRun | None = None
+
+    @property
+    def config(self) -> RunConfig:
+        """As given: DEVICE_RESOLVED_FIELDS (the backend, the scorer's passes) may be unresolved until execute."""
+        return self.folder.config
 
     @property
     def problems(self) -> pa.Table:
@@ -131,8 +134,8 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
             note = "is on an object store, which has no lock: run one job per run folder"
             print(f"  note: {folder.path} {note}", flush=True)
         try:
-            todo, notes = folder.plan(config)
-            yield RunPlan(config, folder, resume, todo, notes)
+            todo, notes = folder.plan()
+            yield RunPlan(folder, resume, todo, notes)
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {folder.path}; resume with: {resume}") from None
 
@@ -158,9 +161,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
         quiet_ray_warnings(plan.config.verbose)
         stages, gpu = run_stages, None
     config = resolve_execution(plan.config, plan.problems.num_rows, has_gpu=gpu)
-    # Only these are taken resolved: other cluster-derived defaults do not change the shards.
-    resolved = dataclasses.replace(plan.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
-    plan.folder.prepare(config, resolved, plan.todo, plan.resume, stale=COMPARISON_FILES)
+    plan.folder.prepare(config, plan.todo, plan.resume, stale=COMPARISON_FILES)
     manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
 
     n = config.num_return_sequences

@@ -1,18 +1,19 @@
-"""A run folder: its manifest (the plan and each shard's status), the shard check a resume and the reducer run on
-it, the shards a (re)run redoes, and its lock. `run.plan` and `run.execute` ask it; nothing else reads or writes a
-run folder's manifest.
+"""A run folder: its fingerprint (what its shards depend on), its manifest (the plan and each shard's status), the
+shard check a resume and the reducer run on it, the shards a (re)run redoes, and its lock. `run.plan` and
+`run.execute` ask it; nothing else reads or writes a run folder's manifest.
 
     folder = RunFolder.for_run(config, problems, model, model_name)
     folder.make()
     with folder.lock():
-        todo, notes = folder.plan(config)
-        folder.prepare(config, resolved, todo, resume, stale)  # once the cluster resolved the config
+        todo, notes = folder.plan()
+        folder.prepare(job_config, todo, resume, stale)  # once the cluster resolved the config
         ... folder.commit(shard_id, error_rows) as each shard is written
-        folder.check_shards(allow_partial)                # what the reducer reads
+    folder.shard_plan()  # what the reducer checks the shards against
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ray_pipeline.config import RunConfig
+from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, RunConfig
+from ray_pipeline.config.stored import resume_differences, stored_values
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import (
     COMMITTED,
@@ -29,8 +31,8 @@ from ray_pipeline.manifest import (
     PENDING,
     Manifest,
     best_file_name,
+    content_entries,
     default_run_id,
-    fingerprint,
 )
 from ray_pipeline.shards import (
     FOREIGN_SHARD,
@@ -46,6 +48,28 @@ from ray_pipeline.storage import Location, StorageError, StoragePath
 # What a finished run leaves beside its shards: an --overwrite removes them with the shards (report.COMPARISON_FILES
 # adds the comparison's files).
 RESULT_FILES = ("summary.json",)
+
+
+def fingerprint(config: RunConfig, problems: pa.Table, resolved_model: str) -> dict:
+    """Everything that changes a run's shards: the configuration's stored values (`config.stored`: every samples
+    and scores field where it changes values), the data set's content, the model's identity, the prompt template and
+    the code version. A resume with a different one is refused, naming what differs (`check_same_run`).
+
+    Settings left to the cluster stay as given (generate_batch_size None); `RunFolder.prepare` takes the
+    DEVICE_RESOLVED_FIELDS resolved, since 'auto' means another backend or scorer pass on another cluster.
+    """
+    return stored_values(config) | content_entries(problems, resolved_model, config.prompt)
+
+
+def check_same_run(made_with: dict, fp: dict, run_dir: Location, config: RunConfig) -> None:
+    """Refuse to resume the folder `run_dir`, made with fingerprint `made_with`, with another configuration
+    (`config`, whose fingerprint is `fp`), naming what differs."""
+    changed = "; ".join(resume_differences(made_with, fp, config))
+    if changed:
+        raise PipelineError(
+            f"run folder {run_dir} was made with another configuration ({changed}): "
+            "rerun with the same settings, a new --run_id, or --overwrite"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +176,9 @@ class RunFolder:
     manifest: Manifest | None = None
     # True when this job plans the manifest (its fingerprint gets the resolved device fields); False when loaded.
     new: bool = False
-    # A run's folder (`for_run`): its problems, the model path the actors open and the model's short name, and the
-    # fingerprint of the configuration as given; `plan` adds the best-answer file beside the folder.
+    # A run's folder (`for_run`): the configuration as given, its problems, the model path the actors open and the
+    # model's short name, and the configuration's fingerprint; `plan` adds the best-answer file beside the folder.
+    config: RunConfig | None = None
     problems: pa.Table | None = None
     model: str | None = None
     model_name: str | None = None
@@ -173,7 +198,7 @@ class RunFolder:
                 f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another"
             )
         path = StoragePath.parse(config.output_dir) / run_id
-        return cls(path, problems=problems, model=model, model_name=model_name, fingerprint=fp)
+        return cls(path, config=config, problems=problems, model=model, model_name=model_name, fingerprint=fp)
 
     @property
     def shards_dir(self) -> StoragePath:
@@ -201,12 +226,13 @@ class RunFolder:
         with self.path.lock(**kwargs) as locked:
             yield locked
 
-    def plan(self, config: RunConfig) -> tuple[list[int], list[str]]:
+    def plan(self) -> tuple[list[int], list[str]]:
         """Load the manifest, or plan a new one (`new`), and say which shards to do and why each committed one is
         redone. A folder made by another configuration, a hand-edited plan, shards without a manifest or --no-resume
         on an existing run are refused.
         """
-        run_dir, shards_dir, problems, fp = self.path, self.shards_dir, self.problems, self.fingerprint
+        config, run_dir, shards_dir, problems = self.config, self.path, self.shards_dir, self.problems
+        fp = self.fingerprint
         # A corrupt manifest must not stop --overwrite from starting over.
         manifest = None if config.overwrite else Manifest.load(run_dir)
         if manifest is None and shards_dir.files() and not config.overwrite:
@@ -222,7 +248,7 @@ class RunFolder:
             faults = dict.fromkeys(manifest.expected_rows(), "missing")
         else:
             # Everything but what the cluster resolves ('auto' backend, scorer passes; `prepare` checks those).
-            manifest.check_same_run(fp, run_dir, config)
+            check_same_run(manifest.fingerprint, fp, run_dir, config)
             manifest.check_plan(run_dir, problems, fix="restore it, or pass --overwrite to start the run folder over")
             faults = shard_faults(manifest, shards_dir)
         self.manifest = manifest
@@ -230,19 +256,19 @@ class RunFolder:
         self.best = StoragePath.parse(config.output_dir) / best
         return choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
 
-    def prepare(
-        self, config: RunConfig, resolved: RunConfig, todo: list[int], resume: str, stale: tuple[str, ...]
-    ) -> None:
-        """Before the shards to do are written: take the fingerprint of `resolved` (the configuration with what the
-        cluster decides resolved) for a new run, or check it against the folder's; clear the folder on --overwrite
-        (its shards and `stale` result files), drop temporaries, mark `todo` pending and save the manifest and
-        `config` (the configuration the job runs)."""
+    def prepare(self, config: RunConfig, todo: list[int], resume: str, stale: tuple[str, ...]) -> None:
+        """Before the shards to do are written: take the fingerprint of the configuration as given with what the
+        cluster decided (`config`, the one the job runs) for its DEVICE_RESOLVED_FIELDS, for a new run, or check it
+        against the folder's; clear the folder on --overwrite (its shards and `stale` result files), drop
+        temporaries, mark `todo` pending and save the manifest and `config`."""
         manifest, run_dir, shards_dir = self.manifest, self.path, self.shards_dir
+        # Only these are taken resolved: other cluster-derived defaults do not change the shards.
+        resolved = dataclasses.replace(self.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
         fp = fingerprint(resolved, self.problems, self.model)
         if self.new:
             manifest.fingerprint = fp
         else:
-            manifest.check_same_run(fp, run_dir, resolved)
+            check_same_run(manifest.fingerprint, fp, run_dir, resolved)
         if config.overwrite:
             shards_dir.delete_contents()
             # What the old shards produced goes with them: a report beside new shards would describe a run that is

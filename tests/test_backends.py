@@ -10,7 +10,8 @@ import pytest
 from ray_pipeline import backends
 from ray_pipeline.backends import Backend, backend_names, get_backend, resolve_backend, stable_seed
 from ray_pipeline.backends import vllm as vllm_backend
-from ray_pipeline.config import RunConfig, role_in
+from ray_pipeline.config import RunConfig
+from ray_pipeline.config.stored import role_in
 from ray_pipeline.errors import ConfigError, PipelineError
 from ray_pipeline.pipeline import resolve_execution
 

@@ -10,9 +10,11 @@ import pytest
 from conftest import run_job
 from ray_pipeline.columns import COLUMNS, GENERATOR
 from ray_pipeline.config import RunConfig, build_parser, config_fields
+from ray_pipeline.config.stored import LATER_FIELDS
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import ConfigError
-from ray_pipeline.manifest import LATER_FIELDS, differences, fingerprint
+from ray_pipeline.manifest import differences
+from ray_pipeline.run_folder import fingerprint
 
 pytestmark = pytest.mark.fast
 

@@ -14,29 +14,22 @@ import pyarrow as pa
 import pytest
 
 from ray_pipeline.config import (
+    FIELD_ROLES,
     FIELDS,
     OUTPUT_ROLES,
     ROLES,
+    SECTIONS,
     Matters,
     RunConfig,
     _base_type,
     field_choices,
-    role_in,
 )
+from ray_pipeline.config.stored import LATER_FIELDS, not_compared, resume_differences, role_in, stored_fields
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import ConfigError
-from ray_pipeline.manifest import (
-    LATER_FIELDS,
-    code_version,
-    dataset_hash,
-    default_run_id,
-    fingerprint,
-    model_identity,
-    not_compared,
-    output_fields,
-    resume_differences,
-)
+from ray_pipeline.manifest import code_version, dataset_hash, default_run_id, model_identity
 from ray_pipeline.prompts import CHAT_INSTRUCTION, ORIGINAL_TEMPLATE
+from ray_pipeline.run_folder import fingerprint
 
 NAMES = [f.name for f in dataclasses.fields(RunConfig)]
 # Settings that decide where a field changes values, each resolved (and one left 'auto', as a command gives it).
@@ -102,9 +95,28 @@ def fp_of(config: RunConfig) -> dict:
     return fingerprint(config, problems, "a/model")
 
 
-def test_every_field_declares_its_role():
-    undeclared = [name for name in NAMES if FIELDS[name].metadata.get("role") not in ROLES]
+def test_every_field_has_a_role_and_declares_one_only_where_its_section_cannot_say_it():
+    undeclared = [name for name in NAMES if FIELD_ROLES.get(name) not in ROLES]
     assert undeclared == [], f"fields without a role (one of {ROLES}): {undeclared}"
+    for section in SECTIONS:
+        assert section.ROLE in ROLES, section
+        own = {f.name: f.metadata["role"] for f in dataclasses.fields(section) if f.metadata["role"] is not None}
+        assert all(role in ROLES and role != section.ROLE for role in own.values()), (section, own)
+        assert {f.name: FIELD_ROLES[f.name] for f in dataclasses.fields(section)} == {
+            f.name: own.get(f.name, section.ROLE) for f in dataclasses.fields(section)
+        }
+
+
+def test_the_fingerprint_holds_the_fields_of_the_sections_that_change_stored_values():
+    """Section by section: a samples or scores section's fields, and elsewhere only a field whose own role says so."""
+    by_section = [
+        f.name
+        for section in SECTIONS
+        for f in dataclasses.fields(section)
+        if (f.metadata["role"] or section.ROLE) in OUTPUT_ROLES
+    ]
+    assert stored_fields() == by_section
+    assert {s.ROLE for s in SECTIONS if any(f.name in by_section for f in dataclasses.fields(s))} >= {"samples"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,9 +127,9 @@ def test_a_condition_reads_only_settings_a_resume_compares(name):
     matters = meta["matters"]
     if matters is None:
         return
-    assert isinstance(matters, Matters) and meta["role"] in OUTPUT_ROLES and matters.why and matters.reads
+    assert isinstance(matters, Matters) and FIELD_ROLES[name] in OUTPUT_ROLES and matters.why and matters.reads
     for read in matters.reads:
-        assert FIELDS[read].metadata["role"] in OUTPUT_ROLES and FIELDS[read].metadata["compared_as"] is None
+        assert FIELD_ROLES[read] in OUTPUT_ROLES and FIELDS[read].metadata["compared_as"] is None
     for where in CONTEXTS:
         config = context(where)
         if matters.when(config):
@@ -166,7 +178,7 @@ def test_a_resume_refuses_exactly_the_changes_that_change_values(name, where):
 
 def earlier_fingerprint(config: RunConfig, problems: pa.Table) -> dict:
     """The fingerprint as the version before field roles (d2c659f) made it: every samples/scores field as given."""
-    earlier = [n for n in output_fields() if n not in LATER_FIELDS or n == "reproducible"]
+    earlier = [n for n in stored_fields() if n not in LATER_FIELDS or n == "reproducible"]
     fp = {n: getattr(config, n) for n in earlier if not (n == "reproducible" and config.reproducible is False)}
     template = ORIGINAL_TEMPLATE if config.prompt == "original" else CHAT_INSTRUCTION
     return fp | {
@@ -182,11 +194,11 @@ def earlier_fingerprint(config: RunConfig, problems: pa.Table) -> dict:
 def test_earlier_run_folders_keep_their_names_and_resume(where):
     """A run made before fields had conditions keeps its fingerprint (so its default folder) where it held the
     defaults; one that held another value of a field that changes nothing there resumes with its --run_id."""
-    inert = [n for n in output_fields() if role_in(context(where), n) == "execution"]
+    inert = [n for n in stored_fields() if role_in(context(where), n) == "execution"]
     config = dataclasses.replace(context(where), **{n: FIELDS[n].default for n in inert})
     problems = problems_of(config.dataset, config.dataset_split, config.limit, config.shard_size)
     assert fingerprint(config, problems, "a/model") == earlier_fingerprint(config, problems)
-    for name in output_fields():
+    for name in stored_fields():
         if role_in(config, name) != "execution":
             continue
         changed, _ = another_value(config, name)
@@ -352,4 +364,4 @@ def test_every_change_a_vllm_resume_allows_samples_the_same(where, name):
 
 
 def test_later_fields_are_fingerprint_fields():
-    assert set(LATER_FIELDS) <= set(output_fields())
+    assert set(LATER_FIELDS) <= set(stored_fields())

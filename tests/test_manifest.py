@@ -7,10 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_pipeline.config import RunConfig
+from ray_pipeline.config.stored import LATER_FIELDS
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.manifest import COMMITTED, FAILED, LATER_FIELDS, Manifest, differences, fingerprint, fingerprint_hash
-from ray_pipeline.run_folder import shards_to_run
+from ray_pipeline.manifest import COMMITTED, FAILED, Manifest, differences, fingerprint_hash
+from ray_pipeline.run_folder import check_same_run, fingerprint, shards_to_run
 from ray_pipeline.shards import (
     SHARD_SCHEMA,
     PlannedShard,
@@ -90,7 +91,7 @@ def test_manifest_round_trip_and_refusal(problems, tmp_path):
     assert loaded == manifest and loaded.with_status(COMMITTED) == [1]
     other_config = RunConfig(backend="hf", temperature=0.5, seed=3)
     with pytest.raises(PipelineError) as err:
-        loaded.check_same_run(fingerprint(other_config, problems, "x/y"), tmp_path, other_config)
+        check_same_run(loaded.fingerprint, fingerprint(other_config, problems, "x/y"), tmp_path, other_config)
     assert "seed 0 -> 3" in str(err.value) and "temperature 0.1 -> 0.5" in str(err.value)
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(PipelineError, match="not a readable manifest"):

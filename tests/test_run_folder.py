@@ -15,9 +15,9 @@ from ray_pipeline.cli import resume_command
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import ConfigError, PipelineError
-from ray_pipeline.manifest import Manifest, best_file_name, dataset_name, default_run_id, fingerprint
+from ray_pipeline.manifest import Manifest, best_file_name, dataset_name, default_run_id
 from ray_pipeline.progress import Progress, duration
-from ray_pipeline.run_folder import shards_to_run
+from ray_pipeline.run_folder import fingerprint, shards_to_run
 from ray_pipeline.shards import check_no_unplanned_files, shard_path
 from ray_pipeline.storage import LOCK_NAME, StoragePath
 

@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 from ray_pipeline.columns import COLUMNS, SCORER
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import PROBLEM_SCHEMA
-from ray_pipeline.manifest import COMMITTED, Manifest, fingerprint, fingerprint_hash
+from ray_pipeline.manifest import COMMITTED, Manifest, fingerprint_hash
+from ray_pipeline.run_folder import fingerprint
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter
 
 VOCAB_SIZE = 49152

@@ -22,8 +22,8 @@ import pyarrow as pa
 from ray_pipeline.config import RunConfig
 from ray_pipeline.data import PROBLEM_SCHEMA
 from ray_pipeline.graded_run import reducer_columns
-from ray_pipeline.manifest import Manifest, fingerprint, fingerprint_hash
-from ray_pipeline.run_folder import shards_to_run
+from ray_pipeline.manifest import Manifest, fingerprint_hash
+from ray_pipeline.run_folder import fingerprint, shards_to_run
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, read_shards
 
 

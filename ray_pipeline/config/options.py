@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 # holds them resolved, so they are compared only once the cluster is known.
 DEVICE_RESOLVED_FIELDS = ("backend", "score_pass", "score_chunk_tokens", "score_chunk_vocab")
 # What a field changes: the sampled candidates, their stored scores, which candidate is picked, or
-# only how the job runs. The resume fingerprint holds every "samples" and "scores" field (manifest.fingerprint),
-# except where `Matters` says it changes nothing: there it counts as "execution".
+# only how the job runs (a section's `ROLE`, or a field's own). The resume fingerprint holds every "samples" and
+# "scores" field (config.stored), except where `Matters` says it changes nothing: there it counts as "execution".
 ROLES = ("samples", "scores", "selection", "execution")
 OUTPUT_ROLES = ("samples", "scores")
 
@@ -109,7 +109,8 @@ def _opt(
     off=False,
     **kw,
 ):
-    """A config field with its flag help, what it changes (`role`, one of ROLES), allowed range and other flag names.
+    """A config field with its flag help, allowed range and other flag names; `role` (one of ROLES) only where it
+    changes something other than its section's fields do (`Section.ROLE`).
 
     `low_open` excludes `low` itself from the range; `off` lets the flag take `off` for None (a field whose default
     is a value). For a samples or scores field: `matters` (a Matters) where it
@@ -159,6 +160,9 @@ class Section:
     """
 
     TITLE: ClassVar[str] = ""
+    # What its fields change (one of ROLES), unless a field declares its own role: the fingerprint holds the
+    # fields of the sections that change samples or scores (`config.stored`).
+    ROLE: ClassVar[str] = "execution"
 
     def check(self) -> None:
         """Rules among this section's fields, beyond each field's range."""

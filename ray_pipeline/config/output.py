@@ -24,33 +24,24 @@ class Output(Section):
     """The output folder, the run's name, its shards, and what a rerun redoes."""
 
     TITLE = "run folder"
+    ROLE = "execution"
 
     output_dir: str = _opt(
         "results",
         "folder for run folders and best-answer files: a local or mounted path, or a URI (s3://bucket/prefix, "
         "gs://..., file://...; options after ?, e.g. ?endpoint_override=host:9000&scheme=http)",
-        role="execution",
     )
     run_id: str | None = _opt(
         None,
         "run folder name, a plain folder name (default: {dataset}_candidates_{model}_{hash of what the run "
         "computes}, so the same command resumes); an existing one is resumed",
-        role="execution",
     )
     shard_size: int = _opt(50, "problems per Parquet shard", low=1, role="samples")
-    resume: bool = _opt(
-        True, "on an existing run folder redo only missing or broken shards (--no-resume refuses)", role="execution"
-    )
-    overwrite: bool = _opt(False, "delete an existing run folder's shards and start over", role="execution")
-    reprocess_shards: str | None = _opt(
-        None, "comma-separated shard ids to redo even if committed, e.g. 3,7", role="execution"
-    )
-    reprocess_failed: bool = _opt(
-        False, "redo shards whose rows hold errors (see the manifest and report)", role="execution"
-    )
-    allow_partial: bool = _opt(
-        False, "write the best-answer file even if shards are missing (it says so)", role="execution"
-    )
+    resume: bool = _opt(True, "on an existing run folder redo only missing or broken shards (--no-resume refuses)")
+    overwrite: bool = _opt(False, "delete an existing run folder's shards and start over")
+    reprocess_shards: str | None = _opt(None, "comma-separated shard ids to redo even if committed, e.g. 3,7")
+    reprocess_failed: bool = _opt(False, "redo shards whose rows hold errors (see the manifest and report)")
+    allow_partial: bool = _opt(False, "write the best-answer file even if shards are missing (it says so)")
 
     def check(self) -> None:
         self.check_location()

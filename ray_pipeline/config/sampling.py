@@ -22,16 +22,16 @@ class Sampling(Section):
     """N candidates per problem, their temperature, nucleus, length and seed."""
 
     TITLE = "sampling"
+    ROLE = "samples"
 
     num_return_sequences: int = _opt(
-        4, "candidates sampled per problem (N)", low=1, high=1024, aliases=("n_repetitive_sampling",), role="samples"
+        4, "candidates sampled per problem (N)", low=1, high=1024, aliases=("n_repetitive_sampling",)
     )
     temperature: float = _opt(
         0.1,
         "sampling temperature (0 = greedy, which needs num_return_sequences 1; vLLM takes at most 2)",
         low=0.0,
         high=2.0,
-        role="samples",
     )
     top_p: float = _opt(
         1.0,
@@ -39,15 +39,13 @@ class Sampling(Section):
         low=0.0,
         low_open=True,
         high=1.0,
-        role="samples",
         matters=Matters(_sampling, ("temperature",), "greedy decoding (temperature 0) samples from no distribution"),
     )
-    max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000, role="samples")
+    max_tokens: int = _opt(1024, "maximum new tokens per candidate", low=1, high=1_000_000)
     seed: int = _opt(
         0,
         "random seed for sampling",
         low=0,
-        role="samples",
         matters=Matters(_sampling, ("temperature",), "greedy decoding (temperature 0) draws nothing at random"),
     )
 

@@ -26,21 +26,18 @@ class Scoring(Section):
     """The scorer's extra passes and confidences, its batches, passes and logit tiles."""
 
     TITLE = "scoring"
+    ROLE = "scores"
 
-    deepconf_top_k: int = _opt(
-        20, "DeepConf: token confidence is -mean of the top-k log-probabilities", low=1, role="scores"
-    )
+    deepconf_top_k: int = _opt(20, "DeepConf: token confidence is -mean of the top-k log-probabilities", low=1)
     self_eval: bool = _opt(
         False,
         "scorer: ask the model whether each step is correct (extra forward passes; needed by self-eval)",
-        role="scores",
     )
     score_batch_size: int = _opt(
         8,
         "candidates per scorer call (Ray Data batch; the forward passes follow --score_pass); step prompts "
         "per self-eval pass",
         low=1,
-        role="scores",
         matters=Matters(
             lambda config: config.self_eval,
             ("self_eval",),
@@ -54,27 +51,23 @@ class Scoring(Section):
         "then each response on its cached keys and values: fewer tokens; models with sliding-window attention "
         "score one candidate a pass instead), auto (problem on GPU, prefix on CPU)",
         choices=SCORE_PASSES,
-        role="scores",
     )
     score_pass_tokens: int = _opt(
         16384,
         "most tokens in one problem pass (candidates x the longest): a problem's further candidates go to "
         "further passes, so a large N or long responses do not exhaust the GPU's memory",
         low=1,
-        role="scores",
         matters=Matters(_problem_passes, ("score_pass",), "only problem passes are cut by it"),
     )
     score_chunk_tokens: int | None = _opt(
         None,
         "positions per chunk of the chunked logit reduction (default: 256 on CPU, 4096 on GPU)",
         low=1,
-        role="scores",
     )
     score_chunk_vocab: int | None = _opt(
         None,
         "vocabulary entries per chunk of the chunked logit reduction (default: 16384 on CPU, 32768 on GPU)",
         low=1,
-        role="scores",
     )
 
 

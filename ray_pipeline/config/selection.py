@@ -18,6 +18,7 @@ class Selection(Section):
     """The method of the best-answer file and the parameters every method reads."""
 
     TITLE = "selection"
+    ROLE = "selection"
 
     # Selection: every field but `method` is a parameter of the methods (selection.SelectionParams), in the
     # order summary.json and report.md name them.
@@ -26,7 +27,6 @@ class Selection(Section):
         "weight of token-level certainty against step-level in the combined score",
         low=0.0,
         high=1.0,
-        role="selection",
     )
     lambda_weight: float = _opt(
         1.0,
@@ -35,41 +35,33 @@ class Selection(Section):
         "same at every certainty (the self-certainty term has no upper bound, so sharp spans never tie)",
         low=0.0,
         high=1.0,
-        role="selection",
     )
     method: str = _opt(
         "self-certainty",
         "selection method for the best-answer file (jobs.main and jobs.reduce also take 'all')",
-        role="selection",
     )
-    borda_power: float = _opt(
-        0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0, role="selection"
-    )
+    borda_power: float = _opt(0.5, "borda: rank r (0 = most certain) of N candidates votes (N - r)^p", low=0.0)
     borda_score: str = _opt(
         "token",
         "borda: what candidates are ranked by: mean token self-certainty (token, the Self-Certainty paper's) "
         "or the combined score of --alpha and --lambda_weight (combined)",
         choices=("token", "combined"),
-        role="selection",
     )
     deepconf_window: int = _opt(
         2048,
         "DeepConf: tokens per sliding window (lowest-group) and in the tail (clipped to the response)",
         low=1,
-        role="selection",
     )
     answerless_last: bool = _opt(
         True,
         "candidates without an extracted answer rank below every candidate with one in every score-based "
         "method, and DeepConf's filtered votes leave them out (--no-answerless_last: rank by score alone)",
-        role="selection",
     )
     answer_extraction: str = _opt(
         "boxed",
         "how a candidate's answer is read: the last \\boxed{} (boxed), that else the last number "
         "(boxed-then-last-number), or math-verify's LaTeX/expression extraction (math-verify)",
         choices=ANSWER_EXTRACTIONS,
-        role="selection",
     )
 
 
