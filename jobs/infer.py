@@ -9,7 +9,7 @@ import sys
 
 if __name__ == "__main__":
     # First, before the imports: a stop signal from the process's start on ends it with its own line.
-    from ray_pipeline.cli import stop_before_the_job
+    from ray_pipeline.cluster.signals import stop_before_the_job
 
     stop_before_the_job()
 

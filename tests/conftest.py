@@ -157,12 +157,12 @@ def run_in_process(module: str, *argv: str) -> str:
 def ray_cluster():
     """One running Ray for the session's jobs that do not test Ray's own start or stop (`run_job(..., cluster=)`).
 
-    A `ray start` head on this machine (ray_pipeline.local_ray.LocalCluster): token authentication on, its own
+    A `ray start` head on this machine (ray_pipeline.cluster.local.LocalCluster): token authentication on, its own
     temp dir, its agents on ports picked here, so it stays clear of any other Ray on the machine. A job that
     joins it pays neither a Ray start nor a shutdown, and later jobs find Ray Data's own actors already up.
     Tests of a local Ray's start, stop, stop signals and leftover processes start a Ray of their own.
     """
-    from ray_pipeline.local_ray import LocalCluster
+    from ray_pipeline.cluster.local import LocalCluster
 
     # Unix socket paths under the temp dir must stay short (108 bytes), so not under pytest's tmp_path.
     root = Path(tempfile.mkdtemp(prefix="bestofn-suite-", dir="/tmp"))

@@ -24,7 +24,7 @@ from held_job import HeldJob
 from test_e2e import check_outputs
 
 from conftest import ROOT, run_job
-from ray_pipeline import local_ray
+from ray_pipeline.cluster import local as local_ray
 
 SUBMISSION_ID = "bestofn-cluster"
 # Refused submissions carry this in their entrypoint, so the job list shows whether one got through.
@@ -32,7 +32,7 @@ REFUSED_MARKER = "refused-submission"
 
 
 class LocalCluster(local_ray.LocalCluster):
-    """ray_pipeline.local_ray.LocalCluster, its CLI run from the project root, its state listings checked."""
+    """ray_pipeline.cluster.local.LocalCluster, its CLI run from the project root, its state listings checked."""
 
     def ray(self, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
         return super().ray(*args, env=env, timeout=timeout, cwd=ROOT)

@@ -30,7 +30,7 @@ from held_job import HeldJob
 from test_console import foreign_lines
 
 from conftest import ROOT, run_in_process
-from ray_pipeline.local_ray import stop
+from ray_pipeline.cluster.local import stop
 from ray_pipeline.shards import shard_path
 
 STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
@@ -40,7 +40,8 @@ STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 FAKE_JOB = textwrap.dedent(
     """
     import signal, sys, time
-    from ray_pipeline.cli import Interrupted, install_stop_handlers, run_entry
+    from ray_pipeline.cli import Interrupted, run_entry
+    from ray_pipeline.cluster.signals import install_stop_handlers
 
     def job():
         if sys.argv[1] == "planned":
@@ -101,7 +102,8 @@ RAY_INIT_JOB = textwrap.dedent(
     """
     import sys, time
     import ray._private.utils as ray_utils
-    from ray_pipeline.cli import Interrupted, run_entry, stop_signals_held_over_ray_init
+    from ray_pipeline.cli import Interrupted, run_entry
+    from ray_pipeline.cluster.signals import stop_signals_held_over_ray_init
 
     def job():
         try:
@@ -136,7 +138,8 @@ def test_a_stop_signal_during_ray_init_ends_the_job_once_ray_init_returns(signum
 def test_outside_a_job_the_signal_handlers_are_left_alone():
     import ray._private.utils as ray_utils
 
-    from ray_pipeline.cli import install_stop_handlers, run_entry, stop_signals_held_over_ray_init
+    from ray_pipeline.cli import run_entry
+    from ray_pipeline.cluster.signals import install_stop_handlers, stop_signals_held_over_ray_init
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     install_stop_handlers()
@@ -304,8 +307,8 @@ def test_a_local_ray_goes_with_a_driver_killed_with_sigkill(tmp_path, tiny_model
         names = command_lines(job.driver.pid)
         assert all(name in names for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
         assert "GeneratorActor" in names, names
-        # The watcher that stops them once the driver is gone (ray_pipeline.local_ray) is one of them.
-        assert f"ray_pipeline.local_ray {job.driver.pid}" in names, names
+        # The watcher that stops them once the driver is gone (ray_pipeline.cluster.local) is one of them.
+        assert f"ray_pipeline.cluster.local {job.driver.pid}" in names, names
         os.kill(job.driver.pid, signal.SIGKILL)
         job.driver.wait()
         # Ray's agents outlived a killed driver by one to two minutes before the job had a watcher.

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from jobs.bench.records import write_record
 from ray_pipeline import timeline
-from ray_pipeline.local_ray import LocalCluster
+from ray_pipeline.cluster.local import LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_JOB = [

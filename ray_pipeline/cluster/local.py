@@ -7,7 +7,7 @@ is gone too: after a `kill -9` of the driver they lived on for one to two minute
 setting for that, so a small watcher process does it: while the job's process lives, it notes every
 process below it; when the job's process is gone, it stops those that are still running.
 
-    python -m ray_pipeline.local_ray PID     (started by `reap_local_ray_with_this_process`)
+    python -m ray_pipeline.cluster.local PID    (started by `reap_local_ray_with_this_process`)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def reap_local_ray_with_this_process() -> None:
     if _watcher is not None and _watcher.poll() is None:
         return
     _watcher = subprocess.Popen(
-        [sys.executable, "-m", "ray_pipeline.local_ray", str(os.getpid())],
+        [sys.executable, "-m", "ray_pipeline.cluster.local", str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,5 +1,6 @@
-"""The job's Ray: join a cluster (its address checked, its token refused in one line) or start a local Ray that
-goes with this process (`local_ray` stops it should the process die)."""
+"""The job's Ray connection, in one package: join a cluster (its address checked, its token refused in one line) or
+start a local Ray that goes with this process (here); the stop signals around the job and ray.init (`signals`); the
+watcher that stops a local Ray whose job was killed, and `ray start` nodes for tests and benchmarks (`local`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ray_pipeline.cli import stop_signals_held_over_ray_init
-from ray_pipeline.config import RunConfig
+from ray_pipeline.cluster.local import reap_local_ray_with_this_process
+from ray_pipeline.cluster.signals import stop_signals_held_over_ray_init
 from ray_pipeline.errors import PipelineError, first_line
-from ray_pipeline.local_ray import reap_local_ray_with_this_process
+
+if TYPE_CHECKING:
+    # Only for the annotations: the watcher (`python -m ray_pipeline.cluster.local`) imports this package, and
+    # stays as light as it was without the configuration's modules.
+    from ray_pipeline.config import RunConfig
 
 # Whether this process started the Ray it runs on (init_ray without an address), rather than joining a cluster.
 _started_local_ray = False
@@ -34,7 +40,7 @@ def init_ray(config: RunConfig) -> None:
         _check_reachable(address)
         _check_token(address)
         try:
-            # A stop signal while ray.init runs is acted on once it has returned (cli.py says why).
+            # A stop signal while ray.init runs is acted on once it has returned (signals.py says why).
             with stop_signals_held_over_ray_init(), native_lines_hidden(config.verbose):
                 ray.init(address=address, log_to_driver=config.verbose)
         except (ConnectionError, RuntimeError, ValueError) as exc:
