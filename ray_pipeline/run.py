@@ -26,8 +26,7 @@ from ray_pipeline.config import RunConfig
 from ray_pipeline.data import load_problems
 from ray_pipeline.deepconf import FINAL, SKIPPED, OnlineSettings, estimated_savings
 from ray_pipeline.errors import PipelineError
-from ray_pipeline.graded_run import GradedRun, grade_run
-from ray_pipeline.manifest import Manifest
+from ray_pipeline.graded_run import grade_run
 from ray_pipeline.model import (
     check_context,
     check_hub_model,
@@ -48,56 +47,6 @@ from ray_pipeline.timeline import mark
 
 
 @dataclass
-class RunPlan:
-    """What a run will do: its problems, its run folder and manifest, the shards to do and where results go."""
-
-    # The run folder, its manifest planned or loaded: it holds the configuration, the problems, the model and the
-    # best-answer file.
-    folder: RunFolder
-    # The command that resumes this run, for every hint that names it.
-    resume: str
-    todo: list[int]
-    # One line per committed shard that is redone or distrusted, and why.
-    notes: list[str]
-    # The shards checked, graded and grouped by `select`, which `compare` reuses.
-    graded: GradedRun | None = None
-
-    @property
-    def config(self) -> RunConfig:
-        """As given: DEVICE_RESOLVED_FIELDS (the backend, the scorer's passes) may be unresolved until execute."""
-        return self.folder.config
-
-    @property
-    def problems(self) -> pa.Table:
-        return self.folder.problems
-
-    @property
-    def best(self) -> StoragePath:
-        return self.folder.best
-
-    @property
-    def run_dir(self) -> StoragePath:
-        return self.folder.path
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.folder.manifest
-
-    @property
-    def new(self) -> bool:
-        return self.folder.new
-
-    @property
-    def shards_dir(self) -> StoragePath:
-        return self.folder.shards_dir
-
-    @property
-    def shard_ids(self) -> list[int]:
-        """Every planned shard: the reducer refuses a run that lacks one."""
-        return self.folder.shard_ids
-
-
-@dataclass
 class RunStats:
     """What `execute` did: the configuration with the cluster's settings resolved, and how long it took."""
 
@@ -106,8 +55,11 @@ class RunStats:
 
 
 @contextmanager
-def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[str] | None = None) -> Iterator[RunPlan]:
-    """The run's plan, with its folder made and locked until the block ends; no Ray.
+def plan(
+    config: RunConfig, command: str = "python -m jobs.infer", argv: list[str] | None = None
+) -> Iterator[RunFolder]:
+    """The run's plan: its folder (RunFolder) made, planned (`todo`, `notes`, `resume`) and locked until the block
+    ends; no Ray.
 
     Refuses bad input (an unknown method, a missing model or data set, an unwritable folder, a run
     folder made with another configuration) before a manifest or shard is written. `command` and `argv` (how
@@ -134,13 +86,13 @@ def plan(config: RunConfig, command: str = "python -m jobs.infer", argv: list[st
             note = "is on an object store, which has no lock: run one job per run folder"
             print(f"  note: {folder.path} {note}", flush=True)
         try:
-            todo, notes = folder.plan()
-            yield RunPlan(folder, resume, todo, notes)
+            folder.plan(resume)
+            yield folder
         except KeyboardInterrupt:
             raise Interrupted(f"committed shards are kept in {folder.path}; resume with: {resume}") from None
 
 
-def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bool = False) -> RunStats:
+def execute(plan: RunFolder, generator_cls: type, scorer_cls: type, in_process: bool = False) -> RunStats:
     """Start Ray, resolve the cluster's settings, and generate and score the plan's shards to do, committing each.
 
     The one step that needs a cluster; the job hands in the actor classes, so the library never imports `actors/`.
@@ -161,8 +113,8 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
         quiet_ray_warnings(plan.config.verbose)
         stages, gpu = run_stages, None
     config = resolve_execution(plan.config, plan.problems.num_rows, has_gpu=gpu)
-    plan.folder.prepare(config, plan.todo, plan.resume, stale=COMPARISON_FILES)
-    manifest, run_dir, shards_dir = plan.manifest, plan.run_dir, plan.shards_dir
+    plan.prepare(config, stale=COMPARISON_FILES)
+    manifest, run_dir, shards_dir = plan.manifest, plan.path, plan.shards_dir
 
     n = config.num_return_sequences
     print(
@@ -175,7 +127,7 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
     started = time.monotonic()
 
     def committed(shard_id: int, path: StoragePath, error_rows: int) -> None:
-        plan.folder.commit(shard_id, error_rows)
+        plan.commit(shard_id, error_rows)
         mark("shard committed")
         failed = f", {error_rows} error rows" if error_rows else ""
         print(f"  shard {shard_id} committed -> {path} ({time.monotonic() - started:.0f} s{failed})", flush=True)
@@ -203,14 +155,14 @@ def execute(plan: RunPlan, generator_cls: type, scorer_cls: type, in_process: bo
     return RunStats(config, time.monotonic() - started)
 
 
-def select(plan: RunPlan, stats: RunStats) -> Summary:
+def select(plan: RunFolder, stats: RunStats) -> Summary:
     """Reduce the run's shards to its best-answer file (the method of `stats.config`) and write summary.json."""
     config = stats.config
     print(f"[2/2] Evaluating and selecting best answers -> {plan.best}", flush=True)
-    plan.folder.check_no_unplanned_files()
+    plan.check_no_unplanned_files()
     params = SelectionParams.from_config(config)
     try:
-        shards = plan.folder.shard_plan()
+        shards = plan.shard_plan()
         online = OnlineSettings.from_config(config)
         graded = grade_run(plan.shards_dir, params, plan=shards, allow_partial=config.allow_partial, online=online)
         summary = write_best(graded, plan.best, config.method, params, verified=True)
@@ -222,9 +174,9 @@ def select(plan: RunPlan, stats: RunStats) -> Summary:
         # The fingerprint check guarantees every shard was made by this (resolved) backend.
         "backend": config.backend,
         "generate_and_score_s": stats.generate_and_score_s,
-        "run_dir": str(plan.run_dir),
+        "run_dir": str(plan.path),
     }
-    (plan.run_dir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    (plan.path / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     partial = f" PARTIAL: shards {summary.missing_shards} missing," if summary.partial else ""
     n = config.num_return_sequences
     ungraded = f" ({summary.ungraded} without a gold answer, not graded)" if summary.ungraded else ""
@@ -268,15 +220,15 @@ def online_tokens_line(shards_dir: StoragePath, generate_and_score_s: float | No
     )
 
 
-def compare(plan: RunPlan) -> dict:
+def compare(plan: RunFolder) -> dict:
     """Compare every selection method on the run's shards: report.md, debug.jsonl, the plots and summary.json.
 
     Call it inside `plan`'s block: under the folder's lock no other job rewrites the shards while they are read.
     """
-    run_dir = plan.run_dir
+    run_dir = plan.path
     print(f"Comparing every selection method -> {run_dir / 'report.md'}", flush=True)
     params = SelectionParams.from_config(plan.config)
-    shard_plan = plan.folder.shard_plan()
+    shard_plan = plan.shard_plan()
     graded = plan.graded if plan.graded is not None and plan.graded.params == params else None
     comparison = compare_run(
         run_dir,

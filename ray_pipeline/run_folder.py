@@ -5,10 +5,12 @@ shard check a resume and the reducer run on it, the shards a (re)run redoes, and
     folder = RunFolder.for_run(config, problems, model, model_name)
     folder.make()
     with folder.lock():
-        todo, notes = folder.plan()
-        folder.prepare(job_config, todo, resume, stale)  # once the cluster resolved the config
+        folder.plan(resume)                     # folder.todo, folder.notes: the shards to do, and why
+        folder.prepare(job_config, stale)       # once the cluster resolved the config
         ... folder.commit(shard_id, error_rows) as each shard is written
-    folder.shard_plan()  # what the reducer checks the shards against
+    folder.shard_plan()                         # what the reducer checks the shards against
+
+`run.plan` yields the folder, planned, as the run's plan: `run.execute`, `run.select` and `run.compare` read it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -44,6 +47,10 @@ from ray_pipeline.shards import (
     shard_path,
 )
 from ray_pipeline.storage import Location, StorageError, StoragePath
+
+if TYPE_CHECKING:
+    # Only the annotation: graded_run reads the shards through this module's ShardPlan.
+    from ray_pipeline.graded_run import GradedRun
 
 # What a finished run leaves beside its shards: an --overwrite removes them with the shards (report.COMPARISON_FILES
 # adds the comparison's files).
@@ -170,7 +177,8 @@ def shards_to_run(
 
 @dataclass
 class RunFolder:
-    """One run folder: where its shards go, its manifest once planned or loaded, its lock."""
+    """One run folder: where its shards go, its manifest once planned or loaded, its lock; for a run (`for_run`,
+    `plan`), what the run will do."""
 
     path: StoragePath
     manifest: Manifest | None = None
@@ -184,6 +192,13 @@ class RunFolder:
     model_name: str | None = None
     fingerprint: dict | None = None
     best: StoragePath | None = None
+    # Once planned: the command that resumes the run (for every hint that names it), the shards to do, and one line
+    # per committed shard that is redone or distrusted, and why.
+    resume: str = ""
+    todo: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # The shards checked, graded and grouped by `run.select`, which `run.compare` reuses.
+    graded: GradedRun | None = None
 
     @classmethod
     def for_run(cls, config: RunConfig, problems: pa.Table, model: str, model_name: str) -> RunFolder:
@@ -226,10 +241,10 @@ class RunFolder:
         with self.path.lock(**kwargs) as locked:
             yield locked
 
-    def plan(self) -> tuple[list[int], list[str]]:
-        """Load the manifest, or plan a new one (`new`), and say which shards to do and why each committed one is
-        redone. A folder made by another configuration, a hand-edited plan, shards without a manifest or --no-resume
-        on an existing run are refused.
+    def plan(self, resume: str) -> None:
+        """Load the manifest, or plan a new one (`new`), and say which shards to do (`todo`) and why each committed
+        one is redone (`notes`); `resume` is the command that resumes the run. A folder made by another
+        configuration, a hand-edited plan, shards without a manifest or --no-resume on an existing run are refused.
         """
         config, run_dir, shards_dir, problems = self.config, self.path, self.shards_dir, self.problems
         fp = self.fingerprint
@@ -254,13 +269,16 @@ class RunFolder:
         self.manifest = manifest
         best = best_file_name(config.dataset, manifest.model_name, run_dir.name)
         self.best = StoragePath.parse(config.output_dir) / best
-        return choose_shards(manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed)
+        self.resume = resume
+        self.todo, self.notes = choose_shards(
+            manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed
+        )
 
-    def prepare(self, config: RunConfig, todo: list[int], resume: str, stale: tuple[str, ...]) -> None:
+    def prepare(self, config: RunConfig, stale: tuple[str, ...]) -> None:
         """Before the shards to do are written: take the fingerprint of the configuration as given with what the
         cluster decided (`config`, the one the job runs) for its DEVICE_RESOLVED_FIELDS, for a new run, or check it
         against the folder's; clear the folder on --overwrite (its shards and `stale` result files), drop
-        temporaries, mark `todo` pending and save the manifest and `config`."""
+        temporaries, mark the shards to do pending and save the manifest, with the resume command, and `config`."""
         manifest, run_dir, shards_dir = self.manifest, self.path, self.shards_dir
         # Only these are taken resolved: other cluster-derived defaults do not change the shards.
         resolved = dataclasses.replace(self.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
@@ -279,9 +297,9 @@ class RunFolder:
         shards_dir.mkdir()
         # Safe: this job holds the run folder's lock, so no other writer's temporary is in the making.
         remove_stale_temporaries(shards_dir)
-        for shard_id in todo:
+        for shard_id in self.todo:
             manifest.set_status(shard_id, PENDING)
-        manifest.command = resume
+        manifest.command = self.resume
         manifest.save(run_dir)
         config.save(run_dir / "config.json")
 

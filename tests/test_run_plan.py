@@ -12,7 +12,8 @@ from ray_pipeline.cli import Interrupted
 from ray_pipeline.config import RunConfig
 from ray_pipeline.errors import PipelineError
 from ray_pipeline.manifest import FAILED, fingerprint_hash
-from ray_pipeline.run import RunPlan, plan
+from ray_pipeline.run import plan
+from ray_pipeline.run_folder import RunFolder
 from ray_pipeline.shards import SHARD_SCHEMA, ShardWriter, shard_path
 
 pytestmark = pytest.mark.fast
@@ -38,7 +39,7 @@ def config(tmp_path) -> RunConfig:
     ).validate()
 
 
-def commit(run: RunPlan, shard_id: int) -> None:
+def commit(run: RunFolder, shard_id: int) -> None:
     """Write shard `shard_id` as execute would: every row of its problems, with the run's fingerprint."""
     rows = []
     for problem in run.problems.filter(pc.equal(run.problems.column("shard_id"), shard_id)).to_pylist():
@@ -51,24 +52,24 @@ def commit(run: RunPlan, shard_id: int) -> None:
 def test_a_new_run_plans_every_shard_and_writes_nothing_but_its_folder(config):
     with plan(config, "prog", ["--limit", "4"]) as run:
         assert run.new and run.todo == [0, 1] and run.notes == []
-        assert run.run_dir.name.startswith("probs_candidates_model_")
-        assert run.resume == f"prog --limit 4 --run_id {run.run_dir.name}"
+        assert run.path.name.startswith("probs_candidates_model_")
+        assert run.resume == f"prog --limit 4 --run_id {run.path.name}"
         assert run.manifest.expected_rows() == {0: 4, 1: 4} and run.shard_ids == [0, 1]
-        assert run.best.name == f"probs_best_model_{run.run_dir.name.rsplit('_', 1)[1]}.jsonl"
+        assert run.best.name == f"probs_best_model_{run.path.name.rsplit('_', 1)[1]}.jsonl"
         assert run.manifest.fingerprint_hash == fingerprint_hash(run.manifest.fingerprint)
-        folder = Path(run.run_dir.path)
+        folder = Path(run.path.path)
     assert [p.name for p in folder.iterdir()] == [".lock"]
 
 
 def test_a_resumed_run_plans_only_the_shards_it_lacks_or_distrusts(config):
     with plan(config) as run:
-        run.manifest.save(run.run_dir)
+        run.manifest.save(run.path)
         commit(run, 0)
     with plan(config) as run:
         assert not run.new and run.todo == [1] and run.notes == []
         commit(run, 1)
         run.manifest.set_status(1, FAILED)
-        run.manifest.save(run.run_dir)
+        run.manifest.save(run.path)
     with plan(config) as run:
         assert run.todo == [] and run.notes == []
     with plan(dataclasses.replace(config, reprocess_failed=True, reprocess_shards="0")) as run:
@@ -82,8 +83,8 @@ def test_a_resumed_run_plans_only_the_shards_it_lacks_or_distrusts(config):
 
 def test_what_the_folder_refuses_is_refused_at_plan(config):
     with plan(config) as run:
-        run.manifest.save(run.run_dir)
-        run_dir = run.run_dir
+        run.manifest.save(run.path)
+        run_dir = run.path
     with pytest.raises(PipelineError, match=r"another configuration \(temperature 0.1 -> 0.5\)"):
         with plan(dataclasses.replace(config, temperature=0.5, run_id=run_dir.name)):
             pass
