@@ -58,8 +58,8 @@ class RunStats:
 def plan(
     config: RunConfig, command: str = "python -m jobs.infer", argv: list[str] | None = None
 ) -> Iterator[RunFolder]:
-    """The run's plan: its folder (RunFolder) made, planned (`todo`, `notes`, `resume`) and locked until the block
-    ends; no Ray.
+    """The run's plan: its folder (RunFolder) made, planned (`todo`, `notes`, `resume_command`) and locked until
+    the block ends; no Ray.
 
     Refuses bad input (an unknown method, a missing model or data set, an unwritable folder, a run
     folder made with another configuration) before a manifest or shard is written. `command` and `argv` (how
@@ -150,7 +150,7 @@ def execute(plan: RunFolder, generator_cls: type, scorer_cls: type, in_process: 
                 on_generating=progress.generating,
             )
         except PipelineError as exc:
-            raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume})") from None
+            raise PipelineError(f"{exc} (committed shards are kept; resume with: {plan.resume_command})") from None
     mark("executed")
     return RunStats(config, time.monotonic() - started)
 
@@ -169,7 +169,7 @@ def select(plan: RunFolder, stats: RunStats) -> Summary:
         plan.graded = graded
     except PipelineError as exc:
         # A shard lost or damaged since it was committed: the resume command redoes it.
-        raise PipelineError(f"{exc} (resume with: {plan.resume})") from None
+        raise PipelineError(f"{exc} (resume with: {plan.resume_command})") from None
     report = json.loads(summary_json(summary)) | {
         # The fingerprint check guarantees every shard was made by this (resolved) backend.
         "backend": config.backend,

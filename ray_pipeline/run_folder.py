@@ -5,7 +5,7 @@ shard check a resume and the reducer run on it, the shards a (re)run redoes, and
     folder = RunFolder.for_run(config, problems, model, model_name)
     folder.make()
     with folder.lock():
-        folder.plan(resume)                     # folder.todo, folder.notes: the shards to do, and why
+        folder.plan(resume_command)             # folder.todo, folder.notes: the shards to do, and why
         folder.prepare(job_config, stale)       # once the cluster resolved the config
         ... folder.commit(shard_id, error_rows) as each shard is written
     folder.shard_plan()                         # what the reducer checks the shards against
@@ -194,7 +194,7 @@ class RunFolder:
     best: StoragePath | None = None
     # Once planned: the command that resumes the run (for every hint that names it), the shards to do, and one line
     # per committed shard that is redone or distrusted, and why.
-    resume: str = ""
+    resume_command: str = ""
     todo: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # The shards checked, graded and grouped by `run.select`, which `run.compare` reuses.
@@ -241,9 +241,9 @@ class RunFolder:
         with self.path.lock(**kwargs) as locked:
             yield locked
 
-    def plan(self, resume: str) -> None:
+    def plan(self, resume_command: str) -> None:
         """Load the manifest, or plan a new one (`new`), and say which shards to do (`todo`) and why each committed
-        one is redone (`notes`); `resume` is the command that resumes the run. A folder made by another
+        one is redone (`notes`); `resume_command` is the command that resumes the run. A folder made by another
         configuration, a hand-edited plan, shards without a manifest or --no-resume on an existing run are refused.
         """
         config, run_dir, shards_dir, problems = self.config, self.path, self.shards_dir, self.problems
@@ -269,7 +269,7 @@ class RunFolder:
         self.manifest = manifest
         best = best_file_name(config.dataset, manifest.model_name, run_dir.name)
         self.best = StoragePath.parse(config.output_dir) / best
-        self.resume = resume
+        self.resume_command = resume_command
         self.todo, self.notes = choose_shards(
             manifest, faults, shards_dir, config.reprocess_shard_ids(), config.reprocess_failed
         )
@@ -299,7 +299,7 @@ class RunFolder:
         remove_stale_temporaries(shards_dir)
         for shard_id in self.todo:
             manifest.set_status(shard_id, PENDING)
-        manifest.command = self.resume
+        manifest.command = self.resume_command
         manifest.save(run_dir)
         config.save(run_dir / "config.json")
 

@@ -24,7 +24,14 @@ from ray_pipeline.config import (
     _base_type,
     field_choices,
 )
-from ray_pipeline.config.stored import LATER_FIELDS, not_compared, resume_differences, role_in, stored_fields
+from ray_pipeline.config.stored import (
+    LATER_FIELDS,
+    not_compared,
+    resume_differences,
+    role_in,
+    stored_fields,
+    stored_values,
+)
 from ray_pipeline.data import load_problems
 from ray_pipeline.errors import ConfigError
 from ray_pipeline.manifest import code_version, dataset_hash, default_run_id, model_identity
@@ -116,7 +123,36 @@ def test_the_fingerprint_holds_the_fields_of_the_sections_that_change_stored_val
         if (f.metadata["role"] or section.ROLE) in OUTPUT_ROLES
     ]
     assert stored_fields() == by_section
-    assert {s.ROLE for s in SECTIONS if any(f.name in by_section for f in dataclasses.fields(s))} >= {"samples"}
+
+
+# What the fingerprint holds of two configurations, frozen at 9bf6717 (the fields and entries the default run
+# folders of earlier runs are named after): a change here renames them, so it must be deliberate.
+DEFAULT_STORED = {
+    "model_path": "embedded:SmolLM2-135M-Instruct", "dataset": "HuggingFaceH4/MATH-500", "dataset_split": "test",
+    "limit": None, "dtype": "auto", "prompt": "original", "num_return_sequences": 4, "temperature": 0.1,
+    "top_p": 1.0, "max_tokens": 1024, "seed": 0, "deepconf_top_k": 20, "self_eval": False, "score_batch_size": 8,
+    "score_pass": "auto", "score_pass_tokens": 16384, "score_chunk_tokens": None, "score_chunk_vocab": None,
+    "backend": "auto", "generate_batch_size": None, "tensor_parallel_size": 1, "max_model_len": None,
+    "ignore_eos": False, "shard_size": 50,
+}  # fmt: skip
+ONLINE = dict(backend="hf", generation="deepconf-online", temperature=0.7, num_return_sequences=16, consensus=0.9)
+ONLINE_STORED = DEFAULT_STORED | {
+    "num_return_sequences": 16, "temperature": 0.7, "generation": "deepconf-online", "warmup_traces": 8,
+    "consensus": 0.9, "backend": "hf", "online_deepconf_window": 2048, "online_answer_extraction": "boxed",
+}  # fmt: skip
+
+
+def test_the_stored_values_of_known_configurations_are_as_before():
+    assert stored_fields() == [
+        "model_path", "dataset", "dataset_split", "limit", "dtype", "prompt", "num_return_sequences", "temperature",
+        "top_p", "max_tokens", "seed", "generation", "engine_confidence", "warmup_traces", "deepconf_percentile",
+        "consensus", "consensus_wave", "deepconf_top_k", "self_eval", "score_batch_size", "score_pass",
+        "score_pass_tokens", "score_chunk_tokens", "score_chunk_vocab", "backend", "generate_batch_size",
+        "tensor_parallel_size", "max_model_len", "enforce_eager", "ignore_eos", "reproducible", "generator_logprobs",
+        "shard_size",
+    ]  # fmt: skip
+    assert stored_values(RunConfig()) == DEFAULT_STORED
+    assert stored_values(RunConfig(**ONLINE)) == ONLINE_STORED
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -53,7 +53,7 @@ def test_a_new_run_plans_every_shard_and_writes_nothing_but_its_folder(config):
     with plan(config, "prog", ["--limit", "4"]) as run:
         assert run.new and run.todo == [0, 1] and run.notes == []
         assert run.path.name.startswith("probs_candidates_model_")
-        assert run.resume == f"prog --limit 4 --run_id {run.path.name}"
+        assert run.resume_command == f"prog --limit 4 --run_id {run.path.name}"
         assert run.manifest.expected_rows() == {0: 4, 1: 4} and run.shard_ids == [0, 1]
         assert run.best.name == f"probs_best_model_{run.path.name.rsplit('_', 1)[1]}.jsonl"
         assert run.manifest.fingerprint_hash == fingerprint_hash(run.manifest.fingerprint)

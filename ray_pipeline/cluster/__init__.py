@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ray_pipeline.cluster.local import reap_local_ray_with_this_process
 from ray_pipeline.cluster.signals import stop_signals_held_over_ray_init
 from ray_pipeline.errors import PipelineError, first_line
 
@@ -54,6 +53,10 @@ def init_ray(config: RunConfig) -> None:
     # The actors' own output (model loading, warnings) reaches the driver only with --verbose.
     # address="local" starts a Ray of our own even while a `ray start` cluster runs on this machine:
     # without it ray.init joins that cluster and refuses num_cpus.
+    # Imported here: the watcher runs as `python -m ray_pipeline.cluster.local`, which must not find that module
+    # already imported by this package.
+    from ray_pipeline.cluster.local import reap_local_ray_with_this_process
+
     # Before ray.init: a job killed while Ray starts leaves nothing behind either.
     reap_local_ray_with_this_process()
     global _started_local_ray

@@ -3,8 +3,8 @@ what keeps a run folder made with one configuration from resuming with another.
 
 The sections say which fields those are (a section's `ROLE`, or a field's own where it differs); a field's
 `Matters` says where any value of it computes what its default does: there it holds its default, so any value
-names the same run folder and a resume does not compare it. `manifest.fingerprint` adds the data set's content, the
-model's identity, the prompt template and the code version.
+names the same run folder and a resume does not compare it. `run_folder.fingerprint` adds the data set's content,
+the model's identity, the prompt template and the code version (`manifest.content_entries`).
 """
 
 from __future__ import annotations
