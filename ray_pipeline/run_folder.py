@@ -184,12 +184,13 @@ class RunFolder:
     manifest: Manifest | None = None
     # True when this job plans the manifest (its fingerprint gets the resolved device fields); False when loaded.
     new: bool = False
-    # A run's folder (`for_run`): the configuration as given, its problems, the model path the actors open and the
-    # model's short name, and the configuration's fingerprint; `plan` adds the best-answer file beside the folder.
+    # A run's folder (`for_run`): the configuration as given, its problems, the model's short name, and the
+    # configuration's fingerprint with the part of it that is no setting (`content_entries`: data, model files,
+    # prompt template, code version; read once, `prepare` reuses it); `plan` adds the best-answer file.
     config: RunConfig | None = None
     problems: pa.Table | None = None
-    model: str | None = None
     model_name: str | None = None
+    contents: dict | None = None
     fingerprint: dict | None = None
     best: StoragePath | None = None
     # Once planned: the command that resumes the run (for every hint that names it), the shards to do, and one line
@@ -205,7 +206,8 @@ class RunFolder:
         """The folder a run with this configuration writes: --run_id, else named after what the run computes (its
         fingerprint, with the backend as given, 'auto' included: the same command names the same folder on any
         cluster)."""
-        fp = fingerprint(config, problems, model)
+        contents = content_entries(problems, model, config.prompt)
+        fp = stored_values(config) | contents
         run_id = config.run_id or default_run_id(config.dataset, model_name, fp)
         if run_id.lower().endswith(".jsonl"):
             # Best-answer files live beside the run folders: a folder named like one could take another run's name.
@@ -213,7 +215,7 @@ class RunFolder:
                 f"run_id {run_id!r} ends in .jsonl, as the best-answer files beside it do: pass another"
             )
         path = StoragePath.parse(config.output_dir) / run_id
-        return cls(path, config=config, problems=problems, model=model, model_name=model_name, fingerprint=fp)
+        return cls(path, config=config, problems=problems, model_name=model_name, contents=contents, fingerprint=fp)
 
     @property
     def shards_dir(self) -> StoragePath:
@@ -282,7 +284,7 @@ class RunFolder:
         manifest, run_dir, shards_dir = self.manifest, self.path, self.shards_dir
         # Only these are taken resolved: other cluster-derived defaults do not change the shards.
         resolved = dataclasses.replace(self.config, **{name: getattr(config, name) for name in DEVICE_RESOLVED_FIELDS})
-        fp = fingerprint(resolved, self.problems, self.model)
+        fp = stored_values(resolved) | self.contents
         if self.new:
             manifest.fingerprint = fp
         else:

@@ -107,7 +107,7 @@ FIELD_ROLES: dict[str, str] = {
 
 def config_fields(role: str) -> list[dataclasses.Field]:
     """RunConfig's fields of one role (one of ROLES), in declaration order."""
-    return [f for f in dataclasses.fields(RunConfig) if FIELD_ROLES[f.name] == role]
+    return [FIELDS[name] for name, given in FIELD_ROLES.items() if given == role]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -9,9 +9,7 @@ the model's identity, the prompt template and the code version (`manifest.conten
 
 from __future__ import annotations
 
-import dataclasses
-
-from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, FIELD_ROLES, FIELDS, OUTPUT_ROLES, SECTIONS, RunConfig
+from ray_pipeline.config import DEVICE_RESOLVED_FIELDS, FIELD_ROLES, FIELDS, OUTPUT_ROLES, RunConfig
 
 # Samples/scores fields added after the shard format's first runs, with the value those runs had.
 # generator_logprobs: runs before it always stored the sampler's log-probs, but nothing selects by them (only a
@@ -49,9 +47,7 @@ def unresolved(config: RunConfig) -> set[str]:
 
 def stored_fields() -> list[str]:
     """The fields that change the samples or their scores, section by section."""
-    return [
-        f.name for section in SECTIONS for f in dataclasses.fields(section) if FIELD_ROLES[f.name] in OUTPUT_ROLES
-    ]
+    return [name for name, role in FIELD_ROLES.items() if role in OUTPUT_ROLES]
 
 
 def stored_value(config: RunConfig, name: str):
